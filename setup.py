@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="x-transformers",
+    packages=find_packages(exclude=["tests", "tests.*", "benchmarks"]),
+    version="2.0.1",
+    license="MIT",
+    description="x-transformers: transformers and linear-attention / RNN hybrids from keyword flags, with Triton kernels",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.0",
+        "einops>=0.8.0",
+        "einx>=0.3.0",
+        "loguru",
+        "packaging>=21.0",
+        "tqdm",
+    ],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "test": ["pytest", "triton>=3.0", "matplotlib"],
+        "examples": ["tqdm", "matplotlib"],
+    },
+    classifiers=[
+        "Intended Audience :: Developers",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        "License :: OSI Approved :: MIT License",
+        "Programming Language :: Python :: 3",
+    ],
+)
