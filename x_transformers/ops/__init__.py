@@ -1,0 +1,20 @@
+"""Linear-attention / RNN kernels.
+
+Each family lives in its own folder beside its plain-PyTorch reference. The public functions dispatch to Triton for
+CUDA tensors (and for any tensors under `TRITON_INTERPRET=1`), and to a chunked PyTorch path otherwise.
+"""
+
+from x_transformers.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
+from x_transformers.ops.gla import chunk_gla, fused_recurrent_gla
+from x_transformers.ops.delta_rule import chunk_delta_rule, fused_recurrent_delta_rule
+from x_transformers.ops.hgrn import hgrn_scan
+
+__all__ = [
+    "chunk_simple_gla",
+    "fused_recurrent_simple_gla",
+    "chunk_gla",
+    "fused_recurrent_gla",
+    "chunk_delta_rule",
+    "fused_recurrent_delta_rule",
+    "hgrn_scan",
+]
