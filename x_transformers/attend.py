@@ -1,0 +1,439 @@
+"""Attend: the softmax attention core.
+
+Takes already projected queries, keys and values `(b, h, n, d)` and returns the attended values plus an
+`Intermediates` record. Two paths compute the same thing:
+
+- the SDPA path (`flash=True`): `F.scaled_dot_product_attention`, with masks, causality and additive biases folded
+  into one `attn_mask`;
+- the math path: explicit logits, needed by every feature that touches them (talking heads, sparse top-k, hard
+  attention, selective attention, CoPE, logit soft-clamping, residual attention) and by `return_intermediates`.
+
+Rows whose keys are all masked out return zeros on both paths (never NaN, also in the backward pass), without a
+host-device sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+from torch.nn import Module
+
+from x_transformers.utils import at_most_one_of, default, exists, softclamp
+
+# b - batch, h - heads, i - query positions, j - key positions, d - head dimension
+
+
+@dataclass
+class Intermediates:
+    qk_similarities: Tensor | None = None
+    pre_softmax_attn: Tensor | None = None
+    post_softmax_attn: Tensor | None = None
+    values: Tensor | None = None
+    cached_kv: tuple[Tensor, Tensor] | None = None
+    layer_type: str | None = None
+    # ours: the hybrid module's state, so that cached decoding can carry it forward
+    hybrid_hidden: Tensor | tuple | None = None
+    # ours: decode state of a linear-attention / RNN mixer
+    recurrent_state: tuple | None = None
+
+    def to_tuple(self):
+        return (self.qk_similarities, self.pre_softmax_attn, self.post_softmax_attn)
+
+
+# masks
+
+
+def causal_keep_mask(i: int, j: int, device=None) -> Tensor:
+    """(i, j) bool, True where query i may see key j; queries are the last i of the j positions."""
+    q_pos = torch.arange(j - i, j, device=device)
+    k_pos = torch.arange(j, device=device)
+    return k_pos[None, :] <= q_pos[:, None]
+
+
+def create_causal_mask(i: int, j: int, device=None) -> Tensor:
+    """(i, j) bool, True where the key lies in the future of the query (upstream's convention)."""
+    return ~causal_keep_mask(i, j, device=device)
+
+
+# logit -> attention functions
+
+
+def one_hot_straight_through(logits: Tensor, temperature=1.0) -> Tensor:
+    # forward: a one-hot on the arg-max key; backward: the gradient of a tempered softmax
+    index = logits.argmax(dim=-1, keepdim=True)
+    one_hot = torch.zeros_like(logits).scatter(-1, index, 1.0)
+    soft = (logits / temperature).softmax(dim=-1)
+    return one_hot + soft - soft.detach()
+
+
+def sparse_topk_attn(logits: Tensor, sparse_topk: int, temperature=1.0, straight_through=False) -> Tensor:
+    mask_value = -torch.finfo(logits.dtype).max
+    # a top-k larger than the number of keys simply keeps every key
+    k = min(sparse_topk, logits.shape[-1])
+    kth_largest = logits.topk(k, dim=-1).values[..., -1:]
+    keep = (logits >= kth_largest) & (logits > mask_value)
+    topk_attn = logits.masked_fill(~keep, mask_value).softmax(dim=-1)
+
+    if not straight_through:
+        return topk_attn
+
+    soft = (logits / temperature).softmax(dim=-1)
+    return topk_attn.detach() + soft - soft.detach()
+
+
+def selective_attn(sim: Tensor, sim_head_gate: Tensor | None = None, no_mask_sos=True) -> Tensor:
+    """Selective attention, arXiv 2410.02703 section 3.3.
+
+    Each token i may lower the logits that every later query gives to an earlier key j, by relu(gate[i, j]);
+    the penalties accumulate down the query axis. The gate defaults to the first head's logits.
+    """
+    i, j = sim.shape[-2:]
+    gate = F.relu(default(sim_head_gate, sim[:, 0]))  # (b, i, j)
+
+    # a token never masks itself, nor the keys from before this chunk (kv cache), nor (optionally) the sos key
+    q_pos = torch.arange(j - i, j, device=sim.device)
+    k_pos = torch.arange(j, device=sim.device)
+    blocked = (k_pos[None, :] == q_pos[:, None]) | (k_pos[None, :] < (j - i))
+    if no_mask_sos:
+        blocked = blocked | (k_pos[None, :] == (j - i))
+    gate = gate.masked_fill(blocked, 0.0)
+
+    # token i's gate only affects queries after it: shift down one row, then accumulate
+    gate = F.pad(gate, (0, 0, 1, -1), value=0.0)
+    gate = gate.cumsum(dim=-2)
+    return sim - gate[:, None]
+
+
+def qk_l2_dist_squared(q: Tensor, k: Tensor) -> Tensor:
+    # ||q - k||^2 = |q|^2 + |k|^2 - 2 q.k, in one matmul-friendly form
+    if k.ndim == 3:
+        k = k[:, None]
+    qk = q @ k.transpose(-1, -2)
+    q_sq = q.pow(2).sum(dim=-1, keepdim=True)
+    k_sq = k.pow(2).sum(dim=-1)[..., None, :]
+    return (q_sq + k_sq - 2 * qk).clamp(min=0.0)
+
+
+# main class
+
+
+class Attend(Module):
+    def __init__(
+        self,
+        *,
+        dropout=0.0,
+        causal=False,
+        heads=None,
+        pre_talking_heads=False,  # arXiv 2003.02436
+        post_talking_heads=False,  # arXiv 2003.02436
+        pre_scale_post_talking_heads=False,
+        sparse_topk=None,  # arXiv 1912.11637
+        sparse_topk_straight_through=False,
+        scale=None,
+        qk_norm=False,  # arXiv 2010.04245
+        l2_distance=False,  # arXiv 2006.04710
+        sigmoid=False,  # arXiv 2409.04431
+        custom_attn_fn: Callable | None = None,
+        flash=False,  # arXiv 2205.14135
+        softclamp_logits=False,  # gemma 2, arXiv 2408.00118
+        logit_softclamp_value=50.0,
+        add_zero_kv=False,  # "attention is off by one", evanmiller.org
+        selective=False,  # arXiv 2410.02703
+        hard=False,
+        cope=None,  # arXiv 2405.18719
+        onnxable=False,
+        sdp_kwargs: dict = dict(enable_flash=True, enable_math=True, enable_mem_efficient=True),
+        laser=False,  # arXiv 2411.03493
+        laser_softclamp_value=15.0,
+    ):
+        super().__init__()
+        self.scale = scale
+        self.causal = causal
+        # our causal mask is built from aranges only, so it exports to onnx either way
+        self.onnxable = onnxable
+
+        is_sparse_topk = exists(sparse_topk)
+        talking_heads = pre_talking_heads or post_talking_heads or pre_scale_post_talking_heads
+        flash_incompatible = dict(
+            sigmoid=sigmoid,
+            hard=hard,
+            sparse_topk=is_sparse_topk,
+            talking_heads=talking_heads,
+            selective=selective,
+            softclamp_logits=softclamp_logits,
+            cope=exists(cope),
+        )
+        clashes = [name for name, on in flash_incompatible.items() if on]
+        if flash and clashes:
+            raise ValueError(f"flash attention cannot be combined with {', '.join(clashes)} (these act on the logits)")
+        if not at_most_one_of(sigmoid, hard, l2_distance, is_sparse_topk):
+            raise ValueError("choose at most one of sigmoid, hard, l2_distance and sparse_topk attention")
+        if talking_heads and not exists(heads):
+            raise ValueError("talking heads need `heads`")
+
+        # attention function - what turns logits into weights
+        if exists(custom_attn_fn):
+            self.attn_fn = custom_attn_fn
+        elif sigmoid:
+            self.attn_fn = F.sigmoid
+        elif hard:
+            self.attn_fn = one_hot_straight_through
+        elif is_sparse_topk:
+            self.attn_fn = partial(
+                sparse_topk_attn, sparse_topk=sparse_topk, straight_through=sparse_topk_straight_through
+            )
+        elif qk_norm:
+            # logits of l2-normed q, k are bounded, softmax in the input precision is safe
+            self.attn_fn = partial(F.softmax, dim=-1)
+        else:
+            self.attn_fn = partial(F.softmax, dim=-1, dtype=torch.float32)
+
+        # dropout on the attention weights
+        self.dropout = dropout
+        self.attn_dropout = nn.Dropout(dropout)
+
+        # talking heads - 1x1 convolutions mixing heads, before and / or after the softmax, identity at init
+        def talking_heads_conv(on):
+            if not on:
+                return None
+            conv = nn.Conv2d(heads, heads, 1, bias=False)
+            nn.init.dirac_(conv.weight)
+            return conv
+
+        self.pre_softmax_talking_heads = talking_heads_conv(pre_talking_heads)
+        self.post_softmax_talking_heads = talking_heads_conv(post_talking_heads)
+        # mixed pre-softmax logits used to scale the post-softmax weights
+        self.pre_scale_post_talking_heads = talking_heads_conv(pre_scale_post_talking_heads)
+
+        # selective attention
+        if selective and not causal:
+            raise ValueError("selective attention is only defined for causal attention")
+        self.selective = selective
+
+        # l2 distance attention
+        self.l2_distance = l2_distance
+
+        # zero key / value - lets a query attend to nothing
+        self.add_zero_kv = add_zero_kv
+
+        # logit soft clamping
+        if softclamp_logits and logit_softclamp_value <= 0:
+            raise ValueError("logit_softclamp_value must be positive")
+        self.softclamp_logits = softclamp_logits
+        self.logit_softclamp_value = logit_softclamp_value
+
+        # contextual positional encoding, a module of positional.CoPE
+        self.cope = cope
+
+        # laser - attend over exp(values), take the log of the result
+        self.laser = laser
+        self.laser_softclamp_value = laser_softclamp_value
+
+        # flash - torch's fused SDPA kernels, with the backends the user allows
+        self.flash = flash
+        backend_by_flag = dict(
+            enable_flash=torch.nn.attention.SDPBackend.FLASH_ATTENTION,
+            enable_mem_efficient=torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION,
+            enable_math=torch.nn.attention.SDPBackend.MATH,
+            enable_cudnn=torch.nn.attention.SDPBackend.CUDNN_ATTENTION,
+        )
+        unknown = set(sdp_kwargs) - set(backend_by_flag)
+        if unknown:
+            raise ValueError(f"unknown sdp_kwargs {sorted(unknown)}, expected some of {sorted(backend_by_flag)}")
+        self.sdpa_backends = [backend_by_flag[name] for name, on in sdp_kwargs.items() if on]
+
+    def sdp_context_manager(self):
+        return torch.nn.attention.sdpa_kernel(self.sdpa_backends)
+
+    # shared input handling
+
+    def _keep_mask(self, mask, i, j, device, causal):
+        """Combine the key padding / attention mask and causality into one bool (..., i, j) or None."""
+        if causal:
+            causal_keep = causal_keep_mask(i, j, device=device)
+            mask = causal_keep if not exists(mask) else (mask & causal_keep)
+        return mask
+
+    def flash_attn(self, q, k, v, mask=None, attn_bias=None):
+        batch, heads, i, d = q.shape
+        j = k.shape[-2]
+        causal = self.causal and i > 1
+        scale = default(self.scale, d**-0.5)
+
+        # l2 distance as a dot product: [2q, |q|^2, -1] . [k, -1, |k|^2] = -||q - k||^2
+        if self.l2_distance:
+            q_sq = q.pow(2).sum(dim=-1, keepdim=True)
+            k_sq = k.pow(2).sum(dim=-1, keepdim=True)
+            q = torch.cat((2 * q, q_sq, -torch.ones_like(q_sq)), dim=-1)
+            k = torch.cat((k, -torch.ones_like(k_sq), k_sq), dim=-1)
+
+        # SDPA's own is_causal aligns top-left, so use it only for square, otherwise unmasked attention
+        use_is_causal = causal and i == j and not exists(mask) and not exists(attn_bias)
+        keep = self._keep_mask(mask, i, j, q.device, causal and not use_is_causal)
+
+        # fully masked rows - unmask them so the kernel stays finite, zero their output below
+        row_is_masked = None
+        if exists(keep):
+            row_is_masked = ~keep.any(dim=-1, keepdim=True)
+            keep = keep | row_is_masked
+
+        attn_mask = keep
+        if exists(attn_bias):
+            attn_bias = attn_bias.to(q.dtype)
+            if exists(keep):
+                attn_bias = attn_bias.masked_fill(~keep, -torch.finfo(q.dtype).max / 2)
+            attn_mask = attn_bias
+
+        if exists(attn_mask) and attn_mask.ndim == 4:
+            attn_mask = attn_mask.expand(batch, heads, i, j)
+
+        with self.sdp_context_manager():
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=attn_mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=use_is_causal,
+                scale=scale,
+            )
+
+        return out, row_is_masked, Intermediates()
+
+    def forward(self, q, k, v, mask=None, attn_bias=None, prev_attn=None):
+        """
+        q: (b, h, i, d); k, v: (b, kv_heads, j, d) or (b, j, d) for a single kv head
+        mask: bool, True = attend; (b, j) key padding or broadcastable to (b, h, i, j)
+        attn_bias: additive, broadcastable to (b, h, i, j); prev_attn: logits of the previous layer
+        returns out (b, h, i, d_v) and Intermediates
+        """
+        if q.ndim != 4:
+            raise ValueError(f"queries must be (batch, heads, seq, dim_head), got shape {tuple(q.shape)}")
+        if k.ndim == 3:
+            k, v = k[:, None], v[:, None]
+
+        heads, kv_heads, i, j = q.shape[1], k.shape[1], q.shape[-2], k.shape[-2]
+
+        if exists(mask):
+            if mask.dtype != torch.bool:
+                raise TypeError(f"attention mask must be bool (True = attend), got {mask.dtype}")
+            if mask.ndim == 2:
+                mask = mask[:, None, None, :]
+            if mask.ndim != 4 or mask.shape[-1] != j:
+                raise ValueError(
+                    f"mask of shape {tuple(mask.shape)} does not match {j} keys; expected (batch, {j}) "
+                    f"or a shape broadcastable to (batch, heads, {i}, {j})"
+                )
+
+        # grouped query attention - query head h reads kv head h % kv_heads
+        if kv_heads != heads:
+            if heads % kv_heads != 0:
+                raise ValueError(f"{heads} query heads are not divisible by {kv_heads} key / value heads")
+            k, v = (t.repeat(1, heads // kv_heads, 1, 1) for t in (k, v))
+
+        # laser - softmax over exp(v) then log, sharper gradients for the values (arXiv 2411.03493)
+        if self.laser:
+            v = softclamp(v, self.laser_softclamp_value).exp()
+
+        # zero key / value - a slot of zeros that queries may attend to, to attend to nothing
+        if self.add_zero_kv:
+            k, v = (F.pad(t, (0, 0, 1, 0), value=0.0) for t in (k, v))
+            if exists(mask):
+                mask = F.pad(mask, (1, 0), value=True)
+            if exists(attn_bias):
+                attn_bias = F.pad(attn_bias, (1, 0), value=0.0)
+            j += 1
+
+        if self.flash:
+            if exists(prev_attn):
+                raise ValueError("residual attention (prev_attn) needs the math path, it is not compatible with flash")
+            out, row_is_masked, intermediates = self.flash_attn(q, k, v, mask=mask, attn_bias=attn_bias)
+        else:
+            out, row_is_masked, intermediates = self.math_attn(q, k, v, mask, attn_bias, prev_attn)
+
+        if self.laser:
+            out = out.clamp(min=1e-20).log()
+
+        # rows that could attend to nothing return zeros
+        if exists(row_is_masked):
+            out = out.masked_fill(row_is_masked, 0.0)
+
+        return out, intermediates
+
+    def math_attn(self, q, k, v, mask, attn_bias, prev_attn):
+        i, j, device = q.shape[-2], k.shape[-2], q.device
+        scale = default(self.scale, q.shape[-1] ** -0.5)
+        causal = self.causal and i > 1
+
+        if self.l2_distance:
+            sim = -qk_l2_dist_squared(q, k)
+        else:
+            sim = q @ k.transpose(-1, -2)
+
+        sim = sim * scale
+
+        # residual attention - add the previous layer's logits, arXiv 2012.11747
+        if exists(prev_attn):
+            sim = sim + prev_attn
+
+        qk_similarities = sim.clone()
+
+        # talking heads - mix the logits across heads, arXiv 2003.02436
+        if exists(self.pre_scale_post_talking_heads):
+            pre_to_post_scale = self._mix_heads(self.pre_scale_post_talking_heads, sim)
+
+        if exists(self.pre_softmax_talking_heads):
+            sim = sim + self._mix_heads(self.pre_softmax_talking_heads, sim)
+
+        if exists(attn_bias):
+            sim = sim + attn_bias
+
+        # logit soft clamp - tanh-bound the logits, gemma 2
+        if self.softclamp_logits:
+            sim = softclamp(sim, self.logit_softclamp_value)
+
+        keep = self._keep_mask(mask, i, j, device, causal)
+        row_is_masked = None
+        if exists(keep):
+            sim = sim.masked_fill(~keep, -torch.finfo(sim.dtype).max)
+            row_is_masked = ~keep.any(dim=-1, keepdim=True)
+
+        # contextual positions - logits gated into fractional positions, arXiv 2405.18719
+        if exists(self.cope):
+            sim = sim + self.cope(q, sim)
+
+        # selective attention - tokens mask themselves from the future, arXiv 2410.02703
+        if self.selective:
+            sim = selective_attn(sim)
+
+        pre_softmax_attn = sim
+        attn = self.attn_fn(sim).type(sim.dtype)
+        post_softmax_attn = attn
+
+        attn = self.attn_dropout(attn)
+
+        if exists(self.post_softmax_talking_heads):
+            attn = self._mix_heads(self.post_softmax_talking_heads, attn)
+
+        if exists(self.pre_scale_post_talking_heads):
+            attn = attn * pre_to_post_scale
+
+        out = attn @ v
+
+        intermediates = Intermediates(
+            qk_similarities=qk_similarities,
+            pre_softmax_attn=pre_softmax_attn,
+            post_softmax_attn=post_softmax_attn,
+        )
+        return out, row_is_masked, intermediates
+
+    @staticmethod
+    def _mix_heads(conv: nn.Conv2d, t: Tensor) -> Tensor:
+        # a 1x1 conv over the heads axis is a matmul with its (heads_out, heads_in) kernel
+        return torch.einsum("b h i j, g h -> b g i j", t, rearrange(conv.weight, "g h 1 1 -> g h"))

@@ -1,0 +1,114 @@
+"""Normalization layers.
+
+All the RMS-style norms are written as `x / ||x|| * sqrt(dim)`, which equals `x / rms(x)` and needs no epsilon
+beyond F.normalize's guard against a zero vector. `unit_offset=True` stores gamma - 1, so that weight decay pulls
+the effective gain towards 1 instead of 0.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn import Module
+
+from x_transformers.utils import default
+
+LinearNoBias = partial(nn.Linear, bias=False)
+
+
+def _as_sequence_condition(condition):
+    # a per-sample condition (b, d) applies to every position
+    return condition[:, None, :] if condition.ndim == 2 else condition
+
+
+class LayerNorm(Module):
+    """Bias-less LayerNorm, the bias adds nothing and hurts stability."""
+
+    def __init__(self, dim, unit_offset=False):
+        super().__init__()
+        self.dim = dim
+        self.unit_offset = unit_offset
+        self.gamma = nn.Parameter(torch.full((dim,), 1.0 - float(unit_offset)))
+
+    def forward(self, x):
+        return F.layer_norm(x, (self.dim,), weight=self.gamma + float(self.unit_offset))
+
+
+class AdaptiveLayerNorm(Module):
+    """LayerNorm whose gain is predicted from a condition (DiT-style adaLN), identity gain at init."""
+
+    def __init__(self, dim, dim_condition=None):
+        super().__init__()
+        self.dim = dim
+        self.to_gamma = LinearNoBias(default(dim_condition, dim), dim)
+        nn.init.zeros_(self.to_gamma.weight)
+
+    def forward(self, x, *, condition):
+        gamma = self.to_gamma(_as_sequence_condition(condition))
+        return F.layer_norm(x, (self.dim,)) * (gamma + 1.0)
+
+
+class ScaleNorm(Module):
+    """ScaleNorm, arXiv 1910.05895: l2-normalize, then one learned scalar gain."""
+
+    def __init__(self, dim, unit_offset=False):
+        super().__init__()
+        self.unit_offset = unit_offset
+        self.scale = dim**0.5
+        self.g = nn.Parameter(torch.full((1,), 1.0 - float(unit_offset)))
+
+    def forward(self, x):
+        return F.normalize(x, dim=-1) * self.scale * (self.g + float(self.unit_offset))
+
+
+class RMSNorm(Module):
+    """RMSNorm, arXiv 1910.07467, with a learned gain per feature."""
+
+    def __init__(self, dim, unit_offset=False):
+        super().__init__()
+        self.unit_offset = unit_offset
+        self.scale = dim**0.5
+        self.g = nn.Parameter(torch.full((dim,), 1.0 - float(unit_offset)))
+
+    def forward(self, x):
+        return F.normalize(x, dim=-1) * self.scale * (self.g + float(self.unit_offset))
+
+
+class AdaptiveRMSNorm(Module):
+    """RMSNorm whose gain is predicted from a condition, identity gain at init."""
+
+    def __init__(self, dim, dim_condition=None):
+        super().__init__()
+        self.scale = dim**0.5
+        self.to_gamma = LinearNoBias(default(dim_condition, dim), dim)
+        nn.init.zeros_(self.to_gamma.weight)
+
+    def forward(self, x, *, condition):
+        gamma = self.to_gamma(_as_sequence_condition(condition))
+        return F.normalize(x, dim=-1) * self.scale * (gamma + 1.0)
+
+
+class SimpleRMSNorm(Module):
+    """RMSNorm without any learned gain, arXiv 2307.14995."""
+
+    def __init__(self, dim, **kwargs):
+        super().__init__()
+        self.scale = dim**0.5
+
+    def forward(self, x):
+        return F.normalize(x, dim=-1) * self.scale
+
+
+class MultiheadRMSNorm(Module):
+    """RMSNorm over (b, h, n, d) with a separate gain per head, stored as gain - 1."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.rmsnorm = SimpleRMSNorm(dim)
+        self.gamma = nn.Parameter(torch.zeros(heads, 1, dim))
+
+    def forward(self, x):
+        return self.rmsnorm(x) * (self.gamma + 1.0)
