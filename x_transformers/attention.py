@@ -1,0 +1,750 @@
+"""Attention: projections, heads, kv heads, multi-latent attention, gating, memory key/values, KV caching.
+
+The softmax core (SDPA fast path, math path for logit-level features) lives in `attend.py`; this module turns a
+sequence into queries, keys and values, prepares masks and biases, calls `Attend`, and mixes the heads back out.
+
+Cache protocol (same as x-transformers): `forward(..., return_intermediates=True)` returns `(out, Intermediates)`;
+passing that `Intermediates` back as `cache=` on the next call continues the sequence. `cached_kv` holds the keys
+and values of every position so far (before rotary, after qk-norm) - or for multi-latent attention, the latents.
+"""
+
+from __future__ import annotations
+
+from copy import deepcopy
+from functools import partial
+from typing import Callable
+
+import einx
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import Tensor, cat, nn
+from torch.nn import Module, ModuleList
+from torch.utils._pytree import tree_flatten
+
+from x_transformers.attend import Attend, Intermediates
+from x_transformers.norms import MultiheadRMSNorm
+from x_transformers.positional import CoPE, DataDependentAlibi, PerRowDataDependentAlibi, apply_rotary_pos_emb
+from x_transformers.token_shift import FoldAxially
+from x_transformers.utils import default, divisible_by, exists, l2norm, log, max_neg_value, pad_at_dim, softclamp
+
+DEFAULT_DIM_HEAD = 64
+
+LinearNoBias = partial(nn.Linear, bias=False)
+
+
+def init_zero_(layer: nn.Linear):
+    nn.init.zeros_(layer.weight)
+    if exists(layer.bias):
+        nn.init.zeros_(layer.bias)
+
+
+def first_leaf_and_state(outputs):
+    """A module's main output, and its recurrent state when it returns `(out, state)` like `nn.GRU` does."""
+    (out, *_), _ = tree_flatten(outputs)
+    state = outputs[1] if isinstance(outputs, (tuple, list)) and len(outputs) > 1 else None
+    return out, state
+
+
+class Attention(Module):
+    def __init__(
+        self,
+        dim,
+        dim_head=DEFAULT_DIM_HEAD,
+        dim_context=None,
+        heads=8,
+        causal=False,
+        flash=False,
+        pre_talking_heads=False,  # 2003.02436
+        post_talking_heads=False,  # 2003.02436
+        pre_scale_post_talking_heads=False,
+        head_scale=False,  # normformer, 2110.09456
+        sparse_topk=None,  # 1912.11637
+        sparse_topk_straight_through=False,
+        num_mem_kv=0,  # 1907.01470
+        dropout=0.0,
+        on_attn=False,  # attention on attention, 1908.06954
+        gate_value_heads=False,  # 2306.12929
+        swiglu_values=False,
+        gate_values=False,  # alphafold2 style value gating
+        zero_init_output=False,
+        hard=False,
+        max_attend_past=None,
+        qk_norm=False,  # 2010.04245
+        qk_norm_groups=1,
+        qk_norm_scale=10,
+        qk_norm_dim_scale=False,  # 2302.05442
+        l2_distance=False,  # 2006.04710
+        sigmoid=False,  # 2409.04431
+        selective=False,  # 2410.02703
+        custom_attn_fn: Callable | None = None,
+        hybrid_module: Module | None = None,  # hymba, 2411.13676
+        hybrid_mask_kwarg: str | None = None,
+        hybrid_fold_axial_dim: int | None = None,
+        one_kv_head=False,  # 1911.02150
+        kv_heads=None,  # 2305.13245
+        value_dim_head=None,
+        dim_out=None,
+        add_zero_kv=False,  # same as add_zero_attn in pytorch
+        rotate_num_heads=None,
+        data_dependent_alibi=False,  # forgetting transformer, openreview q2Lnyegkr8
+        data_dependent_alibi_per_row=False,
+        data_dependent_alibi_per_row_dim_head=8,
+        data_dependent_alibi_kwargs: dict = dict(),
+        use_cope=False,  # 2405.18719
+        cope_max_pos=16,
+        cope_soft_onehot_pos=False,
+        cope_talking_heads=False,
+        softclamp_logits=False,  # gemma 2, 2408.00118
+        logit_softclamp_value=50.0,
+        learned_value_residual_mix=False,  # 2410.17897
+        laser=False,  # 2411.03493
+        laser_softclamp_value=15.0,
+        qkv_receive_diff_residuals=False,  # hyper-connections, 2409.19606
+        use_latent_q=False,  # multi-latent attention, 2405.04434
+        dim_latent_q=None,
+        use_latent_kv=False,
+        dim_latent_kv=None,
+        latent_rope_subheads=None,
+        onnxable=False,
+        attend_sdp_kwargs: dict = dict(enable_flash=True, enable_math=True, enable_mem_efficient=True),
+    ):
+        super().__init__()
+        dim_kv = default(dim_context, dim)
+
+        self.scale = dim_head**-0.5
+        self.heads = heads
+        self.causal = causal
+        self.max_attend_past = max_attend_past
+        self.dim_head = dim_head
+
+        if exists(kv_heads) and one_kv_head:
+            raise ValueError('give either one_kv_head=True (one key / value head) or kv_heads, not both')
+
+        value_dim_head = default(value_dim_head, dim_head)
+        kv_heads = 1 if one_kv_head else default(kv_heads, heads)
+
+        if not divisible_by(heads, kv_heads):
+            raise ValueError(f'heads ({heads}) must be divisible by kv_heads ({kv_heads})')
+
+        self.kv_heads = kv_heads
+        self.value_dim_head = value_dim_head
+
+        q_dim = dim_head * heads
+        k_dim = dim_head * kv_heads
+        v_dim = value_dim_head * kv_heads
+        out_dim = value_dim_head * heads
+
+        # multi-latent attention - queries and / or keys-values come from a small latent, which is all the cache keeps
+
+        self.to_latent_q = None
+        self.to_latent_kv = None
+        # "decoupled rope": a few key heads come straight from the input, so that rotary can act on them
+        self.to_rotateable_k = None
+
+        dim_q_input = dim
+        dim_kv_input = dim_kv
+
+        if use_latent_q:
+            if not exists(dim_latent_q):
+                raise ValueError('use_latent_q=True needs dim_latent_q')
+            self.to_latent_q = LinearNoBias(dim, dim_latent_q)
+            dim_q_input = dim_latent_q
+
+        if use_latent_kv:
+            if not exists(dim_latent_kv):
+                raise ValueError('use_latent_kv=True needs dim_latent_kv')
+            self.to_latent_kv = LinearNoBias(dim, dim_latent_kv)
+            dim_kv_input = dim_latent_kv
+
+        if exists(latent_rope_subheads):
+            if exists(rotate_num_heads):
+                raise ValueError('latent_rope_subheads sets rotate_num_heads itself; do not give both')
+            rotate_num_heads = latent_rope_subheads
+            k_dim = dim_head * (kv_heads - latent_rope_subheads)
+            self.to_rotateable_k = LinearNoBias(dim, dim_head * latent_rope_subheads)
+
+        self.use_latent_q = use_latent_q
+        self.use_latent_kv = use_latent_kv
+
+        # query, key, value projections - kept as three modules for checkpoint compatibility, run as one matmul
+
+        self.to_q = LinearNoBias(dim_q_input, q_dim)
+        self.to_k = LinearNoBias(dim_kv_input, k_dim)
+        self.to_v = LinearNoBias(dim_kv_input, v_dim)
+        self._fused_weights = {}
+
+        self.qkv_receive_diff_residuals = qkv_receive_diff_residuals
+
+        # laser - attend over exp(values), then take the log, for larger gradients (2411.03493)
+
+        self.laser = laser
+        self.laser_softclamp_value = laser_softclamp_value
+
+        # value gating - a sigmoid (or silu) gate per output feature, initialized open (alphafold2)
+
+        self.to_v_gate = None
+        if gate_values:
+            self.to_v_gate = nn.Linear(dim, out_dim)
+            self.to_v_gate_activation = F.silu if swiglu_values else F.sigmoid
+            nn.init.zeros_(self.to_v_gate.weight)
+            nn.init.constant_(self.to_v_gate.bias, 10.0)
+
+        # per-head value gating - lets a head output nothing (2306.12929)
+
+        self.to_v_head_gate = None
+        if gate_value_heads:
+            self.to_v_head_gate = nn.Linear(dim, heads)
+            nn.init.zeros_(self.to_v_head_gate.weight)
+            nn.init.constant_(self.to_v_head_gate.bias, 10.0)
+
+        # qk norm - cosine-sim attention with a fixed or learned temperature (2010.04245, 2302.05442)
+
+        self.qk_norm = qk_norm
+        self.qk_norm_groups = qk_norm_groups
+        self.qk_norm_scale = qk_norm_scale
+        self.qk_norm_dim_scale = qk_norm_dim_scale
+
+        self.qk_norm_q_scale = self.qk_norm_k_scale = 1
+        if qk_norm and qk_norm_dim_scale:
+            self.qk_norm_q_scale = nn.Parameter(torch.ones(heads, 1, dim_head))
+            self.qk_norm_k_scale = nn.Parameter(torch.ones(kv_heads, 1, dim_head))
+
+        if qk_norm and not divisible_by(dim_head, qk_norm_groups):
+            raise ValueError(f'dim_head ({dim_head}) must be divisible by qk_norm_groups ({qk_norm_groups})')
+        if qk_norm and (dim_head // qk_norm_groups) <= 2:
+            raise ValueError('qk norm group dimension (dim_head // qk_norm_groups) must be greater than 2')
+
+        # contextual positional encoding (2405.18719)
+
+        cope = None
+        if use_cope:
+            if not causal:
+                raise ValueError('CoPE was designed for causal attention')
+            if flash:
+                raise ValueError('CoPE is not compatible with flash attention')
+            cope = CoPE(
+                dim=dim_head,
+                heads=heads,
+                max_pos=cope_max_pos,
+                talking_heads=cope_talking_heads,
+                soft_onehot=cope_soft_onehot_pos,
+            )
+
+        # data-dependent alibi - forgetting gates as an additive bias (forgetting transformer)
+
+        self.data_dependent_alibi = None
+        if data_dependent_alibi:
+            dda_kwargs = dict(dim=dim, heads=heads, causal=causal)
+            if data_dependent_alibi_per_row:
+                dda_kwargs.update(dim_head=data_dependent_alibi_per_row_dim_head)
+            dda_klass = PerRowDataDependentAlibi if data_dependent_alibi_per_row else DataDependentAlibi
+            self.data_dependent_alibi = dda_klass(**dda_kwargs, **data_dependent_alibi_kwargs)
+
+        # the attention core, talking heads included
+
+        self.attend = Attend(
+            heads=heads,
+            causal=causal,
+            pre_talking_heads=pre_talking_heads,
+            post_talking_heads=post_talking_heads,
+            pre_scale_post_talking_heads=pre_scale_post_talking_heads,
+            dropout=dropout,
+            sparse_topk=sparse_topk,
+            sparse_topk_straight_through=sparse_topk_straight_through,
+            hard=hard,
+            qk_norm=qk_norm,
+            scale=qk_norm_scale if qk_norm else self.scale,
+            l2_distance=l2_distance,
+            sigmoid=sigmoid,
+            selective=selective,
+            custom_attn_fn=custom_attn_fn,
+            add_zero_kv=add_zero_kv,
+            flash=flash,
+            softclamp_logits=softclamp_logits,
+            logit_softclamp_value=logit_softclamp_value,
+            cope=cope,
+            onnxable=onnxable,
+            sdp_kwargs=attend_sdp_kwargs,
+        )
+
+        # normformer head scale (2110.09456)
+
+        self.head_scale = head_scale
+        if head_scale:
+            self.head_scale_params = nn.Parameter(torch.ones(1, heads, 1, 1))
+
+        self.sparse_topk = sparse_topk
+
+        # memory key / values - learned slots every query can attend to (1907.01470)
+
+        self.num_mem_kv = num_mem_kv
+        if num_mem_kv > 0:
+            self.mem_k = nn.Parameter(torch.randn(kv_heads, num_mem_kv, dim_head))
+            self.mem_v = nn.Parameter(torch.randn(kv_heads, num_mem_kv, dim_head))
+
+        # value residual - mix the first layer's values into this one's, per token and head when learned (2410.17897)
+
+        if learned_value_residual_mix and use_latent_q and dim_latent_q != dim:
+            raise ValueError('learned_value_residual_mix reads the query input, so it needs dim_latent_q == dim')
+
+        self.to_value_residual_mix = None
+        if learned_value_residual_mix:
+            self.to_value_residual_mix = nn.Sequential(nn.Linear(dim, heads), nn.Sigmoid())
+
+        self.attn_on_attn = on_attn
+
+        # hybrid module - a recurrent (or any sequence) module run beside attention, outputs averaged (hymba)
+
+        hybrid_module = deepcopy(hybrid_module) if exists(hybrid_module) else None
+        self.hybrid_norms = None
+        self.hybrid_mix = None
+        self.hybrid_fold_axial_dim = default(hybrid_fold_axial_dim, 1)
+
+        if exists(hybrid_module) and exists(hybrid_fold_axial_dim):
+            hybrid_module = FoldAxially(axial_dim=hybrid_fold_axial_dim, fn=hybrid_module)
+            # unused in the forward, as upstream; kept so checkpoints load with strict=True
+            self.hybrid_mix = LinearNoBias(dim, heads)
+            self.hybrid_norms = ModuleList(
+                [MultiheadRMSNorm(dim_head, heads=heads), MultiheadRMSNorm(dim_head, heads=heads)]
+            )
+
+        self.hybrid_module = hybrid_module
+        # for bidirectional attention, the mask can be forwarded to the hybrid module under this kwarg name
+        self.hybrid_mask_kwarg = hybrid_mask_kwarg
+
+        # output projection, optionally through a GLU (attention on attention, 1908.06954)
+
+        dim_out = default(dim_out, dim)
+        if on_attn:
+            self.to_out = nn.Sequential(LinearNoBias(out_dim, dim_out * 2), nn.GLU())
+        else:
+            self.to_out = LinearNoBias(out_dim, dim_out)
+
+        # how many heads rotary acts on - the last ones, for decoupled rope in multi-latent attention
+
+        rotate_num_heads = default(rotate_num_heads, heads)
+        if not (0 < rotate_num_heads <= heads):
+            raise ValueError(f'rotate_num_heads ({rotate_num_heads}) must be in [1, heads={heads}]')
+        if rotate_num_heads < heads and kv_heads < heads:
+            raise ValueError('grouped kv heads are not compatible with partial rotate heads (decoupled rope) yet')
+        self.rotate_num_heads = rotate_num_heads
+
+        # selective attention rewrites logits of past rows from future ones, so cached decoding cannot be exact
+        self.can_cache_kv = not selective
+
+        if zero_init_output:
+            init_zero_(self.to_out[0] if on_attn else self.to_out)
+
+    # projections
+
+    def fused_linear(self, x: Tensor, names: tuple[str, ...]) -> tuple[Tensor, ...]:
+        """Run several bias-free projections of the same input as one matmul over their concatenated weights."""
+        weights = [getattr(self, name).weight for name in names]
+        needs_grad = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
+
+        if needs_grad or torch.compiler.is_compiling():
+            weight = cat(weights)
+        else:
+            # inference: reuse the concatenation until a weight is moved or updated in place
+            key = tuple((w.data_ptr(), w._version, w.dtype) for w in weights)
+            cached = self._fused_weights.get(names)
+            if cached is None or cached[0] != key:
+                cached = (key, cat(weights))
+                self._fused_weights[names] = cached
+            weight = cached[1]
+
+        return F.linear(x, weight).split([w.shape[0] for w in weights], dim=-1)
+
+    # hybrid module
+
+    def run_hybrid_folded(self, fn: Module, x: Tensor, state):
+        """Run `fn` on `x` folded axially (every axial_dim-th token forms one sequence), from `state` if given."""
+        axial_dim, seq_len = self.hybrid_fold_axial_dim, x.shape[1]
+        x = pad_at_dim(x, (0, -seq_len % axial_dim), dim=1)
+        x = rearrange(x, 'b (n a) ... -> (b a) n ...', a=axial_dim)
+
+        outputs = fn(x) if state is None else fn(x, state)
+        out, state = first_leaf_and_state(outputs)
+
+        out = rearrange(out, '(b a) n ... -> b (n a) ...', a=axial_dim)
+        return out[:, :seq_len], state
+
+    def hybrid_forward(self, x: Tensor, mask: Tensor | None, cache: Intermediates | None):
+        """Hybrid module output for the new tokens of `x`, and what the next cached call must continue from.
+
+        Causal: the module's recurrent state (e.g. GRU `h_n`) after every complete fold row is kept, with the tokens
+        of the incomplete last row; the next call runs on from there, so decoding matches the parallel forward.
+        A module that returns no state gets its whole input history replayed instead.
+        """
+        module = self.hybrid_module
+
+        if not self.causal:
+            kwargs = {self.hybrid_mask_kwarg: mask} if exists(self.hybrid_mask_kwarg) else dict()
+            out, _ = first_leaf_and_state(module(x, **kwargs))
+            return out, None
+
+        fn = module.fn if isinstance(module, FoldAxially) else module
+        axial_dim, num_new = self.hybrid_fold_axial_dim, x.shape[1]
+
+        state, pending = None, x[:, :0]
+        if exists(cache) and exists(getattr(cache, 'hybrid_hidden', None)):
+            state, pending = cache.hybrid_hidden
+
+        seq = cat((pending, x), dim=1)
+        seq_len = seq.shape[1]
+        full_len = seq_len - seq_len % axial_dim
+
+        if full_len > 0:
+            full_out, full_state = self.run_hybrid_folded(fn, seq[:, :full_len], state)
+
+            if not exists(full_state):
+                # stateless module: replay the whole history every call
+                out, _ = self.run_hybrid_folded(fn, seq, None)
+                return out[:, -num_new:], (None, seq)
+
+            state = full_state
+
+        outs = [full_out] if full_len > 0 else []
+        if full_len < seq_len:
+            tail_out, _ = self.run_hybrid_folded(fn, seq[:, full_len:], state)
+            outs.append(tail_out)
+
+        out = cat(outs, dim=1)[:, -num_new:]
+        return out, (state, seq[:, full_len:])
+
+    # data-dependent alibi
+
+    def data_dependent_alibi_bias(self, x: Tensor, cache: Intermediates | None):
+        """Forgetting-gate bias for the new queries against every key, and the state that extends it next call.
+
+        Causal gates only look back, so the bias against cached keys follows from their cumulative log gates
+        (or, per row, their small gate keys), which ride along in `cached_kv` with the keys and values.
+        """
+        dda = self.data_dependent_alibi
+
+        if not self.causal:
+            return dda(x), None
+
+        cached = cache.cached_kv[2] if exists(cache) and len(cache.cached_kv) > 2 else None
+
+        if isinstance(dda, PerRowDataDependentAlibi):
+            q, k = dda.to_forget_gates(x)  # (b, h, n, d) each
+            if exists(cached):
+                k = cat((cached, k), dim=-2)
+
+            i, j = q.shape[-2], k.shape[-2]
+            gates = einx.dot('b h i d, b h j d -> b h i j', q, k) * dda.scale
+            gates = F.logsigmoid(gates) * dda.post_log_scale
+
+            # query i (at absolute position j - i + i) forgets through keys strictly before it, from key j onward
+            future_or_self = torch.ones((i, j), dtype=torch.bool, device=x.device).triu(j - i)
+            gates = gates.masked_fill(future_or_self, 0.0)
+            bias = gates.flip(-1).cumsum(dim=-1).flip(-1)
+            return bias, k
+
+        gates = dda.to_forget_gates(x) * dda.post_log_scale  # (b, h, n)
+        cum_gates = gates.cumsum(dim=-1)
+        cum_gates = rearrange(cum_gates, 'b h n -> b h n 1')
+
+        if exists(cached):
+            cum_gates = cum_gates + cached[..., -1:, :]
+            all_cum_gates = cat((cached, cum_gates), dim=-2)
+        else:
+            all_cum_gates = cum_gates
+
+        bias = einx.subtract('b h i, b h j -> b h i j', cum_gates[..., 0], all_cum_gates[..., 0])
+        return bias, all_cum_gates
+
+    def forward(
+        self,
+        x,
+        context=None,
+        mask=None,
+        context_mask=None,
+        attn_mask=None,
+        rel_pos=None,
+        attn_bias=None,
+        rotary_pos_emb=None,
+        context_rotary_pos_emb=None,
+        pos=None,  # custom positions for alibi
+        prev_attn=None,
+        mem=None,
+        mem_mask=None,
+        return_intermediates=False,
+        cache: Intermediates | None = None,
+        value_residual=None,
+    ):
+        has_context = exists(context)
+        h, num_mem_kv = self.heads, self.num_mem_kv
+
+        # hyper-connections may hand queries, keys and values different residual mixes, stacked as (3, b, n, d)
+
+        if self.qkv_receive_diff_residuals:
+            if has_context:
+                raise ValueError('qkv_receive_diff_residuals only works for self attention')
+            if x.ndim != 4 or x.shape[0] != 3:
+                raise ValueError(f'qkv_receive_diff_residuals expects x of shape (3, b, n, d), got {tuple(x.shape)}')
+            q_input, k_input, v_input = x.unbind(dim=0)
+            x = q_input
+        else:
+            q_input = x
+            k_input = v_input = default(context, x)
+
+        if x.ndim != 3:
+            raise ValueError(f'Attention expects x of shape (batch, seq, dim), got {tuple(x.shape)}')
+
+        b, n, device = x.shape[0], x.shape[1], x.device
+        mem_len = mem.shape[-2] if exists(mem) else 0
+        is_self_qkv = not (has_context or exists(mem) or self.qkv_receive_diff_residuals)
+
+        if exists(mem):
+            k_input = cat((mem, k_input), dim=-2)
+            v_input = cat((mem, v_input), dim=-2)
+
+        # multi-latent attention - keys and values are decompressed from cached latents (2405.04434)
+
+        cached_kv = None
+
+        if self.use_latent_q:
+            q_input = self.to_latent_q(q_input)
+
+        if self.use_latent_kv:
+            if self.qkv_receive_diff_residuals:
+                raise ValueError('multi-latent attention does not support qkv_receive_diff_residuals')
+
+            latent_names = ('to_latent_kv', 'to_rotateable_k') if exists(self.to_rotateable_k) else ('to_latent_kv',)
+            latent_kv, *rotateable_k = self.fused_linear(k_input, latent_names)
+
+            mem_latent, latent_kv = latent_kv[:, :mem_len], latent_kv[:, mem_len:]
+
+            k_sub_heads = mem_sub_heads = None
+            if exists(self.to_rotateable_k):
+                k_sub_heads = rearrange(rotateable_k[0], 'b n (h d) -> b h n d', d=self.dim_head)
+                mem_sub_heads, k_sub_heads = k_sub_heads[..., :mem_len, :], k_sub_heads[..., mem_len:, :]
+
+            if exists(cache):
+                cached_latent_kv, cached_k_sub_heads = cache.cached_kv[:2]
+                latent_kv = cat((cached_latent_kv, latent_kv), dim=-2)
+                if exists(cached_k_sub_heads):
+                    k_sub_heads = cat((cached_k_sub_heads, k_sub_heads), dim=-2)
+
+            cached_kv = (latent_kv, k_sub_heads)
+
+            latent_kv = cat((mem_latent, latent_kv), dim=-2)
+            if exists(k_sub_heads):
+                k_sub_heads = cat((mem_sub_heads, k_sub_heads), dim=-2)
+
+            q = self.to_q(q_input)
+            k, v = self.fused_linear(latent_kv, ('to_k', 'to_v'))
+
+        elif is_self_qkv and not self.use_latent_q:
+            q, k, v = self.fused_linear(x, ('to_q', 'to_k', 'to_v'))
+        else:
+            q = self.to_q(q_input)
+            if k_input is v_input:
+                k, v = self.fused_linear(k_input, ('to_k', 'to_v'))
+            else:
+                k, v = self.to_k(k_input), self.to_v(v_input)
+
+        q = rearrange(q, 'b n (h d) -> b h n d', h=h)
+        k = rearrange(k, 'b n (h d) -> b h n d', d=self.dim_head)
+        v = rearrange(v, 'b n (h d) -> b h n d', d=self.value_dim_head)
+
+        # decoupled rope - the rotateable key heads go last, where rotary acts
+
+        if self.use_latent_kv and exists(k_sub_heads):
+            k = cat((k, k_sub_heads), dim=1)
+
+        orig_values = v
+
+        # value residual - lerp toward the first layer's values, by a learned per-token gate or by half (2410.17897)
+
+        if exists(value_residual):
+            mix = 0.5
+            if exists(self.to_value_residual_mix):
+                mix = rearrange(self.to_value_residual_mix(q_input), 'b n h -> b h n 1')
+            v = value_residual.lerp(v, mix)
+
+        # qk norm - l2-normalized queries and keys, scaled by a fixed temperature and optional learned per-dim gains
+
+        if self.qk_norm:
+            q = l2norm(q, groups=self.qk_norm_groups) * self.qk_norm_q_scale
+            k = l2norm(k, groups=self.qk_norm_groups) * self.qk_norm_k_scale
+
+        # kv cache - append this call's keys and values to the cached ones (memories stay in front, uncached)
+
+        if not self.use_latent_kv:
+            if exists(cache):
+                ck, cv = cache.cached_kv[:2]
+                k = cat((k[..., :mem_len, :], ck, k[..., mem_len:, :]), dim=-2)
+                v = cat((v[..., :mem_len, :], cv, v[..., mem_len:, :]), dim=-2)
+
+            cached_kv = (k[..., mem_len:, :], v[..., mem_len:, :])
+
+        # rotary - on the last rotate_num_heads heads; keys may use the context's own positions (2104.09864)
+
+        if exists(rotary_pos_emb):
+            rotate_num_heads = self.rotate_num_heads
+            partial_rotate = rotate_num_heads < h
+
+            freqs, xpos_scale = rotary_pos_emb
+            q_xpos_scale, k_xpos_scale = (xpos_scale, xpos_scale**-1.0) if exists(xpos_scale) else (1.0, 1.0)
+
+            if partial_rotate:
+                q_rest, q = q[:, :-rotate_num_heads], q[:, -rotate_num_heads:]
+                k_rest, k = k[:, :-rotate_num_heads], k[:, -rotate_num_heads:]
+
+            q = apply_rotary_pos_emb(q, freqs, q_xpos_scale)
+
+            if has_context and exists(context_rotary_pos_emb):
+                freqs, xpos_scale = context_rotary_pos_emb
+                k_xpos_scale = xpos_scale**-1.0 if exists(xpos_scale) else 1.0
+
+            k = apply_rotary_pos_emb(k, freqs, k_xpos_scale)
+
+            if partial_rotate:
+                q = cat((q_rest, q), dim=1)
+                k = cat((k_rest, k), dim=1)
+
+        # key padding mask - over memories, cached keys and new keys
+
+        i, j = q.shape[-2], k.shape[-2]
+        input_mask = context_mask
+
+        if not exists(input_mask) and not has_context:
+            input_mask = mask
+
+            if exists(mem) and (exists(input_mask) or exists(mem_mask)):
+                if not exists(mem_mask):
+                    mem_mask = torch.ones((b, mem_len), dtype=torch.bool, device=device)
+                if not exists(input_mask):
+                    input_mask = torch.ones((b, j - mem_len), dtype=torch.bool, device=device)
+                input_mask = cat((mem_mask[..., -mem_len:], input_mask), dim=-1)
+
+        if exists(input_mask):
+            if input_mask.ndim != 2 or input_mask.shape[0] != b:
+                raise ValueError(f'key mask must have shape (batch={b}, keys), got {tuple(input_mask.shape)}')
+            if input_mask.shape[-1] > j:
+                raise ValueError(f'key mask covers {input_mask.shape[-1]} positions but there are only {j} keys')
+            # cached keys before the mask's span are valid
+            input_mask = pad_at_dim(input_mask.bool(), (j - input_mask.shape[-1], 0), value=True)
+
+        # memory key / values - prepended learned slots, never masked
+
+        if num_mem_kv > 0:
+            mem_k, mem_v = (repeat(t, 'h n d -> b h n d', b=b) for t in (self.mem_k, self.mem_v))
+
+            if self.qk_norm:
+                mem_k = l2norm(mem_k) * self.qk_norm_k_scale
+
+            k = cat((mem_k, k), dim=-2)
+            v = cat((mem_v, v), dim=-2)
+
+            if exists(input_mask):
+                input_mask = pad_at_dim(input_mask, (num_mem_kv, 0), value=True)
+
+        # combine key padding, explicit attention mask and the attend-past window into one keep-mask
+
+        keep_mask = None
+
+        if exists(input_mask):
+            keep_mask = rearrange(input_mask, 'b j -> b 1 1 j')
+
+        if exists(attn_mask):
+            if not (2 <= attn_mask.ndim <= 4):
+                raise ValueError(f'attn_mask must have 2 to 4 dimensions, got shape {tuple(attn_mask.shape)}')
+            attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.ndim) + tuple(attn_mask.shape)).bool()
+            keep_mask = attn_mask if not exists(keep_mask) else (keep_mask & attn_mask)
+
+        if exists(self.max_attend_past):
+            dist = einx.subtract(
+                'i, j -> 1 1 i j', torch.arange(j - i, j, device=device), torch.arange(j, device=device)
+            )
+            past_mask = pad_at_dim(dist <= self.max_attend_past, (num_mem_kv, 0), value=True)
+            keep_mask = past_mask if not exists(keep_mask) else (keep_mask & past_mask)
+
+        # relative position bias (t5, dynamic, alibi - or alibi at custom positions)
+
+        if exists(rel_pos):
+            if exists(attn_bias):
+                raise ValueError('give either rel_pos or attn_bias, not both')
+
+            if exists(pos):
+                if not hasattr(rel_pos, 'forward_custom_pos'):
+                    raise ValueError('custom positions (pos=) are only supported with alibi')
+                attn_bias = rel_pos.forward_custom_pos(pos)
+            else:
+                attn_bias = rel_pos(i, j)
+
+            attn_bias = pad_at_dim(attn_bias, (num_mem_kv, 0))
+
+        elif exists(attn_bias) and num_mem_kv > 0 and attn_bias.shape[-1] == j:
+            attn_bias = pad_at_dim(attn_bias, (num_mem_kv, 0))
+
+        # data-dependent alibi - forgetting transformer's gates as a bias, continued across cached calls
+
+        if exists(self.data_dependent_alibi):
+            attn_bias, dda_state = self.data_dependent_alibi_bias(x, cache)
+            attn_bias = pad_at_dim(attn_bias, (num_mem_kv, 0))
+
+            if exists(dda_state):
+                cached_kv = (*cached_kv, dda_state)
+
+        # laser - attention over exponentiated (soft-clamped) values
+
+        if self.laser:
+            v = softclamp(v, self.laser_softclamp_value).exp()
+
+        out, intermediates = self.attend(q, k, v, mask=keep_mask, attn_bias=attn_bias, prev_attn=prev_attn)
+
+        if self.laser:
+            out = log(out)
+
+        # the values, before the residual mix, for value residual learning in later layers
+
+        intermediates.values = orig_values
+
+        # normformer head scale
+
+        if self.head_scale:
+            out = out * self.head_scale_params
+
+        # per-head gating (2306.12929)
+
+        if exists(self.to_v_head_gate):
+            head_gate = self.to_v_head_gate(x).sigmoid()
+            out = einx.multiply('b n h, b h n d -> b h n d', head_gate, out)
+
+        # hybrid module - average its (normalized) output with attention's, per head (hymba)
+
+        if exists(self.hybrid_module):
+            hybrid_out, hybrid_hidden = self.hybrid_forward(x, mask, cache)
+            intermediates.hybrid_hidden = hybrid_hidden
+
+            if hybrid_out.ndim == 3:
+                hybrid_out = rearrange(hybrid_out, 'b n (h d) -> b h n d', h=h)
+
+            if exists(self.hybrid_norms):
+                out_norm, hybrid_out_norm = self.hybrid_norms
+                out, hybrid_out = out_norm(out), hybrid_out_norm(hybrid_out)
+
+            out = 0.5 * (out + hybrid_out)
+
+        out = rearrange(out, 'b h n d -> b n (h d)')
+
+        # value gating (alphafold2)
+
+        if exists(self.to_v_gate):
+            out = out * self.to_v_gate_activation(self.to_v_gate(x))
+
+        out = self.to_out(out)
+
+        if exists(mask):
+            out = einx.where('b n, b n d, -> b n d', mask[:, -n:], out, 0.0)
+
+        if not return_intermediates:
+            return out
+
+        intermediates.cached_kv = cached_kv
+        return out, intermediates
