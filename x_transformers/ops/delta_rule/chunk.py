@@ -1,0 +1,466 @@
+"""Chunked (gated) delta rule in Triton: forward and backward kernels, autograd glue, public entry point.
+
+Per chunk of BT steps (G = cumulative log-gate inside the chunk, S0 = state entering the chunk):
+
+    A = (I + strict_tril(diag(beta) K K^T * exp(G_i - G_j)))^-1       (forward substitution)
+    w = A (beta exp(G) k),  u = A (beta v)                            (WY representation)
+    d = u - w S0                                                       (the corrected values, "v_new")
+    o = scale (exp(G) q S0 + (q k^T * exp(G_i - G_j))_causal d)
+    S_next = exp(G_last) S0 + (k exp(G_last - G))^T d
+
+Kernels, in order: `wy_fwd` (A, w, u, G per chunk) -> `state_fwd` (sequential over chunks: S0 and d)
+-> `output_fwd`; backward: `state_bwd` (reverse over chunks: dS and dd) -> `chunk_bwd` (every input gradient of
+one chunk). The full key dimension is one register block (BK = next power of 2 of K); values are tiled by BV.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from x_transformers.ops.common.delta_utils import check_delta_inputs, chunk_indices, patch_interpreter_index
+from x_transformers.ops.common.utils import interpreting, use_triton
+from x_transformers.ops.delta_rule.chunk_torch import chunk_delta_rule_torch
+
+if interpreting():
+    patch_interpreter_index()
+
+CHUNK = 64
+
+
+@triton.jit
+def _chunk_bounds(i_t, i_bh, cu_seqlens, indices, T, H: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Program (chunk i_t, batch*head i_bh) -> (chunk within its sequence, head, first token, sequence length)."""
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:
+        i_n = tl.load(indices + i_t * 2).to(tl.int64)
+        i_t = tl.load(indices + i_t * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
+    else:
+        bos = i_b.to(tl.int64) * T
+    return i_t, i_h, bos, T
+
+
+@triton.jit
+def _load_gates(gc, bos, i_t, i_h, T, H: tl.constexpr, BT: tl.constexpr):
+    """Cumulative gates of a chunk; rows past the end repeat the last one (they act like g = 0 steps, so every
+    exp(G_i - G_j) with i >= j stays <= 1 even there)."""
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    last = tl.minimum(i_t * BT + BT, T) - 1
+    b_glast = tl.load(gc + (bos + last) * H + i_h)
+    b_gc = tl.load(gc + (bos + o_t) * H + i_h, mask=m_t, other=0.0)
+    return tl.where(m_t, b_gc, b_glast), b_glast
+
+
+@triton.jit
+def wy_fwd_kernel(
+    k, v, beta, g, gc, A, w, u, cu_seqlens, indices, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+):
+    """grid (NT, B*H). k [B,T,H,K], v [B,T,H,V], beta/g [B,T,H] -> gc [B,T,H], A [B,T,H,BT], w [B,T,H,K],
+    u [B,T,H,V] (fp32)."""
+    i_t, i_h, bos, T = _chunk_bounds(tl.program_id(0), tl.program_id(1), cu_seqlens, indices, T, H, IS_VARLEN)
+    o_i = tl.arange(0, BT)
+    o_t = i_t * BT + o_i
+    m_t = o_t < T
+    b_beta = tl.load(beta + (bos + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+    b_gc = tl.zeros([BT], dtype=tl.float32)
+    if USE_G:
+        b_gc = tl.cumsum(tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32), 0)
+        tl.store(gc + (bos + o_t) * H + i_h, b_gc, mask=m_t)
+
+    p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
+    b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
+    m_lower = o_i[:, None] > o_i[None, :]
+    b_L = tl.dot(b_k, tl.trans(b_k), input_precision=PREC) * b_beta[:, None]
+    b_L *= tl.exp(tl.where(m_lower, b_gc[:, None] - b_gc[None, :], 0.0))
+    # forward substitution, one row at a time: row i of (I + L)^-1 - I is -L_i - sum_{j<i} L_ij row_j
+    b_A = tl.where(m_lower, -b_L, 0.0)
+    for i in range(1, BT):
+        m_i = o_i == i
+        b_a = tl.sum(tl.where(m_i[:, None], b_A, 0.0), 0)
+        b_a += tl.sum(b_a[:, None] * b_A, 0)
+        b_A = tl.where(m_i[:, None], b_a[None, :], b_A)
+    b_A += tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
+    p_A = tl.make_block_ptr(A + (bos * H + i_h) * BT, (T, BT), (H * BT, 1), (i_t * BT, 0), (BT, BT), (1, 0))
+    tl.store(p_A, b_A, boundary_check=(0, 1))
+
+    b_w = tl.dot(b_A, b_k * (b_beta * tl.exp(b_gc))[:, None], input_precision=PREC)
+    p_w = tl.make_block_ptr(w + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
+    tl.store(p_w, b_w, boundary_check=(0, 1))
+    for i_v in range(tl.cdiv(V, BV)):
+        p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        p_u = tl.make_block_ptr(u + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        b_v = tl.load(p_v, boundary_check=(0, 1)).to(tl.float32)
+        tl.store(p_u, tl.dot(b_A, b_v * b_beta[:, None], input_precision=PREC), boundary_check=(0, 1))
+
+
+@triton.jit
+def state_fwd_kernel(
+    k, w, u, gc, h, d, h0, ht, cu_seqlens, offsets, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_G: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
+    IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+):
+    """grid (NV, N*H), sequential over the chunks of one sequence. Writes h [NT_total,H,K,V] (state entering each
+    chunk), d [B,T,H,V] (corrected values) and the final state ht [N,H,K,V]."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
+        boh = tl.load(offsets + i_n).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        boh = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    NT = tl.cdiv(T, BT)
+    o_i = tl.arange(0, BT)
+
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        p_h0 = tl.make_block_ptr(h0 + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+        b_h = tl.load(p_h0, boundary_check=(0, 1)).to(tl.float32)
+    for i_t in range(NT):
+        p_h = tl.make_block_ptr(h + ((boh + i_t) * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+        tl.store(p_h, b_h, boundary_check=(0, 1))
+        p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
+        p_w = tl.make_block_ptr(w + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
+        p_u = tl.make_block_ptr(u + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        p_d = tl.make_block_ptr(d + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
+        b_w = tl.load(p_w, boundary_check=(0, 1))
+        b_d = tl.load(p_u, boundary_check=(0, 1)) - tl.dot(b_w, b_h, input_precision=PREC)
+        tl.store(p_d, b_d, boundary_check=(0, 1))
+        if USE_G:
+            b_gc, b_glast = _load_gates(gc, bos, i_t, i_h, T, H, BT)
+            b_h *= tl.exp(b_glast)
+            b_k *= tl.exp(b_glast - b_gc)[:, None]
+        b_h += tl.dot(tl.trans(b_k), b_d, input_precision=PREC)
+    if STORE_FINAL_STATE:
+        p_ht = tl.make_block_ptr(ht + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+        tl.store(p_ht, b_h, boundary_check=(0, 1))
+
+
+@triton.jit
+def output_fwd_kernel(
+    q, k, d, gc, h, o, cu_seqlens, indices, offsets, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+):
+    """grid (NV, NT, B*H). o = scale (exp(G) q S0 + causal(q k^T exp(G_i - G_j)) d), o [B,T,H,V]."""
+    i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, i_h, bos, T = _chunk_bounds(i_c, i_bh, cu_seqlens, indices, T, H, IS_VARLEN)
+    if IS_VARLEN:
+        boh = tl.load(offsets + tl.load(indices + i_c * 2)).to(tl.int64)
+    else:
+        boh = (i_bh // H).to(tl.int64) * tl.cdiv(T, BT)
+    o_i = tl.arange(0, BT)
+    p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
+    p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
+    p_h = tl.make_block_ptr(h + ((boh + i_t) * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+    p_d = tl.make_block_ptr(d + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+    b_q = tl.load(p_q, boundary_check=(0, 1)).to(tl.float32)
+    b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
+    b_o = tl.dot(b_q, tl.load(p_h, boundary_check=(0, 1)), input_precision=PREC)
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+    m_causal = o_i[:, None] >= o_i[None, :]
+    if USE_G:
+        b_gc, b_glast = _load_gates(gc, bos, i_t, i_h, T, H, BT)
+        b_o *= tl.exp(b_gc)[:, None]
+        b_s *= tl.exp(tl.where(m_causal, b_gc[:, None] - b_gc[None, :], 0.0))
+    b_s = tl.where(m_causal, b_s, 0.0)
+    b_o += tl.dot(b_s, tl.load(p_d, boundary_check=(0, 1)), input_precision=PREC)
+    p_o = tl.make_block_ptr(o + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+    tl.store(p_o, (b_o * scale).to(p_o.dtype.element_ty), boundary_check=(0, 1))
+
+
+@triton.jit
+def state_bwd_kernel(
+    q, k, w, gc, do, dh, dd, dht, dh0, cu_seqlens, offsets, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """grid (NV, N*H), reverse over the chunks of one sequence. Writes dh [NT_total,H,K,V] (gradient of the state
+    leaving each chunk), dd [B,T,H,V] (total gradient of the corrected values d) and dh0 [N,H,K,V]."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
+        boh = tl.load(offsets + i_n).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        boh = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    NT = tl.cdiv(T, BT)
+    o_i = tl.arange(0, BT)
+    # rows j, columns i: entry (j, i) links key j to query i >= j
+    m_causal_t = o_i[:, None] <= o_i[None, :]
+
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_FINAL_STATE_GRADIENT:
+        p_dht = tl.make_block_ptr(dht + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+        b_dh = tl.load(p_dht, boundary_check=(0, 1)).to(tl.float32)
+    for i_t in range(NT - 1, -1, -1):
+        p_dh = tl.make_block_ptr(dh + ((boh + i_t) * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+        tl.store(p_dh, b_dh, boundary_check=(0, 1))
+        p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
+        p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
+        p_w = tl.make_block_ptr(w + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
+        p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        p_dd = tl.make_block_ptr(dd + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        b_q = tl.load(p_q, boundary_check=(0, 1)).to(tl.float32)
+        b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
+        b_w = tl.load(p_w, boundary_check=(0, 1))
+        b_do = tl.load(p_do, boundary_check=(0, 1)).to(tl.float32)
+        b_gc, b_glast = _load_gates(gc, bos, i_t, i_h, T, H, BT)
+
+        b_s = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)
+        b_s *= tl.exp(tl.where(m_causal_t, b_gc[None, :] - b_gc[:, None], 0.0))
+        b_s = tl.where(m_causal_t, b_s, 0.0)
+        b_kd = b_k * tl.exp(b_glast - b_gc)[:, None]
+        b_dd = tl.dot(b_s, b_do, input_precision=PREC) * scale + tl.dot(b_kd, b_dh, input_precision=PREC)
+        tl.store(p_dd, b_dd, boundary_check=(0, 1))
+        b_qg = b_q * tl.exp(b_gc)[:, None] * scale
+        b_dh = b_dh * tl.exp(b_glast) - tl.dot(tl.trans(b_w), b_dd, input_precision=PREC)
+        b_dh += tl.dot(tl.trans(b_qg), b_do, input_precision=PREC)
+    if USE_INITIAL_STATE:
+        p_dh0 = tl.make_block_ptr(dh0 + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+        tl.store(p_dh0, b_dh, boundary_check=(0, 1))
+
+
+@triton.jit
+def chunk_bwd_kernel(
+    q, k, v, beta, gc, A, h, d, dh, dd, do, dq, dk, dv, dbeta, dg, cu_seqlens, indices, offsets, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+):
+    """grid (NT, B*H). Every input gradient of one chunk, from the forward's A, h, d and the backward's dh, dd:
+    dq, dk [B,T,H,K], dv [B,T,H,V], dbeta, dg [B,T,H]. dG below is the gradient of the cumulative gate G; dg is
+    its reverse cumulative sum inside the chunk."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_t, i_h, bos, T = _chunk_bounds(i_c, i_bh, cu_seqlens, indices, T, H, IS_VARLEN)
+    if IS_VARLEN:
+        boh = tl.load(offsets + tl.load(indices + i_c * 2)).to(tl.int64)
+    else:
+        boh = (i_bh // H).to(tl.int64) * tl.cdiv(T, BT)
+    o_i = tl.arange(0, BT)
+    o_t = i_t * BT + o_i
+    m_t = o_t < T
+    m_causal = o_i[:, None] >= o_i[None, :]
+    m_lower = o_i[:, None] > o_i[None, :]
+
+    b_beta = tl.load(beta + (bos + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+    b_gc, b_glast = _load_gates(gc, bos, i_t, i_h, T, H, BT)
+    p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
+    p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
+    p_A = tl.make_block_ptr(A + (bos * H + i_h) * BT, (T, BT), (H * BT, 1), (i_t * BT, 0), (BT, BT), (1, 0))
+    b_q = tl.load(p_q, boundary_check=(0, 1)).to(tl.float32)
+    b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
+    b_A = tl.load(p_A, boundary_check=(0, 1))
+
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dks = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dw = tl.zeros([BT, BK], dtype=tl.float32)
+    b_ds = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dbeta = tl.zeros([BT], dtype=tl.float32)
+    b_dhh = tl.zeros([BK], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        p_d = tl.make_block_ptr(d + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        p_dd = tl.make_block_ptr(dd + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        p_dv = tl.make_block_ptr(dv + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        p_h = tl.make_block_ptr(h + ((boh + i_t) * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+        p_dh = tl.make_block_ptr(dh + ((boh + i_t) * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+        b_v = tl.load(p_v, boundary_check=(0, 1)).to(tl.float32)
+        b_d = tl.load(p_d, boundary_check=(0, 1))
+        b_dd = tl.load(p_dd, boundary_check=(0, 1))
+        b_do = tl.load(p_do, boundary_check=(0, 1)).to(tl.float32)
+        b_h = tl.load(p_h, boundary_check=(0, 1))
+        b_dh = tl.load(p_dh, boundary_check=(0, 1))
+        # output stage: o = scale (exp(G) q S0 + causal(q k^T decay) d)
+        b_dq += tl.dot(b_do, tl.trans(b_h), input_precision=PREC)
+        b_ds += tl.dot(b_do, tl.trans(b_d), input_precision=PREC)
+        # state stage: S_next = exp(G_last) S0 + (k exp(G_last - G))^T d
+        b_dks += tl.dot(b_d, tl.trans(b_dh), input_precision=PREC)
+        b_dhh += tl.sum(b_h * b_dh, 1)
+        # d = u - w S0 with u = A (beta v)
+        b_dw -= tl.dot(b_dd, tl.trans(b_h), input_precision=PREC)
+        b_dA += tl.dot(b_dd, tl.trans(b_v * b_beta[:, None]), input_precision=PREC)
+        b_du = tl.dot(tl.trans(b_A), b_dd, input_precision=PREC)
+        tl.store(p_dv, (b_du * b_beta[:, None]).to(p_dv.dtype.element_ty), boundary_check=(0, 1))
+        b_dbeta += tl.sum(b_du * b_v, 1)
+
+    b_eg = tl.exp(b_gc)
+    b_toend = tl.exp(b_glast - b_gc)
+    b_ds *= tl.where(m_causal, tl.exp(tl.where(m_causal, b_gc[:, None] - b_gc[None, :], 0.0)), 0.0) * scale
+    b_dG = tl.sum(b_dq * b_q, 1) * b_eg * scale
+    b_dq = b_dq * (b_eg * scale)[:, None] + tl.dot(b_ds, b_k, input_precision=PREC)
+    b_x = b_ds * tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+    b_dG += tl.sum(b_x, 1) - tl.sum(b_x, 0)
+    b_dk = tl.dot(tl.trans(b_ds), b_q, input_precision=PREC)
+    b_xs = tl.sum(b_k * b_dks, 1) * b_toend
+    b_dk += b_dks * b_toend[:, None]
+    b_dG -= b_xs
+    last = tl.minimum(BT, T - i_t * BT) - 1
+    b_dG += tl.where(o_i == last, tl.exp(b_glast) * tl.sum(b_dhh, 0) + tl.sum(b_xs, 0), 0.0)
+
+    # WY stage: w = A (beta exp(G) k), A = (I + L)^-1 so dL = -A^T dA A^T on the strict lower triangle
+    b_bg = b_beta * b_eg
+    b_kb = b_k * b_bg[:, None]
+    b_dkb = tl.dot(tl.trans(b_A), b_dw, input_precision=PREC)
+    b_dA += tl.dot(b_dw, tl.trans(b_kb), input_precision=PREC)
+    b_dk += b_dkb * b_bg[:, None]
+    b_dbeta += tl.sum(b_dkb * b_k, 1) * b_eg
+    b_dG += tl.sum(b_dkb * b_kb, 1)
+    b_dL = -tl.dot(tl.trans(b_A), tl.dot(b_dA, tl.trans(b_A), input_precision=PREC), input_precision=PREC)
+    b_dL = tl.where(m_lower, b_dL * tl.exp(tl.where(m_lower, b_gc[:, None] - b_gc[None, :], 0.0)), 0.0)
+    b_kk = tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
+    b_dbeta += tl.sum(b_dL * b_kk, 1)
+    b_dL *= b_beta[:, None]
+    b_z = b_dL * b_kk
+    b_dG += tl.sum(b_z, 1) - tl.sum(b_z, 0)
+    b_dk += tl.dot(b_dL, b_k, input_precision=PREC) + tl.dot(tl.trans(b_dL), b_k, input_precision=PREC)
+
+    p_dq = tl.make_block_ptr(dq + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
+    p_dk = tl.make_block_ptr(dk + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
+    tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), boundary_check=(0, 1))
+    tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
+    tl.store(dbeta + (bos + o_t) * H + i_h, b_dbeta, mask=m_t)
+    if USE_G:
+        b_dG = tl.where(m_t, b_dG, 0.0)
+        # dg_t = sum over s >= t of dG_s, since G_s = g_1 + ... + g_s inside the chunk
+        b_dg = tl.sum(tl.where(o_i[:, None] <= o_i[None, :], b_dG[None, :], 0.0), 1)
+        tl.store(dg + (bos + o_t) * H + i_h, b_dg, mask=m_t)
+
+
+def _blocks(K, V):
+    BK = max(16, triton.next_power_of_2(K))
+    BV = min(32 if BK > 128 else 64, max(16, triton.next_power_of_2(V)))
+    return BK, BV
+
+
+def _precision(dtype):
+    # fp32 inputs get exact fp32 products (tests hold them to 5e-3); half precision inputs may use tf32
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _varlen_meta(cu_seqlens, B, T):
+    if cu_seqlens is None:
+        return None, None, B * triton.cdiv(T, CHUNK), triton.cdiv(T, CHUNK)
+    indices, offsets = chunk_indices(cu_seqlens, CHUNK)
+    return indices, offsets, indices.shape[0], indices.shape[0]
+
+
+def chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    BT, (BK, BV) = CHUNK, _blocks(K, V)
+    NV = triton.cdiv(V, BV)
+    indices, offsets, NT_total, NT_grid = _varlen_meta(cu_seqlens, B, T)
+    prec, varlen = _precision(q.dtype), cu_seqlens is not None
+    f32 = dict(device=q.device, dtype=torch.float32)
+
+    gc = torch.zeros(B, T, H, **f32)
+    A = torch.empty(B, T, H, BT, **f32)
+    w = torch.empty(B, T, H, K, **f32)
+    u = torch.empty(B, T, H, V, **f32)
+    grid_bh = B * H if cu_seqlens is None else H
+    wy_fwd_kernel[(NT_grid, grid_bh)](
+        k, v, beta, g, gc, A, w, u, cu_seqlens, indices, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        USE_G=g is not None, IS_VARLEN=varlen, PREC=prec,
+    )
+    h = torch.empty(NT_total, H, K, V, **f32)
+    d = torch.empty(B, T, H, V, **f32)
+    ht = torch.empty(N, H, K, V, **f32) if output_final_state else None
+    state_fwd_kernel[(NV, N * H)](
+        k, w, u, gc, h, d, initial_state, ht, cu_seqlens, offsets, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        USE_G=g is not None, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
+        IS_VARLEN=varlen, PREC=prec,
+    )
+    o = torch.empty_like(v)
+    output_fwd_kernel[(NV, NT_grid, grid_bh)](
+        q, k, d, gc, h, o, cu_seqlens, indices, offsets, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        USE_G=g is not None, IS_VARLEN=varlen, PREC=prec,
+    )
+    return o, ht, (gc, A, w, h, d)
+
+
+def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, saved, do, dht):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    BT, (BK, BV) = CHUNK, _blocks(K, V)
+    NV = triton.cdiv(V, BV)
+    indices, offsets, NT_total, NT_grid = _varlen_meta(cu_seqlens, B, T)
+    prec, varlen = _precision(q.dtype), cu_seqlens is not None
+    f32 = dict(device=q.device, dtype=torch.float32)
+    gc, A, w, h, d = saved
+
+    dh = torch.empty(NT_total, H, K, V, **f32)
+    dd = torch.empty(B, T, H, V, **f32)
+    dh0 = torch.empty(N, H, K, V, **f32) if initial_state is not None else None
+    state_bwd_kernel[(NV, N * H)](
+        q, k, w, gc, do, dh, dd, dht, dh0, cu_seqlens, offsets, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        USE_INITIAL_STATE=initial_state is not None, USE_FINAL_STATE_GRADIENT=dht is not None,
+        IS_VARLEN=varlen, PREC=prec,
+    )
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dbeta = torch.empty(B, T, H, **f32)
+    dg = torch.empty(B, T, H, **f32) if g is not None else None
+    chunk_bwd_kernel[(NT_grid, B * H if cu_seqlens is None else H)](
+        q, k, v, beta, gc, A, h, d, dh, dd, do, dq, dk, dv, dbeta, dg, cu_seqlens, indices, offsets, scale, T,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=g is not None, IS_VARLEN=varlen, PREC=prec,
+        num_warps=8 if BK >= 128 else 4,
+    )
+    return dq, dk, dv, dbeta, dg, dh0
+
+
+class ChunkDeltaRuleFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens):
+        o, ht, saved = chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens)
+        ctx.save_for_backward(q, k, v, beta, g, initial_state, cu_seqlens, *saved)
+        ctx.scale = scale
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, beta, g, initial_state, cu_seqlens, *saved = ctx.saved_tensors
+        dq, dk, dv, dbeta, dg, dh0 = chunk_delta_rule_bwd(
+            q, k, v, beta, g, ctx.scale, initial_state, cu_seqlens, saved, do.contiguous(),
+            dht.contiguous() if dht is not None else None,
+        )
+        dbeta = dbeta.to(beta.dtype)
+        dg = dg.to(g.dtype) if dg is not None else None
+        dh0 = dh0.to(initial_state.dtype) if dh0 is not None else None
+        return dq, dk, dv, dbeta, dg, None, dh0, None, None
+
+
+def chunk_delta_rule(
+    q, k, v, beta, g=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
+):
+    """Chunked (gated) delta rule: `S' = exp(g_t) S_{t-1}`, `S_t = S' + beta_t k_t^T (v_t - k_t S')`,
+    `o_t = scale q_t S_t`.
+
+    q, k `[B, T, H, K]`; v `[B, T, H, V]`; beta, g `[B, T, H]` (g is a log-space gate, None = no decay);
+    initial_state `[N, H, K, V]`; cu_seqlens `[N+1]` offsets of packed sequences (B = 1). Returns
+    `(o [B, T, H, V] in v's dtype, final state [N, H, K, V] fp32 or None)`.
+    """
+    where = "chunk_delta_rule"
+    B, T, H, K, V, N = check_delta_inputs(where, q, k, v, beta, g, initial_state, cu_seqlens)
+    scale = K**-0.5 if scale is None else scale
+    if not use_triton(q, k, v, beta, g, initial_state) or T == 0:
+        return chunk_delta_rule_torch(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens)
+    q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
+    g = g.contiguous() if g is not None else None
+    initial_state = initial_state.contiguous() if initial_state is not None else None
+    o, ht = ChunkDeltaRuleFunction.apply(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens)
+    return o, ht if output_final_state else None
