@@ -1,0 +1,172 @@
+"""Plumbing shared by every linear-attention / RNN token mixer.
+
+A mixer is called like `Attention` inside `AttentionLayers`:
+
+    out = mixer(x, mask=None, cache=None)
+    out, intermediates = mixer(x, mask=mask, cache=cache, return_intermediates=True)
+
+`mask` is `(b, m)` bool with m >= n (True keeps a token) whose last n columns line up with `x`; during cached
+decoding it covers the whole sequence so far. `cache` is the `Intermediates` the same layer returned on the previous
+call: its `recurrent_state` carries the kernel state `[b, h, k, v]` (fp32) and the short-convolution states, so
+one decoding step costs the same whatever the context length.
+
+Padding never leaks into the state: masked positions get zero keys/values/inputs and a zero log-gate (no decay),
+so a left-padded row ends in exactly the state of the same row without padding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+from torch.nn import Module
+
+from x_transformers.attend import Intermediates
+from x_transformers.utils import exists
+
+# up to this many new tokens the token-by-token kernel is used (decoding), above it the chunked one
+RECURRENT_MAX_TOKENS = 16
+
+
+def masked_fill_zero(t: Tensor | None, mask: Tensor | None):
+    """Zero `t` (b, n, ...) where `mask` (b, n) is False."""
+    if not exists(t) or not exists(mask):
+        return t
+    mask = mask.reshape(*mask.shape, *((1,) * (t.ndim - 2)))
+    return t * mask.to(t.dtype)
+
+
+class ShortConvolution(Module):
+    """Causal depthwise 1-D convolution (kernel `size`) with a decode cache of the last `size - 1` inputs.
+
+    Used before the kernel by DeltaNet / gated DeltaNet / Mamba2 and wherever `use_short_conv=True`: it gives the
+    mixer cheap local token mixing (arXiv:2406.06484, section 3.2).
+    """
+
+    def __init__(self, dim: int, size: int = 4, activation: bool = True):
+        super().__init__()
+        if size < 1:
+            raise ValueError(f"conv_size must be >= 1, got {size}")
+        self.size = size
+        self.activation = activation
+        self.conv = nn.Conv1d(dim, dim, size, groups=dim, bias=False)
+
+    def forward(self, x: Tensor, cache: Tensor | None = None):
+        # x: (b, n, d), cache: (b, d, size - 1) of the inputs before x
+        x = rearrange(x, "b n d -> b d n")
+        if exists(cache):
+            x = torch.cat((cache.to(x.dtype), x), dim=-1)
+        else:
+            x = F.pad(x, (self.size - 1, 0))
+        new_cache = x[..., x.shape[-1] - (self.size - 1):]
+        out = self.conv(x)
+        if self.activation:
+            out = F.silu(out)
+        return rearrange(out, "b d n -> b n d"), new_cache
+
+
+class QKVProjection(Module):
+    """Query / key / value projections split into heads, each with an optional short causal convolution."""
+
+    def __init__(self, dim: int, heads: int, dim_k: int, dim_v: int, use_short_conv=False, conv_size=4, with_q=True):
+        super().__init__()
+        self.heads = heads
+        dims = (dim_k, dim_k, dim_v) if with_q else (dim_k, dim_v)
+        self.to_q = nn.Linear(dim, heads * dim_k, bias=False) if with_q else None
+        self.to_k = nn.Linear(dim, heads * dim_k, bias=False)
+        self.to_v = nn.Linear(dim, heads * dim_v, bias=False)
+        self.convs = nn.ModuleList([ShortConvolution(heads * d, conv_size) for d in dims]) if use_short_conv else None
+
+    def forward(self, x: Tensor, conv_state: tuple | None = None):
+        """Returns (q, k, v) as (b, n, h, d) (q is None without `with_q`) and the new conv states."""
+        projs = [proj(x) for proj in (self.to_q, self.to_k, self.to_v) if exists(proj)]
+        new_conv_state = None
+        if exists(self.convs):
+            conv_state = conv_state if exists(conv_state) else (None,) * len(projs)
+            outs = [conv(t, cache=c) for conv, t, c in zip(self.convs, projs, conv_state)]
+            projs = [o for o, _ in outs]
+            new_conv_state = tuple(c for _, c in outs)
+        projs = [rearrange(t, "b n (h d) -> b n h d", h=self.heads) for t in projs]
+        if not exists(self.to_q):
+            projs = [None, *projs]
+        return (*projs, new_conv_state)
+
+
+class HeadOutput(Module):
+    """Per-head output norm, optional gate, merge heads and project back to the model dimension."""
+
+    def __init__(self, dim: int, heads: int, dim_v: int, norm: bool = True, gate: str | None = "swish"):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.RMSNorm(dim_v, eps=1e-5) if norm else None
+        self.gate_kind = gate
+        if gate not in (None, "swish", "sigmoid"):
+            raise ValueError(f"output gate must be None, 'swish' or 'sigmoid', got {gate!r}")
+        self.to_gate = nn.Linear(dim, heads * dim_v, bias=False) if exists(gate) else None
+        self.to_out = nn.Linear(heads * dim_v, dim, bias=False)
+
+    def forward(self, o: Tensor, x: Tensor) -> Tensor:
+        # o: (b, n, h, dv), x: (b, n, dim) the mixer's input, for the gate
+        if exists(self.norm):
+            o = self.norm(o.float()).to(x.dtype) if o.dtype != x.dtype else self.norm(o)
+        o = o.to(x.dtype)
+        o = rearrange(o, "b n h d -> b n (h d)")
+        if exists(self.to_gate):
+            g = self.to_gate(x)
+            o = o * (F.silu(g) if self.gate_kind == "swish" else g.sigmoid())
+        return self.to_out(o)
+
+
+class Mixer(Module):
+    """Base class: mask / cache plumbing around `mix`, which subclasses implement.
+
+    `mix(x, mask, state, want_state)` gets the input `(b, n, dim)`, the mask aligned with it (or None), the state
+    tuple of the previous call (or None) and returns `(out, new_state_tuple_or_None)`.
+    """
+
+    name = "mixer"
+    bidirectional = False
+
+    def __init__(self, dim: int, heads: int, causal: bool = True):
+        super().__init__()
+        if heads < 1 or dim < 1:
+            raise ValueError(f"linear_attn='{self.name}': dim and heads must be positive, got {dim}, {heads}")
+        if not causal and not self.bidirectional:
+            raise ValueError(
+                f"linear_attn='{self.name}' is a causal recurrence with no bidirectional form; "
+                "use it in a Decoder, or use linear_attn='linear' or 'based' in an Encoder"
+            )
+        self.dim = dim
+        self.heads = heads
+        self.causal = causal
+
+    def mix(self, x: Tensor, mask: Tensor | None, state: tuple | None, want_state: bool):
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, cache=None, return_intermediates: bool = False, **kwargs):
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"linear_attn='{self.name}' expects x of shape (batch, seq, {self.dim}), got {tuple(x.shape)}")
+        n = x.shape[1]
+        if exists(mask):
+            if mask.ndim != 2 or mask.shape[0] != x.shape[0] or mask.shape[1] < n:
+                raise ValueError(f"mask must be (batch, >= {n}) to go with x {tuple(x.shape)}, got {tuple(mask.shape)}")
+            mask = mask[:, -n:]
+        state = cache.recurrent_state if exists(cache) else None
+        if exists(state) and not self.causal:
+            raise ValueError(f"linear_attn='{self.name}' in an Encoder has no decoding cache")
+        out, new_state = self.mix(x, mask, state, want_state=return_intermediates)
+        if not return_intermediates:
+            return out
+        return out, Intermediates(recurrent_state=new_state, layer_type="l")
+
+
+def pick_state(state: tuple | None, index: int):
+    return state[index] if exists(state) else None
+
+
+def run_kernel(chunk_fn, recurrent_fn, *args, initial_state=None, want_state=False, **kwargs):
+    """Token-by-token kernel for a few new tokens (decoding), chunked kernel otherwise."""
+    n = args[0].shape[1]
+    fn = recurrent_fn if n <= RECURRENT_MAX_TOKENS else chunk_fn
+    return fn(*args, initial_state=initial_state, output_final_state=want_state, **kwargs)

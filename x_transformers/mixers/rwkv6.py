@@ -1,0 +1,88 @@
+"""RWKV-6 "Finch" time mixing (arXiv:2404.05892).
+
+Token shift with data-dependent interpolation (ddlerp) feeds receptance r, key k, value v, gate and a
+data-dependent per-channel decay `w_t = exp(-exp(d_t))`; the state reads BEFORE the current token is added,
+plus a learned per-channel bonus u for the current token:
+
+    o_t = r_t (S_{t-1} + diag(u) k_t^T v_t),      S_t = diag(w_t) S_{t-1} + k_t^T v_t
+
+The per-channel decay kernel computes `q_t S'_t` with S' including token t, so it runs on keys, values and decays
+shifted one step right (S'_t = S_{t-1}); the bonus is added in closed form and the true final state is one more
+update away.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import einsum, rearrange
+from torch import nn
+
+from x_transformers.mixers.base import Mixer, masked_fill_zero, pick_state, run_kernel
+from x_transformers.ops import chunk_gla, fused_recurrent_gla
+from x_transformers.utils import exists
+
+
+def shift_right(t, first=None):
+    """(b, n, ...) -> the sequence one step later, `first` (b, ...) or zeros at the front."""
+    first = torch.zeros_like(t[:, :1]) if first is None else first[:, None].to(t.dtype)
+    return torch.cat((first, t[:, :-1]), dim=1)
+
+
+class RWKV6(Mixer):
+    name = "rwkv6"
+
+    def __init__(self, dim, heads, causal=True, mix_low_rank_dim=32, decay_low_rank_dim=64):
+        super().__init__(dim, heads, causal)
+        if dim % heads:
+            raise ValueError(f"rwkv6: dim ({dim}) must be divisible by heads ({heads})")
+        self.dim_head = dim // heads
+        # ddlerp: a base mix for the shifted input and low-rank data-dependent mixes for w, k, v, r, g
+        self.mix_x = nn.Parameter(torch.rand(dim))
+        self.mix_base = nn.Parameter(torch.rand(5, dim))
+        self.mix_down = nn.Parameter(torch.zeros(dim, 5 * mix_low_rank_dim))
+        self.mix_up = nn.Parameter(torch.empty(5, mix_low_rank_dim, dim).uniform_(-1e-2, 1e-2))
+        self.decay_base = nn.Parameter(torch.linspace(-6.0, -1.0, dim))
+        self.decay_down = nn.Parameter(torch.zeros(dim, decay_low_rank_dim))
+        self.decay_up = nn.Parameter(torch.empty(decay_low_rank_dim, dim).uniform_(-1e-2, 1e-2))
+        self.bonus = nn.Parameter(torch.full((heads, self.dim_head), 0.5))
+        self.to_r = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.to_g = nn.Linear(dim, dim, bias=False)
+        self.norm = nn.GroupNorm(heads, dim, eps=64e-5)
+        self.to_out = nn.Linear(dim, dim, bias=False)
+
+    def mix(self, x, mask, state, want_state):
+        x = masked_fill_zero(x, mask)
+        b, n, d = x.shape
+        split = lambda t: rearrange(t, "b n (h d) -> b n h d", h=self.heads)  # noqa: E731
+
+        delta = shift_right(x, pick_state(state, 1)) - x
+        xx = x + delta * self.mix_x
+        lora = rearrange(torch.tanh(xx @ self.mix_down), "b n (five r) -> five b n r", five=5)
+        mixes = self.mix_base[:, None, None] + einsum(lora, self.mix_up, "five b n r, five r d -> five b n d")
+        xw, xk, xv, xr, xg = (x + delta * m for m in mixes)
+
+        r, k, v = split(self.to_r(xr)), split(self.to_k(xk)), split(self.to_v(xv))
+        gate = F.silu(self.to_g(xg))
+        log_w = -(self.decay_base + torch.tanh(xw @ self.decay_down) @ self.decay_up).float().exp()
+        log_w = split(log_w)
+        k, v, log_w = (masked_fill_zero(t, mask) for t in (k, v, log_w))
+
+        # the kernel on inputs shifted one step reads S_{t-1}; the current token enters through the bonus u
+        o, s = run_kernel(
+            chunk_gla, fused_recurrent_gla, r, shift_right(k), shift_right(v), shift_right(log_w),
+            scale=1.0, initial_state=pick_state(state, 0), want_state=want_state,
+        )
+        bonus = einsum(r.float() * self.bonus.float() * k.float(), "b n h d -> b n h")
+        o = o.float() + bonus[..., None] * v.float()
+
+        o = self.norm(rearrange(o, "b n h d -> (b n) (h d)")).reshape(b, n, d).to(x.dtype)
+        out = self.to_out(o * gate)
+
+        new_state = None
+        if want_state:
+            last = (log_w[:, -1].exp()[..., None] * s) + einsum(k[:, -1].float(), v[:, -1].float(), "b h k, b h v -> b h k v")
+            new_state = (last, x[:, -1])
+        return out, new_state
