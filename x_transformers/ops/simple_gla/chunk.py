@@ -1,0 +1,305 @@
+"""Chunked scalar-decay linear attention (Triton): `S_t = exp(g_t) S_{t-1} + k_t^T v_t`, `o_t = scale q_t S_t`.
+
+Pipeline: chunk-local gate cumsum -> state before every chunk (`chunk_h.py`) -> output = inter-chunk `q h` plus the
+causal intra-chunk attention. The backward pass recomputes the states, walks the state gradients back (`chunk_h.py`),
+then gets dv and dq/dk per chunk; the gate gradient follows from `dA_t = q_t.dq_t - k_t.dk_t` (A = cumulative log
+gate), reverse-cumsummed within each sequence, plus the final state's own term `<S_T, dS_T>` at the last token.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from x_transformers.ops.common.chunk_index import last_positions, prepare_chunk_indices, prepare_chunk_offsets
+from x_transformers.ops.common.cumsum import chunk_local_cumsum, reverse_cumsum
+from x_transformers.ops.common.utils import check_cu_seqlens, check_float, check_shape, use_triton
+from x_transformers.ops.simple_gla.chunk_h import chunk_bwd_dh, chunk_fwd_h, tile
+
+CHUNK_SIZE = 64
+
+
+@triton.jit
+def _chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, chunk_offsets, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    # -> (chunk within its sequence, first token of the sequence, sequence length, first chunk of the sequence)
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
+        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = i_b.to(tl.int64) * T
+        boh = i_b.to(tl.int64) * tl.cdiv(T, BT)
+    return i_t, bos, T, boh
+
+
+@triton.jit
+def chunk_fwd_o_kernel(
+    q, k, v, h, gc, o, cu_seqlens, chunk_indices, chunk_offsets, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """grid (NV, NT, B * H). o = scale * (exp(gc) q h + (causal decayed q k^T) v) for one chunk and V tile."""
+    i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_t, bos, T, boh = _chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, chunk_offsets, BT, IS_VARLEN)
+
+    b_o = tl.zeros([BT, BV], dtype=tl.float32)
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
+        p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (K, T), (1, H * K), (i_k * BK, i_t * BT), (BK, BT), (0, 1))
+        p_h = tl.make_block_ptr(h + ((boh + i_t) * H + i_h) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
+        b_q = tl.load(p_q, boundary_check=(0, 1))
+        b_k = tl.load(p_k, boundary_check=(0, 1))
+        b_h = tl.load(p_h, boundary_check=(0, 1))
+        b_o += tl.dot(b_q, b_h, input_precision="ieee")
+        b_A += tl.dot(b_q, b_k, input_precision="ieee")
+
+    o_i = tl.arange(0, BT)
+    m_t = i_t * BT + o_i < T
+    # padded rows carry gate 0, so their decay factors could overflow: mask them out with the acausal part
+    m_A = (o_i[:, None] >= o_i[None, :]) & m_t[:, None] & m_t[None, :]
+    if USE_G:
+        p_g = tl.make_block_ptr(gc + bos * H + i_h, (T,), (H,), (i_t * BT,), (BT,), (0,))
+        b_g = tl.load(p_g, boundary_check=(0,))
+        b_o = b_o * tl.exp(b_g)[:, None]
+        b_A = b_A * tl.exp(tl.where(m_A, b_g[:, None] - b_g[None, :], 0))
+    b_A = tl.where(m_A, b_A, 0)
+
+    p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+    b_v = tl.load(p_v, boundary_check=(0, 1))
+    b_o = (b_o + tl.dot(b_A.to(b_v.dtype), b_v, input_precision="ieee")) * scale
+    p_o = tl.make_block_ptr(o + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+    tl.store(p_o, b_o.to(p_o.dtype.element_ty), boundary_check=(0, 1))
+
+
+@triton.jit
+def chunk_bwd_dv_kernel(
+    q, k, do, dh, gc, dv, cu_seqlens, chunk_indices, chunk_offsets, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """grid (NV, NT, B * H). dv_j = exp(G_last - G_j) k_j dh + scale * sum_{i >= j} exp(G_i - G_j) (k_j.q_i) do_i."""
+    i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_t, bos, T, boh = _chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, chunk_offsets, BT, IS_VARLEN)
+
+    b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+    # b_A[j, i] = k_j . q_i
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
+        p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (K, T), (1, H * K), (i_k * BK, i_t * BT), (BK, BT), (0, 1))
+        p_dh = tl.make_block_ptr(dh + ((boh + i_t) * H + i_h) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
+        b_k = tl.load(p_k, boundary_check=(0, 1))
+        b_q = tl.load(p_q, boundary_check=(0, 1))
+        b_dh = tl.load(p_dh, boundary_check=(0, 1))
+        b_A += tl.dot(b_k, b_q, input_precision="ieee")
+        b_dv += tl.dot(b_k, b_dh, input_precision="ieee")
+
+    o_i = tl.arange(0, BT)
+    m_t = i_t * BT + o_i < T
+    m_A = (o_i[:, None] <= o_i[None, :]) & m_t[:, None] & m_t[None, :]
+    if USE_G:
+        last = tl.minimum(i_t * BT + BT, T) - 1
+        b_g_last = tl.load(gc + (bos + last) * H + i_h)
+        p_g = tl.make_block_ptr(gc + bos * H + i_h, (T,), (H,), (i_t * BT,), (BT,), (0,))
+        b_g = tl.load(p_g, boundary_check=(0,))
+        b_dv = b_dv * tl.where(m_t, tl.exp(b_g_last - b_g), 0)[:, None]
+        b_A = b_A * tl.exp(tl.where(m_A, b_g[None, :] - b_g[:, None], 0))
+    b_A = tl.where(m_A, b_A * scale, 0)
+
+    p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+    b_do = tl.load(p_do, boundary_check=(0, 1))
+    b_dv += tl.dot(b_A.to(b_do.dtype), b_do, input_precision="ieee")
+    p_dv = tl.make_block_ptr(dv + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+    tl.store(p_dv, b_dv.to(p_dv.dtype.element_ty), boundary_check=(0, 1))
+
+
+@triton.jit
+def chunk_bwd_dqk_kernel(
+    q, k, v, h, do, dh, gc, dq, dk, dA, cu_seqlens, chunk_indices, chunk_offsets, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    NK: tl.constexpr, USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """grid (NK, NT, B * H). dq, dk for one chunk and K tile; with gates also this K tile's share of
+    dA = q.dq - k.dk, written to dA: [B, T, H, NK] fp32."""
+    i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_t, bos, T, boh = _chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, chunk_offsets, BT, IS_VARLEN)
+
+    # b_ds[i, j] = do_i . v_j
+    b_ds = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        p_h = tl.make_block_ptr(h + ((boh + i_t) * H + i_h) * K * V, (V, K), (1, V), (i_v * BV, i_k * BK), (BV, BK), (0, 1))
+        p_dh = tl.make_block_ptr(dh + ((boh + i_t) * H + i_h) * K * V, (V, K), (1, V), (i_v * BV, i_k * BK), (BV, BK), (0, 1))
+        b_v = tl.load(p_v, boundary_check=(0, 1))
+        b_do = tl.load(p_do, boundary_check=(0, 1))
+        b_h = tl.load(p_h, boundary_check=(0, 1))
+        b_dh = tl.load(p_dh, boundary_check=(0, 1))
+        b_ds += tl.dot(b_do, tl.trans(b_v), input_precision="ieee")
+        b_dq += tl.dot(b_do, b_h.to(b_do.dtype), input_precision="ieee")
+        b_dk += tl.dot(b_v, b_dh.to(b_v.dtype), input_precision="ieee")
+
+    p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
+    p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
+    b_q = tl.load(p_q, boundary_check=(0, 1))
+    b_k = tl.load(p_k, boundary_check=(0, 1))
+
+    o_i = tl.arange(0, BT)
+    m_t = i_t * BT + o_i < T
+    # padded rows carry gate 0, so their decay factors could overflow: mask them out with the acausal part
+    m_A = (o_i[:, None] >= o_i[None, :]) & m_t[:, None] & m_t[None, :]
+    if USE_G:
+        last = tl.minimum(i_t * BT + BT, T) - 1
+        b_g_last = tl.load(gc + (bos + last) * H + i_h)
+        p_g = tl.make_block_ptr(gc + bos * H + i_h, (T,), (H,), (i_t * BT,), (BT,), (0,))
+        b_g = tl.load(p_g, boundary_check=(0,))
+        b_dq = b_dq * tl.exp(b_g)[:, None]
+        b_dk = b_dk * tl.where(m_t, tl.exp(b_g_last - b_g), 0)[:, None]
+        b_ds = b_ds * tl.exp(tl.where(m_A, b_g[:, None] - b_g[None, :], 0))
+    b_ds = tl.where(m_A, b_ds * scale, 0)
+    b_dq = b_dq * scale + tl.dot(b_ds.to(b_k.dtype), b_k, input_precision="ieee")
+    b_dk += tl.dot(tl.trans(b_ds).to(b_q.dtype), b_q, input_precision="ieee")
+
+    p_dq = tl.make_block_ptr(dq + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
+    p_dk = tl.make_block_ptr(dk + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
+    tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), boundary_check=(0, 1))
+    tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
+    if USE_G:
+        b_dA = tl.sum(b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk, axis=1)
+        p_dA = tl.make_block_ptr(dA + (bos * H + i_h) * NK + i_k, (T,), (H * NK,), (i_t * BT,), (BT,), (0,))
+        tl.store(p_dA, b_dA, boundary_check=(0,))
+
+
+def _chunk_meta(q, cu_seqlens, BT):
+    B, T = q.shape[:2]
+    if cu_seqlens is None:
+        return None, None, B * triton.cdiv(T, BT), triton.cdiv(T, BT)
+    chunk_indices = prepare_chunk_indices(cu_seqlens, BT)
+    chunk_offsets = prepare_chunk_offsets(cu_seqlens, BT)
+    return chunk_indices, chunk_offsets, len(chunk_indices), len(chunk_indices)
+
+
+def chunk_simple_gla_fwd(q, k, v, gc, scale, h0, output_final_state, cu_seqlens, meta, BT=CHUNK_SIZE):
+    chunk_indices, chunk_offsets, num_chunks, grid_t = meta
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    h, ht = chunk_fwd_h(k, v, gc, h0, output_final_state, cu_seqlens, chunk_offsets, num_chunks, BT)
+    o = torch.empty_like(v)
+    BK, BV = tile(K), tile(V)
+    if grid_t > 0:
+        chunk_fwd_o_kernel[(triton.cdiv(V, BV), grid_t, B * H)](
+            q, k, v, h, gc, o, cu_seqlens, chunk_indices, chunk_offsets, scale, T,
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None, IS_VARLEN=cu_seqlens is not None,
+            num_warps=4, num_stages=2,
+        )
+    return o, ht
+
+
+def chunk_simple_gla_bwd(q, k, v, gc, scale, h0, ht, do, dht, cu_seqlens, meta, BT=CHUNK_SIZE):
+    chunk_indices, chunk_offsets, num_chunks, grid_t = meta
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    # recompute the chunk states rather than keeping [NT, H, K, V] alive between passes
+    h, _ = chunk_fwd_h(k, v, gc, h0, False, cu_seqlens, chunk_offsets, num_chunks, BT)
+    dh, dh0 = chunk_bwd_dh(q, do, gc, dht, scale, h0 is not None, cu_seqlens, chunk_offsets, num_chunks, BT)
+    BK, BV = tile(K), tile(V)
+    NK = triton.cdiv(K, BK)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dA = q.new_empty(B, T, H, NK, dtype=torch.float32) if gc is not None else None
+    if grid_t > 0:
+        common = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None, IS_VARLEN=cu_seqlens is not None)
+        chunk_bwd_dv_kernel[(triton.cdiv(V, BV), grid_t, B * H)](
+            q, k, do, dh, gc, dv, cu_seqlens, chunk_indices, chunk_offsets, scale, T, **common,
+            num_warps=4, num_stages=2,
+        )
+        chunk_bwd_dqk_kernel[(NK, grid_t, B * H)](
+            q, k, v, h, do, dh, gc, dq, dk, dA, cu_seqlens, chunk_indices, chunk_offsets, scale, T, NK=NK, **common,
+            num_warps=4, num_stages=2,
+        )
+    dg = None
+    if gc is not None:
+        dA = dA.sum(-1) if T > 0 else dA.new_zeros(B, T, H)
+        if dht is not None and ht is not None:
+            # A_T scales the whole final state: d<S_T, dS_T>/dA_T = <S_T, dS_T>
+            (rows, cols), seq = last_positions(cu_seqlens, B, T, q.device)
+            dA[rows, cols] += (ht * dht).sum((-2, -1))[seq]
+        dg = reverse_cumsum(dA, cu_seqlens)
+    return dq, dk, dv, dg, dh0
+
+
+class ChunkSimpleGLAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
+        meta = _chunk_meta(q, cu_seqlens, CHUNK_SIZE)
+        gc = chunk_local_cumsum(g, CHUNK_SIZE, cu_seqlens, meta[0]) if g is not None else None
+        h0 = initial_state.float().contiguous() if initial_state is not None else None
+        o, ht = chunk_simple_gla_fwd(q, k, v, gc, scale, h0, output_final_state, cu_seqlens, meta)
+        ctx.save_for_backward(q, k, v, gc, h0, ht, cu_seqlens)
+        ctx.meta, ctx.scale = meta, scale
+        ctx.g_dtype = g.dtype if g is not None else None
+        ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, gc, h0, ht, cu_seqlens = ctx.saved_tensors
+        dht = dht.float().contiguous() if dht is not None else None
+        dq, dk, dv, dg, dh0 = chunk_simple_gla_bwd(
+            q, k, v, gc, ctx.scale, h0, ht, do.contiguous(), dht, cu_seqlens, ctx.meta
+        )
+        dg = dg.to(ctx.g_dtype) if dg is not None else None
+        dh0 = dh0.to(ctx.h0_dtype) if dh0 is not None else None
+        return dq, dk, dv, dg, None, dh0, None, None
+
+
+def check_simple_gla_inputs(where, q, k, v, g, initial_state, cu_seqlens):
+    """Validate `[B, T, H, *]` inputs; returns (B, T, H, K, V, N) with N the number of sequences."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("g", g), ("initial_state", initial_state)):
+        check_float(name, t, where)
+    if q.ndim != 4:
+        raise ValueError(f"{where}: `q` must have shape (B, T, H, K), got {tuple(q.shape)}")
+    B, T, H, K = q.shape
+    check_shape("k", k, (B, T, H, K), where)
+    check_shape("v", v, (B, T, H, None), where)
+    check_shape("g", g, (B, T, H), where)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{where}: `q`, `k`, `v` must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_cu_seqlens(cu_seqlens, B, T, where)
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    V = v.shape[-1]
+    check_shape("initial_state", initial_state, (N, H, K, V), where)
+    return B, T, H, K, V, N
+
+
+def chunk_simple_gla(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor | None = None,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Scalar-decay linear attention, chunked. q, k: [B, T, H, K]; v: [B, T, H, V]; g: [B, T, H] log decay per step
+    (None = plain linear attention); initial_state / final state: [N, H, K, V] fp32. Returns (o in v's dtype, ht)."""
+    check_simple_gla_inputs("chunk_simple_gla", q, k, v, g, initial_state, cu_seqlens)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if use_triton(q, k, v, g, initial_state):
+        return ChunkSimpleGLAFunction.apply(
+            q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous() if g is not None else None,
+            scale, initial_state, output_final_state, cu_seqlens,
+        )
+    from x_transformers.ops.simple_gla.chunk_torch import chunk_simple_gla_torch
+
+    return chunk_simple_gla_torch(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)

@@ -1,0 +1,151 @@
+"""Inter-chunk state passing for the scalar-decay recurrence (Triton): the forward pass stores the state at the start
+of every chunk, the backward pass the gradient of the state at the end of every chunk.
+
+Gates arrive as fp32 cumsums restarted at every chunk (`gc`), so every decay factor is `exp(gc_a - gc_b)` with
+`a >= b` inside one chunk: never an exp of a positive number, whatever the decay strength.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+def tile(n: int, cap: int = 64) -> int:
+    # tl.dot wants power-of-2 blocks of at least 16 on every side
+    return max(16, min(cap, triton.next_power_of_2(n)))
+
+
+@triton.jit
+def chunk_fwd_h_kernel(
+    k, v, gc, h, h0, ht, cu_seqlens, chunk_offsets, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_G: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """grid (NK, NV, N * H). k: [B, T, H, K], v: [B, T, H, V], gc: [B, T, H] fp32 chunk-local cumsum,
+    h: [NT_total, H, K, V] (state before each chunk), h0 / ht: [N, H, K, V] fp32."""
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
+        NT = tl.cdiv(T, BT)
+        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        NT = tl.cdiv(T, BT)
+        boh = i_n.to(tl.int64) * NT
+
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        p_h0 = tl.make_block_ptr(h0 + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
+        b_h += tl.load(p_h0, boundary_check=(0, 1)).to(tl.float32)
+
+    for i_t in range(NT):
+        p_h = tl.make_block_ptr(h + ((boh + i_t) * H + i_h) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
+        tl.store(p_h, b_h.to(p_h.dtype.element_ty), boundary_check=(0, 1))
+        p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (K, T), (1, H * K), (i_k * BK, i_t * BT), (BK, BT), (0, 1))
+        p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        b_k = tl.load(p_k, boundary_check=(0, 1))
+        b_v = tl.load(p_v, boundary_check=(0, 1))
+        if USE_G:
+            o_t = i_t * BT + tl.arange(0, BT)
+            last = tl.minimum(i_t * BT + BT, T) - 1
+            b_g_last = tl.load(gc + (bos + last) * H + i_h)
+            p_g = tl.make_block_ptr(gc + bos * H + i_h, (T,), (H,), (i_t * BT,), (BT,), (0,))
+            b_g = tl.load(p_g, boundary_check=(0,))
+            b_v = (b_v * tl.where(o_t < T, tl.exp(b_g_last - b_g), 0)[:, None]).to(b_k.dtype)
+            b_h *= tl.exp(b_g_last)
+        b_h += tl.dot(b_k, b_v, input_precision="ieee")
+
+    if STORE_FINAL_STATE:
+        p_ht = tl.make_block_ptr(ht + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
+        tl.store(p_ht, b_h.to(p_ht.dtype.element_ty), boundary_check=(0, 1))
+
+
+@triton.jit
+def chunk_bwd_dh_kernel(
+    q, do, gc, dh, dht, dh0, cu_seqlens, chunk_offsets, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_G: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr, STORE_INITIAL_STATE_GRADIENT: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """grid (NK, NV, N * H). Walks chunks from the end: dh[c] = gradient of the state after chunk c;
+    dh0 (gradient of the initial state) = what is left after the first chunk."""
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
+        NT = tl.cdiv(T, BT)
+        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        NT = tl.cdiv(T, BT)
+        boh = i_n.to(tl.int64) * NT
+
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_FINAL_STATE_GRADIENT:
+        p_dht = tl.make_block_ptr(dht + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
+        b_dh += tl.load(p_dht, boundary_check=(0, 1)).to(tl.float32)
+
+    for i in range(NT):
+        i_t = NT - 1 - i
+        p_dh = tl.make_block_ptr(dh + ((boh + i_t) * H + i_h) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
+        tl.store(p_dh, b_dh.to(p_dh.dtype.element_ty), boundary_check=(0, 1))
+        p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (K, T), (1, H * K), (i_k * BK, i_t * BT), (BK, BT), (0, 1))
+        p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        b_q = tl.load(p_q, boundary_check=(0, 1))
+        b_do = tl.load(p_do, boundary_check=(0, 1))
+        if USE_G:
+            last = tl.minimum(i_t * BT + BT, T) - 1
+            b_g_last = tl.load(gc + (bos + last) * H + i_h)
+            p_g = tl.make_block_ptr(gc + bos * H + i_h, (T,), (H,), (i_t * BT,), (BT,), (0,))
+            b_g = tl.load(p_g, boundary_check=(0,))
+            b_q = (b_q * (tl.exp(b_g) * scale)[None, :]).to(b_do.dtype)
+            b_dh *= tl.exp(b_g_last)
+        else:
+            b_q = (b_q * scale).to(b_do.dtype)
+        b_dh += tl.dot(b_q, b_do, input_precision="ieee")
+
+    if STORE_INITIAL_STATE_GRADIENT:
+        p_dh0 = tl.make_block_ptr(dh0 + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
+        tl.store(p_dh0, b_dh.to(p_dh0.dtype.element_ty), boundary_check=(0, 1))
+
+
+def chunk_fwd_h(k, v, gc, h0, output_final_state, cu_seqlens, chunk_offsets, num_chunks, BT):
+    """-> (h [NT_total, H, K, V] in k's dtype, ht [N, H, K, V] fp32 or None)."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    N = B if cu_seqlens is None else len(cu_seqlens) - 1
+    h = k.new_empty(num_chunks, H, K, V)
+    ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
+    BK, BV = tile(K), tile(V)
+    grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)
+    chunk_fwd_h_kernel[grid](
+        k, v, gc, h, h0, ht, cu_seqlens, chunk_offsets, T,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        USE_G=gc is not None, USE_INITIAL_STATE=h0 is not None, STORE_FINAL_STATE=output_final_state,
+        IS_VARLEN=cu_seqlens is not None, num_warps=4, num_stages=2,
+    )
+    return h, ht
+
+
+def chunk_bwd_dh(q, do, gc, dht, scale, need_dh0, cu_seqlens, chunk_offsets, num_chunks, BT):
+    """-> (dh [NT_total, H, K, V] in q's dtype, dh0 [N, H, K, V] fp32 or None)."""
+    B, T, H, K = q.shape
+    V = do.shape[-1]
+    N = B if cu_seqlens is None else len(cu_seqlens) - 1
+    dh = q.new_empty(num_chunks, H, K, V)
+    dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if need_dh0 else None
+    BK, BV = tile(K), tile(V)
+    grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)
+    chunk_bwd_dh_kernel[grid](
+        q, do, gc, dh, dht, dh0, cu_seqlens, chunk_offsets, scale, T,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        USE_G=gc is not None, USE_FINAL_STATE_GRADIENT=dht is not None, STORE_INITIAL_STATE_GRADIENT=need_dh0,
+        IS_VARLEN=cu_seqlens is not None, num_warps=4, num_stages=2,
+    )
+    return dh, dh0
