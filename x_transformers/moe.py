@@ -1,0 +1,185 @@
+"""Mixture-of-experts feedforward: a top-k router over FeedForward experts, with load-balancing losses.
+
+Built by `AttentionLayers` in place of `FeedForward` when `ff_num_experts` is given. Tokens are grouped by expert
+(sorted once) and each expert's tokens go through one grouped matmul (`torch._grouped_mm` where the platform has
+it, a loop over experts - never over tokens - otherwise); with a capacity factor the groups are fixed-size buffers
+and the whole layer is one batched matmul with no host sync.
+
+Losses (returned already weighted, summed by the layer stack into `LayerIntermediates.aux_loss`):
+- Switch Transformer load balancing (arXiv:2101.03961): `E * sum_e f_e P_e`.
+- ST-MoE router z-loss (arXiv:2202.08906): `mean(logsumexp(router logits)^2)`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+from torch.nn import Module
+
+from x_transformers.feedforward import FeedForward
+from x_transformers.utils import exists
+
+
+def grouped_mm(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
+    """Rows of `x` (sorted by group) times their group's matrix `w[e]`: (T, i) x (E, i, o) -> (T, o)."""
+    aligned = all(s * x.element_size() % 16 == 0 for s in (x.shape[-1], w.shape[-1]))
+    if hasattr(torch, "_grouped_mm") and aligned and (x.is_cuda or x.dtype == torch.float32):
+        offs = counts.cumsum(0).to(torch.int32)
+        return torch._grouped_mm(x, w.to(x.dtype), offs=offs)
+    outs = [chunk @ w_e.to(x.dtype) for chunk, w_e in zip(x.split(counts.tolist()), w)]
+    return torch.cat(outs, dim=0)
+
+
+class Experts(Module):
+    """`num_experts` two-layer MLPs (GLU optional) with stacked weights, so they run as grouped matmuls."""
+
+    def __init__(self, dim, num_experts, mult=4, glu=False, swish=False, relu_squared=False, dropout=0.0,
+                 no_bias=False):
+        super().__init__()
+        hidden = int(dim * mult)
+        self.glu = glu
+        self.act = F.silu if swish else ((lambda t: F.relu(t).square()) if relu_squared else F.gelu)
+        self.w_in = nn.Parameter(torch.empty(num_experts, dim, hidden * (2 if glu else 1)))
+        self.w_out = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.b_in = None if no_bias else nn.Parameter(torch.zeros(num_experts, hidden * (2 if glu else 1)))
+        self.b_out = None if no_bias else nn.Parameter(torch.zeros(num_experts, dim))
+        self.dropout = nn.Dropout(dropout)
+        for w, fan_in in ((self.w_in, dim), (self.w_out, hidden)):
+            nn.init.uniform_(w, -fan_in**-0.5, fan_in**-0.5)
+
+    def hidden(self, h):
+        if self.glu:
+            h, gate = h.chunk(2, dim=-1)
+            return self.dropout(h * self.act(gate))
+        return self.dropout(self.act(h))
+
+    def forward_sorted(self, x: Tensor, expert_ids: Tensor, counts: Tensor) -> Tensor:
+        """x: (T, d) rows sorted by expert; expert_ids (T,) their experts; counts (E,) rows per expert."""
+        h = grouped_mm(x, self.w_in, counts)
+        if exists(self.b_in):
+            h = h + self.b_in[expert_ids].to(h.dtype)
+        out = grouped_mm(self.hidden(h), self.w_out, counts)
+        if exists(self.b_out):
+            out = out + self.b_out[expert_ids].to(out.dtype)
+        return out
+
+    def forward_buffers(self, x: Tensor) -> Tensor:
+        """x: (E, C, d) fixed-capacity buffers, one per expert -> (E, C, d)."""
+        h = torch.bmm(x, self.w_in.to(x.dtype))
+        if exists(self.b_in):
+            h = h + self.b_in[:, None].to(h.dtype)
+        out = torch.bmm(self.hidden(h), self.w_out.to(x.dtype))
+        if exists(self.b_out):
+            out = out + self.b_out[:, None].to(out.dtype)
+        return out
+
+
+class MoE(Module):
+    def __init__(
+        self,
+        dim,
+        num_experts,
+        top_k=2,
+        num_shared_experts=0,
+        aux_loss_weight=1e-2,  # Switch load balancing, arXiv:2101.03961
+        router_z_loss_weight=1e-3,  # ST-MoE, arXiv:2202.08906
+        capacity_factor=None,  # tokens per expert = capacity_factor * tokens * top_k / num_experts; the rest drop
+        mult=4,
+        glu=False,
+        swish=False,
+        relu_squared=False,
+        dropout=0.0,
+        no_bias=False,
+        **ff_kwargs,
+    ):
+        super().__init__()
+        if num_experts < 1 or not 1 <= top_k <= num_experts:
+            raise ValueError(f"MoE needs num_experts >= 1 and 1 <= top_k <= num_experts, got {num_experts}, {top_k}")
+        if exists(capacity_factor) and capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be positive, got {capacity_factor}")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.aux_loss_weight = aux_loss_weight
+        self.router_z_loss_weight = router_z_loss_weight
+        self.capacity_factor = capacity_factor
+
+        self.router = nn.Linear(dim, num_experts, bias=False)
+        self.experts = Experts(dim, num_experts, mult, glu, swish, relu_squared, dropout, no_bias)
+        # shared experts see every token (DeepSeekMoE, arXiv:2401.06066)
+        self.shared_experts = (
+            FeedForward(dim, mult=mult * num_shared_experts, glu=glu, swish=swish, relu_squared=relu_squared,
+                        dropout=dropout, no_bias=no_bias, **ff_kwargs)
+            if num_shared_experts > 0
+            else None
+        )
+
+    def forward(self, x: Tensor, mask: Tensor | None = None):
+        shape = x.shape
+        tokens = rearrange(x, "... d -> (...) d")
+        valid = mask.reshape(-1) if exists(mask) else None
+        num_tokens, k, num_experts = tokens.shape[0], self.top_k, self.num_experts
+
+        logits = self.router(tokens).float()
+        probs = logits.softmax(dim=-1)
+        top_probs, top_ids = probs.topk(k, dim=-1)  # (T, k)
+        weights = top_probs if k == 1 else top_probs / top_probs.sum(dim=-1, keepdim=True)
+        if exists(valid):
+            weights = weights * valid[:, None]
+
+        aux_loss = self.losses(logits, probs, top_ids, valid)
+
+        if exists(self.capacity_factor):
+            out = self.dispatch_with_capacity(tokens, top_ids, weights)
+        else:
+            out = self.dispatch_sorted(tokens, top_ids, weights)
+
+        if exists(self.shared_experts):
+            out = out + self.shared_experts(tokens)
+        return out.reshape(shape), aux_loss
+
+    def dispatch_sorted(self, tokens, top_ids, weights):
+        k = self.top_k
+        flat_ids = top_ids.reshape(-1)
+        order = flat_ids.argsort(stable=True)
+        token_of = order // k
+        counts = torch.bincount(flat_ids, minlength=self.num_experts)
+        expert_out = self.experts.forward_sorted(tokens[token_of], flat_ids[order], counts)
+        expert_out = expert_out * weights.reshape(-1)[order, None].to(expert_out.dtype)
+        return torch.zeros_like(tokens).index_add_(0, token_of, expert_out.to(tokens.dtype))
+
+    def dispatch_with_capacity(self, tokens, top_ids, weights):
+        num_tokens, k, num_experts = tokens.shape[0], self.top_k, self.num_experts
+        capacity = max(1, math.ceil(self.capacity_factor * num_tokens * k / num_experts))
+        # slot of each (token, choice) inside its expert, first choices first
+        flat_ids = top_ids.t().reshape(-1)  # (k * T), choice-major
+        one_hot = F.one_hot(flat_ids, num_experts)
+        slot = ((one_hot.cumsum(dim=0) - 1) * one_hot).sum(dim=-1)
+        keep = slot < capacity
+        token_of = torch.arange(num_tokens, device=tokens.device).repeat(k)
+        flat_weights = weights.t().reshape(-1) * keep
+
+        buffer_index = flat_ids * capacity + slot.clamp(max=capacity - 1)
+        buffers = tokens.new_zeros(num_experts * capacity, tokens.shape[-1])
+        buffers = buffers.index_put((buffer_index,), tokens[token_of] * keep[:, None].to(tokens.dtype), accumulate=True)
+        out = self.experts.forward_buffers(buffers.reshape(num_experts, capacity, -1))
+        out = out.reshape(num_experts * capacity, -1)[buffer_index] * flat_weights[:, None].to(out.dtype)
+        return torch.zeros_like(tokens).index_add_(0, token_of, out.to(tokens.dtype))
+
+    def losses(self, logits, probs, top_ids, valid):
+        num_experts = self.num_experts
+        if exists(valid):
+            w = valid.float()
+            denom = w.sum().clamp(min=1.0)
+        else:
+            w, denom = torch.ones_like(probs[:, 0]), probs.shape[0]
+        # fraction of routed assignments per expert, and mean router probability per expert
+        routed = F.one_hot(top_ids, num_experts).float().sum(dim=1) * w[:, None]
+        frac = routed.sum(dim=0) / (denom * self.top_k)
+        mean_prob = (probs * w[:, None]).sum(dim=0) / denom
+        balance = num_experts * (frac * mean_prob).sum()
+        z = (torch.logsumexp(logits, dim=-1).square() * w).sum() / denom
+        return self.aux_loss_weight * balance + self.router_z_loss_weight * z
