@@ -1,10 +1,432 @@
-"""Chunked `gla` (placeholder while the Triton kernels land)."""
+"""Chunked `gla`: per-key-channel decay, S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t, o_t = scale * q_t S_t.
 
-from x_transformers.ops.common.gla_utils import check_gla_inputs
+Pipeline (chunks of BT = 64, sub-chunks of BC = 16, all decay arithmetic in fp32):
+  forward:  gc = in-chunk cumsum(g) -> h = state entering each chunk (chunk_state.py)
+            -> A = intra-chunk attention (chunk_intra.py) -> o = scale * (q exp(gc)) h + A v
+  backward: dh = state gradients, last chunk first -> dA = scale * do v^T -> dv = A^T do + (k exp(gc_last - gc)) dh
+            -> intra dq, dk from dA (chunk_intra.py) -> inter dq, dk and dg (reverse in-chunk cumsum of q dq - k dk,
+            plus the gradient through each chunk's total decay).
+Triton for CUDA tensors or under TRITON_INTERPRET=1, the chunked torch path (chunk_torch.py) otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from x_transformers.ops.common.gla_utils import check_gla_inputs, prepare_chunk_indices
+from x_transformers.ops.common.interpreter_compat import patch as patch_interpreter
+from x_transformers.ops.common.utils import interpreting, use_triton
+from x_transformers.ops.gla.chunk_intra import chunk_gla_bwd_intra_kernel, chunk_gla_fwd_intra_kernel
+from x_transformers.ops.gla.chunk_state import chunk_gla_bwd_dh_kernel, chunk_gla_cumsum_kernel, chunk_gla_fwd_h_kernel
 from x_transformers.ops.gla.chunk_torch import chunk_gla_torch
+
+BT = 64
+BC = 16
+
+
+@triton.jit
+def chunk_gla_fwd_o_kernel(
+    q,
+    v,
+    gc,
+    h,
+    A,
+    o,
+    cu_seqlens,
+    chunk_indices,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+    DT: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """o = scale * (q exp(gc)) h + A v for one chunk and one V tile. Grid (cdiv(V, BV), NT, B * H)."""
+    i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_tg = i_t.to(tl.int64)
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
+    else:
+        bos = i_b.to(tl.int64) * T
+        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    r_t = bos + o_t
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_tv = m_t[:, None] & m_v[None, :]
+    b_v = tl.load(v + r_t[:, None] * (H * V) + i_h * V + o_v[None, :], mask=m_tv, other=0.0)
+
+    b_o = tl.zeros([BT, BV], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        m_tk = m_t[:, None] & m_k[None, :]
+        b_q = tl.load(q + r_t[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_g = tl.load(gc + r_t[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_tk, other=0.0)
+        p_h = h + (i_tg * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+        b_h = tl.load(p_h, mask=m_k[:, None] & m_v[None, :], other=0.0)
+        # decay from the chunk start to each token: exponent <= 0
+        b_qg = b_q * tl.exp(b_g)
+        b_o += tl.dot(b_qg.to(DT), b_h.to(DT), input_precision=PREC)
+    b_o *= scale
+
+    o_c = tl.arange(0, BT)
+    b_A = tl.load(A + r_t[:, None] * (H * BT) + i_h * BT + o_c[None, :], mask=m_t[:, None], other=0.0)
+    b_o += tl.dot(b_A.to(DT), b_v.to(DT), input_precision=PREC)
+    tl.store(o + r_t[:, None] * (H * V) + i_h * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
+
+
+@triton.jit
+def chunk_gla_bwd_dA_kernel(
+    v,
+    do,
+    dA,
+    cu_seqlens,
+    chunk_indices,
+    scale,
+    T,
+    H: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+    DT: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """dA = scale * do v^T, causal inside the chunk. Grid (NT, B * H)."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
+    else:
+        bos = i_b.to(tl.int64) * T
+
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    r_t = bos + o_t
+    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        b_do = tl.load(do + r_t[:, None] * (H * V) + i_h * V + o_v[None, :], mask=m_tv, other=0.0)
+        b_v = tl.load(v + r_t[:, None] * (H * V) + i_h * V + o_v[None, :], mask=m_tv, other=0.0)
+        b_dA += tl.dot(b_do.to(DT), tl.trans(b_v).to(DT), input_precision=PREC)
+    o_c = tl.arange(0, BT)
+    b_dA = tl.where(o_c[:, None] >= o_c[None, :], b_dA * scale, 0.0)
+    tl.store(dA + r_t[:, None] * (H * BT) + i_h * BT + o_c[None, :], b_dA, mask=m_t[:, None])
+
+
+@triton.jit
+def chunk_gla_bwd_dv_kernel(
+    k,
+    gc,
+    A,
+    do,
+    dh,
+    dv,
+    cu_seqlens,
+    chunk_indices,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+    DT: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """dv = A^T do + (k exp(gc_last - gc)) dh for one chunk and one V tile. Grid (cdiv(V, BV), NT, B * H)."""
+    i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_tg = i_t.to(tl.int64)
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
+    else:
+        bos = i_b.to(tl.int64) * T
+        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    r_t = bos + o_t
+    last = bos + tl.minimum(i_t * BT + BT, T) - 1
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_tv = m_t[:, None] & m_v[None, :]
+    b_do = tl.load(do + r_t[:, None] * (H * V) + i_h * V + o_v[None, :], mask=m_tv, other=0.0)
+    o_c = tl.arange(0, BT)
+    b_A = tl.load(A + r_t[:, None] * (H * BT) + i_h * BT + o_c[None, :], mask=m_t[:, None], other=0.0)
+    b_dv = tl.dot(tl.trans(b_A).to(DT), b_do.to(DT), input_precision=PREC)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        m_tk = m_t[:, None] & m_k[None, :]
+        b_k = tl.load(k + r_t[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_g = tl.load(gc + r_t[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_gl = tl.load(gc + last * (H * K) + i_h * K + o_k, mask=m_k, other=0.0)
+        p_dh = dh + (i_tg * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+        b_dh = tl.load(p_dh, mask=m_k[:, None] & m_v[None, :], other=0.0)
+        b_kd = tl.where(m_t[:, None], b_k * tl.exp(b_gl[None, :] - b_g), 0.0)
+        b_dv += tl.dot(b_kd.to(DT), b_dh.to(DT), input_precision=PREC)
+    tl.store(dv + r_t[:, None] * (H * V) + i_h * V + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
+
+
+@triton.jit
+def chunk_gla_bwd_dqkg_kernel(
+    q,
+    k,
+    v,
+    gc,
+    h,
+    do,
+    dh,
+    dq_intra,
+    dk_intra,
+    dq,
+    dk,
+    dg,
+    cu_seqlens,
+    chunk_indices,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+    DT: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """Inter-chunk dq, dk plus the intra parts, and dg. Grid (cdiv(K, BK), NT, B * H).
+
+    With gc the in-chunk cumulative decay, q enters as q exp(gc) and k as k exp(-gc), so the gradient of gc_t is
+    q_t dq_t - k_t dk_t; the chunk's total decay gc_last also scales the state leaving it, adding
+    exp(gc_last) sum_v(h dh) + sum_s k_s dk_s(inter) to every g of the chunk. dg = reverse in-chunk cumsum.
+    """
+    i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_tg = i_t.to(tl.int64)
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
+    else:
+        bos = i_b.to(tl.int64) * T
+        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    r_t = bos + o_t
+    last = bos + tl.minimum(i_t * BT + BT, T) - 1
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    p_tk = r_t[:, None] * (H * K) + i_h * K + o_k[None, :]
+    b_q = tl.load(q + p_tk, mask=m_tk, other=0.0)
+    b_k = tl.load(k + p_tk, mask=m_tk, other=0.0)
+    b_g = tl.load(gc + p_tk, mask=m_tk, other=0.0)
+    b_gl = tl.load(gc + last * (H * K) + i_h * K + o_k, mask=m_k, other=0.0)
+
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dgl = tl.zeros([BK], dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_do = tl.load(do + r_t[:, None] * (H * V) + i_h * V + o_v[None, :], mask=m_tv, other=0.0)
+        b_v = tl.load(v + r_t[:, None] * (H * V) + i_h * V + o_v[None, :], mask=m_tv, other=0.0)
+        p_kv = (i_tg * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+        m_kv = m_k[:, None] & m_v[None, :]
+        b_h = tl.load(h + p_kv, mask=m_kv, other=0.0)
+        b_dh = tl.load(dh + p_kv, mask=m_kv, other=0.0)
+        b_dq += tl.dot(b_do.to(DT), tl.trans(b_h).to(DT), input_precision=PREC)
+        b_dk += tl.dot(b_v.to(DT), tl.trans(b_dh).to(DT), input_precision=PREC)
+        b_dgl += tl.sum(b_h * b_dh, axis=1)
+    b_dq = b_dq * tl.exp(b_g) * scale
+    b_dk = tl.where(m_t[:, None], b_dk * tl.exp(b_gl[None, :] - b_g), 0.0)
+    b_dgl = b_dgl * tl.exp(b_gl) + tl.sum(b_dk * b_k.to(tl.float32), axis=0)
+
+    b_dq += tl.load(dq_intra + p_tk, mask=m_tk, other=0.0)
+    b_dk += tl.load(dk_intra + p_tk, mask=m_tk, other=0.0)
+    b_dG = b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk
+    b_dg = tl.cumsum(b_dG, axis=0, reverse=True) + b_dgl[None, :]
+    tl.store(dq + p_tk, b_dq.to(dq.dtype.element_ty), mask=m_tk)
+    tl.store(dk + p_tk, b_dk.to(dk.dtype.element_ty), mask=m_tk)
+    tl.store(dg + p_tk, b_dg.to(dg.dtype.element_ty), mask=m_tk)
+
+
+def _blocks(K: int, V: int, cap: int = 64) -> tuple[int, int]:
+    """K / V tile sizes: powers of two in [16, cap] (tl.dot needs every dim >= 16)."""
+    return min(cap, max(16, triton.next_power_of_2(K))), min(cap, max(16, triton.next_power_of_2(V)))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs keep exact fp32 products (tests ask < 5e-3 rel RMS); half inputs use tensor cores anyway
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _dot_dtype(dtype: torch.dtype):
+    """Operand dtype of the state / output dots: the input's half type on GPU, fp32 for fp32 inputs and under the
+    interpreter (whose numpy backend has no bfloat16 matmul)."""
+    if dtype == torch.float32 or interpreting():
+        return tl.float32
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
+def _layout(q, cu_seqlens, chunk_indices):
+    """(B, T, NT_total, N) for the launch grids."""
+    B, T = q.shape[:2]
+    if cu_seqlens is None:
+        return B, T, B * triton.cdiv(T, BT), B
+    return B, T, chunk_indices.shape[0], cu_seqlens.numel() - 1
+
+
+def chunk_gla_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk_indices, chunk_offsets):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    _, _, NT, N = _layout(q, cu_seqlens, chunk_indices)
+    BK, BV = _blocks(K, V)
+    prec, dt = _precision(v.dtype), _dot_dtype(v.dtype)
+    varlen = cu_seqlens is not None
+    nt_grid = NT if varlen else triton.cdiv(T, BT)
+
+    gc = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
+    chunk_gla_cumsum_kernel[(triton.cdiv(K, BK), nt_grid, B * H)](
+        g, gc, cu_seqlens, chunk_indices, T, H=H, K=K, BT=BT, BK=BK, IS_VARLEN=varlen
+    )
+
+    h = torch.empty(NT, H, K, V, dtype=torch.float32, device=q.device)
+    ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
+    chunk_gla_fwd_h_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
+        k, v, gc, h, initial_state, ht, cu_seqlens, chunk_offsets, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        PREC=prec, DT=dt, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
+        IS_VARLEN=varlen,
+    )
+
+    A = torch.zeros(B, T, H, BT, dtype=torch.float32, device=q.device)
+    chunk_gla_fwd_intra_kernel[(nt_grid, BT // BC, B * H)](
+        q, k, gc, A, cu_seqlens, chunk_indices, scale, T, H=H, K=K, BT=BT, BC=BC, BK=BK, PREC=prec,
+        IS_VARLEN=varlen,
+    )
+
+    o = torch.empty_like(v)
+    chunk_gla_fwd_o_kernel[(triton.cdiv(V, BV), nt_grid, B * H)](
+        q, v, gc, h, A, o, cu_seqlens, chunk_indices, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=prec, DT=dt,
+        IS_VARLEN=varlen,
+    )
+    return o, ht, gc, h, A
+
+
+def chunk_gla_bwd(q, k, v, g, gc, h, A, do, dht, scale, initial_state, cu_seqlens, chunk_indices, chunk_offsets):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    _, _, NT, N = _layout(q, cu_seqlens, chunk_indices)
+    BK, BV = _blocks(K, V)
+    prec, dt = _precision(v.dtype), _dot_dtype(v.dtype)
+    varlen = cu_seqlens is not None
+    nt_grid = NT if varlen else triton.cdiv(T, BT)
+    do = do.contiguous()
+
+    dh = torch.empty(NT, H, K, V, dtype=torch.float32, device=q.device)
+    dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if initial_state is not None else None
+    chunk_gla_bwd_dh_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
+        q, do, gc, dh, dht, dh0, cu_seqlens, chunk_offsets, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        PREC=prec, DT=dt, USE_FINAL_STATE_GRADIENT=dht is not None, USE_INITIAL_STATE=initial_state is not None,
+        IS_VARLEN=varlen,
+    )
+
+    dA = torch.zeros(B, T, H, BT, dtype=torch.float32, device=q.device)
+    chunk_gla_bwd_dA_kernel[(nt_grid, B * H)](
+        v, do, dA, cu_seqlens, chunk_indices, scale, T, H=H, V=V, BT=BT, BV=BV, PREC=prec, DT=dt, IS_VARLEN=varlen
+    )
+
+    dv = torch.empty_like(v)
+    chunk_gla_bwd_dv_kernel[(triton.cdiv(V, BV), nt_grid, B * H)](
+        k, gc, A, do, dh, dv, cu_seqlens, chunk_indices, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=prec, DT=dt,
+        IS_VARLEN=varlen,
+    )
+
+    dq_intra = torch.zeros(B, T, H, K, dtype=torch.float32, device=q.device)
+    dk_intra = torch.zeros(B, T, H, K, dtype=torch.float32, device=q.device)
+    chunk_gla_bwd_intra_kernel[(triton.cdiv(K, BK) * (BT // BC), nt_grid, B * H)](
+        q, k, gc, dA, dq_intra, dk_intra, cu_seqlens, chunk_indices, T, H=H, K=K, BT=BT, BC=BC, BK=BK,
+        NC=BT // BC, PREC=prec, IS_VARLEN=varlen,
+    )
+
+    dq, dk = torch.empty_like(q), torch.empty_like(k)
+    dg = torch.empty_like(g)
+    chunk_gla_bwd_dqkg_kernel[(triton.cdiv(K, BK), nt_grid, B * H)](
+        q, k, v, gc, h, do, dh, dq_intra, dk_intra, dq, dk, dg, cu_seqlens, chunk_indices, scale, T, H=H, K=K,
+        V=V, BT=BT, BK=BK, BV=BV, PREC=prec, DT=dt, IS_VARLEN=varlen,
+    )
+    return dq, dk, dv, dg, dh0
+
+
+class ChunkGLAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk_indices, chunk_offsets):
+        o, ht, gc, h, A = chunk_gla_fwd(
+            q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk_indices, chunk_offsets
+        )
+        ctx.save_for_backward(q, k, v, g, gc, h, A, initial_state, cu_seqlens, chunk_indices, chunk_offsets)
+        ctx.scale = scale
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, g, gc, h, A, initial_state, cu_seqlens, chunk_indices, chunk_offsets = ctx.saved_tensors
+        dht = None if dht is None else dht.contiguous()
+        dq, dk, dv, dg, dh0 = chunk_gla_bwd(
+            q, k, v, g, gc, h, A, do, dht, ctx.scale, initial_state, cu_seqlens, chunk_indices, chunk_offsets
+        )
+        return dq, dk, dv, dg, None, dh0, None, None, None, None
 
 
 def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """Chunked gated linear attention with per-key-channel decay.
+
+    q, k: [B, T, H, K]; v: [B, T, H, V]; g: [B, T, H, K] log decay (<= 0); initial_state: [N, H, K, V];
+    cu_seqlens: [N + 1] offsets of packed sequences (B = 1). Returns (o [B, T, H, V] in v's dtype, final state
+    [N, H, K, V] fp32 or None).
+    """
     check_gla_inputs(q, k, v, g, initial_state, cu_seqlens, "chunk_gla")
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return chunk_gla_torch(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not use_triton(q, k, v, g, initial_state):
+        return chunk_gla_torch(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+
+    if interpreting():
+        patch_interpreter()
+    q, k, v, g = (t.contiguous() for t in (q, k, v, g))
+    if initial_state is not None:
+        initial_state = initial_state.float().contiguous()
+    chunk_indices = chunk_offsets = None
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int64).contiguous()
+        chunk_indices, chunk_offsets = prepare_chunk_indices(cu_seqlens, BT)
+    return ChunkGLAFunction.apply(
+        q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk_indices, chunk_offsets
+    )
