@@ -14,7 +14,6 @@ from copy import deepcopy
 from functools import partial
 from typing import Callable
 
-import einx
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
@@ -434,7 +433,7 @@ class Attention(Module):
                 k = cat((cached, k), dim=-2)
 
             i, j = q.shape[-2], k.shape[-2]
-            gates = einx.dot('b h i d, b h j d -> b h i j', q, k) * dda.scale
+            gates = (q @ k.transpose(-1, -2)) * dda.scale
             gates = F.logsigmoid(gates) * dda.post_log_scale
 
             # query i (at absolute position j - i + i) forgets through keys strictly before it, from key j onward
@@ -453,7 +452,7 @@ class Attention(Module):
         else:
             all_cum_gates = cum_gates
 
-        bias = einx.subtract('b h i, b h j -> b h i j', cum_gates[..., 0], all_cum_gates[..., 0])
+        bias = cum_gates - all_cum_gates.transpose(-1, -2)
         return bias, all_cum_gates
 
     def forward(
@@ -658,10 +657,8 @@ class Attention(Module):
             keep_mask = attn_mask if not exists(keep_mask) else (keep_mask & attn_mask)
 
         if exists(self.max_attend_past):
-            dist = einx.subtract(
-                'i, j -> 1 1 i j', torch.arange(j - i, j, device=device), torch.arange(j, device=device)
-            )
-            past_mask = pad_at_dim(dist <= self.max_attend_past, (num_mem_kv, 0), value=True)
+            dist = torch.arange(j - i, j, device=device)[:, None] - torch.arange(j, device=device)  # (i, j)
+            past_mask = pad_at_dim(dist <= self.max_attend_past, (num_mem_kv, 0), value=True)[None, None]
             keep_mask = past_mask if not exists(keep_mask) else (keep_mask & past_mask)
 
         # relative position bias (t5, dynamic, alibi - or alibi at custom positions)
@@ -714,7 +711,7 @@ class Attention(Module):
 
         if exists(self.to_v_head_gate):
             head_gate = self.to_v_head_gate(x).sigmoid()
-            out = einx.multiply('b n h, b h n d -> b h n d', head_gate, out)
+            out = out * rearrange(head_gate, 'b n h -> b h n 1')
 
         # hybrid module - average its (normalized) output with attention's, per head (hymba)
 
@@ -741,7 +738,7 @@ class Attention(Module):
         out = self.to_out(out)
 
         if exists(mask):
-            out = einx.where('b n, b n d, -> b n d', mask[:, -n:], out, 0.0)
+            out = out.masked_fill(~mask[:, -n:, None], 0.0)
 
         if not return_intermediates:
             return out
