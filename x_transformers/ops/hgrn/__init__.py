@@ -1,9 +1,7 @@
+"""Elementwise gated scan `h_t = exp(g_t) * h_{t-1} + x_t` (HGRN, minGRU)."""
+
 from x_transformers.ops.hgrn.naive import naive_hgrn
+from x_transformers.ops.hgrn.scan import hgrn_scan
+from x_transformers.ops.hgrn.scan_torch import hgrn_scan_torch
 
-
-def hgrn_scan(x, g, initial_state=None, output_final_state=False, cu_seqlens=None):
-    o, ht = naive_hgrn(x, g, initial_state, output_final_state, cu_seqlens)
-    return o.to(x.dtype), ht
-
-
-__all__ = ["hgrn_scan", "naive_hgrn"]
+__all__ = ["hgrn_scan", "hgrn_scan_torch", "naive_hgrn"]

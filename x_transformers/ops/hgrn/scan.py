@@ -1,0 +1,202 @@
+"""Elementwise gated scan `h_t = exp(g_t) * h_{t-1} + x_t` (HGRN, minGRU) in Triton.
+
+Each program owns a slice of channels of one sequence and walks it in blocks of BT tokens; inside a block the
+recurrence is a parallel `tl.associative_scan` over pairs (log gate, value), combined in log space so a decay factor is
+only ever `exp` of a sum of gates (never of a negated one). The carry from the previous block enters as
+`exp(cumulative gate) * carry`. The backward pass is the same scan run from the end with the gates shifted by one:
+`dh_t = do_t + exp(g_{t+1}) dh_{t+1}`, then `dx_t = dh_t` and `dg_t = dh_t * exp(g_t) * h_{t-1}`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from x_transformers.ops.common.interpreter_compat import patch
+
+patch()
+
+BT = 64
+
+
+@triton.jit
+def _combine(a1, b1, a2, b2):
+    # (a1, b1) then (a2, b2): gates add in log space, the earlier value decays by the later gate
+    return a1 + a2, b1 * tl.exp(a2) + b2
+
+
+@triton.jit
+def _seq_bounds(i_n, T, cu_seqlens, IS_VARLEN: tl.constexpr):
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
+    else:
+        bos = i_n.to(tl.int64) * T
+    return bos, T
+
+
+@triton.jit
+def hgrn_fwd_kernel(
+    x, g, h, h0, ht, cu_seqlens, T,
+    D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """grid (cdiv(D, BD), N). x, g, h: [B, T, D]; h0 / ht: [N, D] fp32."""
+    i_d, i_n = tl.program_id(0), tl.program_id(1)
+    bos, T = _seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    o_r = tl.arange(0, BT)
+
+    b_h = tl.zeros([BD], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        b_h += tl.load(h0 + i_n.to(tl.int64) * D + o_d, mask=m_d, other=0).to(tl.float32)
+    for i_t in range(tl.cdiv(T, BT)):
+        o_t = i_t * BT + o_r
+        m = (o_t < T)[:, None] & m_d[None, :]
+        offs = (bos + o_t)[:, None] * D + o_d[None, :]
+        b_x = tl.load(x + offs, mask=m, other=0).to(tl.float32)
+        b_g = tl.load(g + offs, mask=m, other=0).to(tl.float32)
+        # padded rows have gate 0 and value 0, so the carry passes through them unchanged
+        b_a, b_y = tl.associative_scan((b_g, b_x), axis=0, combine_fn=_combine)
+        b_y += tl.exp(b_a) * b_h[None, :]
+        tl.store(h + offs, b_y.to(h.dtype.element_ty), mask=m)
+        b_h = tl.sum(tl.where((o_r == BT - 1)[:, None], b_y, 0), axis=0)
+
+    if STORE_FINAL_STATE:
+        tl.store(ht + i_n.to(tl.int64) * D + o_d, b_h, mask=m_d)
+
+
+@triton.jit
+def hgrn_bwd_kernel(
+    g, h, h0, do, dht, dx, dg, dh0, cu_seqlens, T,
+    D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """grid (cdiv(D, BD), N). Blocks are visited from the end and read back to front (row r = token T-1-r-...),
+    so the reverse recurrence is again a forward associative scan."""
+    i_d, i_n = tl.program_id(0), tl.program_id(1)
+    bos, T = _seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    o_r = tl.arange(0, BT)
+
+    b_dh = tl.zeros([BD], dtype=tl.float32)
+    if USE_FINAL_STATE_GRADIENT:
+        b_dh += tl.load(dht + i_n.to(tl.int64) * D + o_d, mask=m_d, other=0).to(tl.float32)
+    b_h0 = tl.zeros([BD], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        b_h0 += tl.load(h0 + i_n.to(tl.int64) * D + o_d, mask=m_d, other=0).to(tl.float32)
+
+    for i_t in range(tl.cdiv(T, BT)):
+        o_t = T - 1 - (i_t * BT + o_r)
+        m_t = o_t >= 0
+        m = m_t[:, None] & m_d[None, :]
+        offs = (bos + o_t)[:, None] * D + o_d[None, :]
+        b_do = tl.load(do + offs, mask=m, other=0).to(tl.float32)
+        # the gate that carries dh_{t+1} back to t; zero past the end, where the carry is dht itself
+        m_next = (o_t + 1 < T)[:, None] & m
+        b_gn = tl.load(g + offs + D, mask=m_next, other=0).to(tl.float32)
+        b_a, b_y = tl.associative_scan((b_gn, b_do), axis=0, combine_fn=_combine)
+        b_y += tl.exp(b_a) * b_dh[None, :]
+        tl.store(dx + offs, b_y.to(dx.dtype.element_ty), mask=m)
+
+        b_g = tl.load(g + offs, mask=m, other=0).to(tl.float32)
+        m_prev = (o_t > 0)[:, None] & m
+        b_hp = tl.load(h + offs - D, mask=m_prev, other=0).to(tl.float32)
+        b_hp = tl.where((o_t == 0)[:, None], b_h0[None, :], b_hp)
+        tl.store(dg + offs, (b_y * tl.exp(b_g) * b_hp).to(dg.dtype.element_ty), mask=m)
+        b_dh = tl.sum(tl.where((o_r == BT - 1)[:, None], b_y, 0), axis=0)
+
+    if USE_INITIAL_STATE:
+        b_g0 = tl.load(g + bos * D + o_d, mask=m_d & (T > 0), other=0).to(tl.float32)
+        tl.store(dh0 + i_n.to(tl.int64) * D + o_d, b_dh * tl.exp(b_g0), mask=m_d)
+
+
+def _block_d(D: int, N: int) -> int:
+    # fewer channels per program when there are few sequences, to keep the GPU's SMs busy
+    BD = min(32, triton.next_power_of_2(D))
+    while BD > 16 and N * triton.cdiv(D, BD) < 256:
+        BD //= 2
+    return BD
+
+
+def hgrn_fwd(x, g, h0, output_final_state, cu_seqlens):
+    B, T, D = x.shape
+    N = B if cu_seqlens is None else len(cu_seqlens) - 1
+    h = torch.empty_like(x)
+    ht = x.new_empty(N, D, dtype=torch.float32) if output_final_state else None
+    BD = _block_d(D, N)
+    if N > 0:
+        hgrn_fwd_kernel[(triton.cdiv(D, BD), N)](
+            x, g, h, h0, ht, cu_seqlens, T, D=D, BT=BT, BD=BD,
+            USE_INITIAL_STATE=h0 is not None, STORE_FINAL_STATE=output_final_state, IS_VARLEN=cu_seqlens is not None,
+        )
+    return h, ht
+
+
+def hgrn_bwd(g, h, h0, do, dht, cu_seqlens):
+    B, T, D = g.shape
+    N = B if cu_seqlens is None else len(cu_seqlens) - 1
+    dx, dg = torch.empty_like(h), torch.empty_like(g)
+    dh0 = g.new_empty(N, D, dtype=torch.float32) if h0 is not None else None
+    BD = _block_d(D, N)
+    if N > 0:
+        hgrn_bwd_kernel[(triton.cdiv(D, BD), N)](
+            g, h, h0, do, dht, dx, dg, dh0, cu_seqlens, T, D=D, BT=BT, BD=BD,
+            USE_INITIAL_STATE=h0 is not None, USE_FINAL_STATE_GRADIENT=dht is not None,
+            IS_VARLEN=cu_seqlens is not None,
+        )
+    return dx, dg, dh0
+
+
+class HGRNScanFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, g, initial_state, output_final_state, cu_seqlens):
+        h0 = initial_state.float().contiguous() if initial_state is not None else None
+        h, ht = hgrn_fwd(x, g, h0, output_final_state, cu_seqlens)
+        ctx.save_for_backward(g, h, h0, cu_seqlens)
+        ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
+        return h, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        g, h, h0, cu_seqlens = ctx.saved_tensors
+        dht = dht.float().contiguous() if dht is not None else None
+        dx, dg, dh0 = hgrn_bwd(g, h, h0, do.contiguous(), dht, cu_seqlens)
+        return dx, dg, dh0.to(ctx.h0_dtype) if dh0 is not None else None, None, None
+
+
+def hgrn_scan(
+    x: Tensor,
+    g: Tensor,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Elementwise gated scan `h_t = exp(g_t) * h_{t-1} + x_t`. x, g: [B, T, D] (or [B, T, H, D], treated as
+    D' = H * D channels); initial_state / final state: [N, D] (or [N, H, D]) fp32. Returns (h in x's dtype, ht)."""
+    from x_transformers.ops.common.utils import check_cu_seqlens, check_float, check_shape, use_triton
+    from x_transformers.ops.hgrn.scan_torch import hgrn_scan_torch
+
+    where = "hgrn_scan"
+    for name, t in (("x", x), ("g", g), ("initial_state", initial_state)):
+        check_float(name, t, where)
+    if x.ndim not in (3, 4):
+        raise ValueError(f"{where}: `x` must have shape (B, T, D) or (B, T, H, D), got {tuple(x.shape)}")
+    check_shape("g", g, tuple(x.shape), where)
+    check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1], where)
+    N = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    state_shape = (N, *x.shape[2:])
+    check_shape("initial_state", initial_state, state_shape, where)
+
+    B, T = x.shape[:2]
+    x3, g3 = x.reshape(B, T, -1), g.reshape(B, T, -1)
+    h0 = initial_state.reshape(N, -1) if initial_state is not None else None
+    if use_triton(x, g, initial_state):
+        h, ht = HGRNScanFunction.apply(x3.contiguous(), g3.contiguous(), h0, output_final_state, cu_seqlens)
+    else:
+        h, ht = hgrn_scan_torch(x3, g3, h0, output_final_state, cu_seqlens)
+    return h.view(x.shape), (ht.view(state_shape) if ht is not None else None)
