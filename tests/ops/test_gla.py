@@ -1,0 +1,188 @@
+"""`gla` kernels (per-key-channel decay) vs the fp32 token-by-token reference: outputs, final state, every gradient.
+
+On CPU the Triton kernels run under TRITON_INTERPRET=1 at tiny shapes; on a CUDA machine the same checks also run at
+real shapes in fp32 and bf16: `pytest tests/ops/test_gla.py -x -q`.
+"""
+
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    # must be set before triton is imported (tests/ops/conftest.py does the same)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch.nn.functional as F
+
+from x_transformers.ops import chunk_gla, fused_recurrent_gla
+from x_transformers.ops.common.utils import use_triton
+from x_transformers.ops.gla import naive_recurrent_gla
+from x_transformers.ops.gla.chunk_torch import chunk_gla_torch
+
+DEVICE = "cuda" if CUDA else "cpu"
+NAMES = ("o", "final_state", "dq", "dk", "dv", "dg", "dh0")
+TOL = {torch.float32: 5e-3, torch.bfloat16: 2e-2}
+
+
+def rel_rms(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp(min=1e-12)).item()
+
+
+def make_inputs(B, T, H, K, V, *, decay=1.0, h0=True, num_seqs=None, seed=0):
+    """fp32 inputs; g = -decay * U(0, 1) per step and channel (decay=20 is the strong-decay case)."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    q, k, v = rand(B, T, H, K), rand(B, T, H, K), rand(B, T, H, V)
+    g = -decay * torch.rand(B, T, H, K, generator=gen)
+    N = B if num_seqs is None else num_seqs
+    h = rand(N, H, K, V) if h0 else None
+    return [x.to(DEVICE) if x is not None else None for x in (q, k, v, g, h)]
+
+
+def chunk_torch(q, k, v, g, scale=None, **kwargs):
+    return chunk_gla_torch(q, k, v, g, q.shape[-1] ** -0.5 if scale is None else scale, **kwargs)
+
+
+def run(fn, inputs, dtype, cu_seqlens=None, final_state=True, **kwargs):
+    """Forward + backward of `fn` on leaf copies of `inputs` (cast to dtype, the state stays fp32)."""
+    leaves = [
+        None if x is None else (x if i == 4 else x.to(dtype)).detach().clone().requires_grad_()
+        for i, x in enumerate(inputs)
+    ]
+    q, k, v, g, h0 = leaves
+    o, ht = fn(q, k, v, g, initial_state=h0, output_final_state=final_state, cu_seqlens=cu_seqlens, **kwargs)
+    assert o.dtype == dtype and o.shape == v.shape
+    gen = torch.Generator().manual_seed(1)
+    loss = (o.float() * torch.randn(o.shape, generator=gen).to(o.device)).sum()
+    if final_state:
+        assert ht.dtype == torch.float32
+        loss = loss + (ht * torch.randn(ht.shape, generator=gen).to(ht.device)).sum()
+    else:
+        assert ht is None
+    loss.backward()
+    return [o, ht] + [None if x is None else x.grad for x in leaves]
+
+
+def check(fn, inputs, dtype=torch.float32, tol=None, **kwargs):
+    """Compare `fn` with the reference fed the same (dtype-rounded) values in fp32."""
+    rounded = [None if x is None else (x if i == 4 else x.to(dtype).float()) for i, x in enumerate(inputs)]
+    ref = run(naive_recurrent_gla, rounded, torch.float32, **kwargs)
+    out = run(fn, inputs, dtype, **kwargs)
+    tol = TOL[dtype] if tol is None else tol
+    for name, a, b in zip(NAMES, out, ref):
+        if b is None:
+            assert a is None, name
+            continue
+        assert torch.isfinite(a).all(), f"{name}: non-finite values"
+        err = rel_rms(a, b)
+        assert err < tol, f"{name}: relative RMS error {err:.2e} >= {tol:.0e}"
+
+
+PATHS = {"chunk": chunk_gla, "fused_recurrent": fused_recurrent_gla, "chunk_torch": chunk_torch}
+
+
+def test_dispatch():
+    q = torch.zeros(1, 2, 1, 16, device=DEVICE)
+    assert use_triton(q), "CUDA tensors / TRITON_INTERPRET=1 should take the Triton kernels"
+
+
+# tiny shapes under the interpreter: T not a multiple of the chunk (64), odd K / V, initial state + final-state grad
+CPU_CASES = {
+    "uneven_T": dict(B=2, T=80, H=2, K=20, V=24),
+    "T1": dict(B=2, T=1, H=2, K=16, V=16),
+    "strong_decay": dict(B=1, T=80, H=2, K=16, V=16, decay=20.0),
+}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", CPU_CASES)
+def test_against_naive(path, case):
+    check(PATHS[path], make_inputs(**CPU_CASES[case]))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_varlen_empty_and_uneven(path):
+    cu_seqlens = torch.tensor([0, 0, 17, 17, 50, 85], device=DEVICE)
+    inputs = make_inputs(B=1, T=85, H=2, K=16, V=20, num_seqs=5, decay=3.0)
+    check(PATHS[path], inputs, cu_seqlens=cu_seqlens)
+
+
+@pytest.mark.parametrize("path", ["chunk", "fused_recurrent"])
+def test_bf16(path):
+    check(PATHS[path], make_inputs(B=1, T=70, H=2, K=32, V=32), dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_no_state_and_custom_scale(path):
+    check(PATHS[path], make_inputs(B=1, T=40, H=1, K=16, V=16, h0=False), final_state=False, scale=0.3)
+
+
+def test_long_sequence_no_overflow():
+    # strong and weak channels mixed over many chunks: nothing may overflow, chunk and fused paths agree
+    q, k, v, g, h0 = make_inputs(B=1, T=300, H=1, K=16, V=16, decay=20.0)
+    g = g * (torch.arange(16, device=DEVICE) % 2)  # half the channels never decay
+    o_c, s_c = chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+    o_r, s_r = fused_recurrent_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+    o_t, s_t = chunk_torch(q, k, v, g, initial_state=h0, output_final_state=True)
+    for a in (o_c, s_c, o_r, s_r, o_t, s_t):
+        assert torch.isfinite(a).all()
+    assert rel_rms(o_c, o_r) < 1e-4 and rel_rms(s_c, s_r) < 1e-4
+    assert rel_rms(o_t, o_r) < 1e-4 and rel_rms(s_t, s_r) < 1e-4
+
+
+def test_torch_path_long_sequence():
+    # the CPU path on a longer input against the reference, gradients included
+    check(chunk_torch, make_inputs(B=1, T=260, H=1, K=24, V=16, decay=5.0))
+
+
+def test_torch_dispatch(monkeypatch):
+    # CPU tensors outside the interpreter take the chunked torch path, with the same results
+    q, k, v, g, h0 = (x.cpu() for x in make_inputs(B=1, T=30, H=1, K=16, V=16))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    o, s = chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+    o_ref, s_ref = naive_recurrent_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+    assert rel_rms(o, o_ref) < 1e-5 and rel_rms(s, s_ref) < 1e-5
+
+
+@pytest.mark.parametrize("fn", [chunk_gla, fused_recurrent_gla])
+def test_bad_inputs(fn):
+    q, k, v, g, _ = make_inputs(B=1, T=8, H=2, K=16, V=16, h0=False)
+    with pytest.raises(ValueError, match="`g` must have shape"):
+        fn(q, k, v, g[..., :8])
+    with pytest.raises(ValueError, match="`k` must have shape"):
+        fn(q, k[:, :4], v, g)
+    with pytest.raises(TypeError, match="`v` must be a floating point"):
+        fn(q, k, v.long(), g)
+    with pytest.raises(ValueError, match="`initial_state` must have shape"):
+        fn(q, k, v, g, initial_state=torch.zeros(1, 2, 16, 8, device=DEVICE))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        fn(q, k, v, g, cu_seqlens=torch.tensor([0, 3, 5], device=DEVICE))
+
+
+# real shapes on a GPU: compiled kernels, fp32 and bf16, gradients included
+GPU_CASES = {
+    "T1000_K64": dict(B=2, T=1000, H=4, K=64, V=64),
+    "T2048_K128": dict(B=2, T=2048, H=4, K=128, V=128),
+    "T1000_K100_V273": dict(B=1, T=1000, H=2, K=100, V=273),
+    "T2048_strong_decay": dict(B=1, T=2048, H=4, K=128, V=64, decay=20.0),
+}
+
+
+@pytest.mark.skipif(not CUDA, reason="real shapes need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("path", ["chunk", "fused_recurrent"])
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_gpu_real_shapes(case, path, dtype):
+    check(PATHS[path], make_inputs(**GPU_CASES[case]), dtype=dtype)
+
+
+@pytest.mark.skipif(not CUDA, reason="real shapes need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("path", ["chunk", "fused_recurrent"])
+def test_gpu_varlen(path, dtype):
+    cu_seqlens = torch.tensor([0, 0, 300, 301, 1500, 1500, 2100], device=DEVICE)
+    inputs = make_inputs(B=1, T=2100, H=4, K=64, V=128, num_seqs=6, decay=5.0)
+    check(PATHS[path], inputs, dtype=dtype, cu_seqlens=cu_seqlens)
