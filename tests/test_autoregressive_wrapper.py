@@ -393,6 +393,29 @@ def test_beam_search_shapes_and_scores():
     assert torch.equal(wrapper.beam_search(prompts, 6, beams=4, cache_kv=False), best)
 
 
+BEAM_CACHE_CONFIGS = dict(
+    rotary=dict(rotary_pos_emb=True),
+    mla=CACHE_CONFIGS["mla"],
+    hybrid_gru=dict(attn_hybrid_module=nn.GRU(32, 4 * 8, batch_first=True)),
+    hybrid_gru_folded=dict(attn_hybrid_module=nn.GRU(32, 4 * 8, batch_first=True), attn_hybrid_fold_axial_dim=2),
+    hybrid_lstm=dict(attn_hybrid_module=nn.LSTM(32, 4 * 8, batch_first=True)),
+)
+
+
+@pytest.mark.parametrize("name", list(BEAM_CACHE_CONFIGS))
+def test_beam_search_reorders_cache(name):
+    # surviving beams change parents between steps; every decode state must follow them
+    wrapper = make_decoder(**BEAM_CACHE_CONFIGS[name])
+    assert wrapper.net.can_cache_kv
+
+    prompts = torch.randint(0, NUM_TOKENS, (2, 5))
+    cached, cached_scores = wrapper.beam_search(prompts, 6, beams=3, return_beams_and_scores=True, cache_kv=True)
+    uncached, uncached_scores = wrapper.beam_search(prompts, 6, beams=3, return_beams_and_scores=True, cache_kv=False)
+
+    assert torch.equal(cached, uncached)
+    assert (cached_scores - uncached_scores).abs().max() < 1e-4
+
+
 def test_beam_search_no_batch_and_stochastic():
     wrapper = make_decoder()
     prompt = torch.randint(0, NUM_TOKENS, (4,))

@@ -72,17 +72,20 @@ def _map_tensors(obj, fn):
 
 
 def _map_hybrid_hidden(hidden, fn):
-    # torch RNN states (GRU / LSTM) are (num_layers * directions, batch, dim), batch on dim 1
-    def apply_dim1(t):
-        t = rearrange(t, "l b ... -> b l ...")
+    # the attention layer keeps (rnn state, pending tokens): the state of a torch RNN is (layers, batch * axial, dim),
+    # batch folded with the axial dimension on dim 1; the pending tokens not yet fed to it are (batch, n, dim)
+    if not (isinstance(hidden, tuple) and len(hidden) == 2 and torch.is_tensor(hidden[1])):
+        return _map_tensors(hidden, fn)
+
+    state, pending = hidden
+    batch = pending.shape[0]
+
+    def map_state(t):
+        t = rearrange(t, "l (b a) ... -> b l a ...", b=batch)
         t = fn(t)
-        return rearrange(t, "b l ... -> l b ...")
+        return rearrange(t, "b l a ... -> l (b a) ...")
 
-    return _map_tensors(hidden, apply_dim1 if _hybrid_batch_dim == 1 else fn)
-
-
-# batch dimension of `Intermediates.hybrid_hidden`; torch.nn.GRU / LSTM keep their state as (layers, batch, dim)
-_hybrid_batch_dim = 1
+    return _map_tensors(state, map_state), fn(pending)
 
 
 def map_cache_batch(cache, fn):
