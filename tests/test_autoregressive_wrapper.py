@@ -449,3 +449,35 @@ def test_beam_search_eos_freezes_finished_beams():
         is_eos = (beam == eos).nonzero()
         if len(is_eos) > 0:
             assert (beam[is_eos[0, 0] + 1 :] == wrapper.pad_value).all()
+
+
+# linear-attention mixers (x_transformers.mixers) - recurrent decode state instead of keys / values
+
+MIXER_CONFIGS = dict(
+    gated_deltanet=dict(linear_attn="gated_deltanet"),
+    gated_deltanet_hybrid=dict(linear_attn="gated_deltanet", hybrid_pattern="LN", rotary_pos_emb=True),
+)
+
+
+@pytest.mark.parametrize("name", list(MIXER_CONFIGS))
+def test_linear_attn_cached_generation_matches_parallel(name):
+    wrapper = make_decoder(use_abs_pos_emb=False, **MIXER_CONFIGS[name])
+    assert wrapper.net.can_cache_kv
+
+    prompts = torch.randint(0, NUM_TOKENS, (2, 5))
+    cached, cached_logits = generate_with_logits(wrapper, prompts, 10, cache_kv=True)
+    parallel, parallel_logits = generate_with_logits(wrapper, prompts, 10, cache_kv=False)
+
+    assert torch.equal(cached, parallel)
+    assert (cached_logits - parallel_logits).abs().max() < 1e-5
+
+    # the recurrent states follow the beams, and left padding of variable length prompts is masked out
+    beams, scores = wrapper.beam_search(prompts, 5, beams=3, return_beams_and_scores=True, cache_kv=True)
+    beams_parallel, scores_parallel = wrapper.beam_search(prompts, 5, beams=3, return_beams_and_scores=True, cache_kv=False)
+    assert torch.equal(beams, beams_parallel)
+    assert (scores - scores_parallel).abs().max() < 1e-4
+
+    prompt_list = [torch.randint(1, NUM_TOKENS, (n,)) for n in (3, 6)]
+    batched = wrapper.generate(prompt_list, 6, temperature=0.0)
+    for i, prompt in enumerate(prompt_list):
+        assert torch.equal(batched[i], wrapper.generate(prompt, 6, temperature=0.0))
