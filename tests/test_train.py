@@ -1,0 +1,173 @@
+"""Training scripts end to end, as a user runs them: tiny CPU runs as subprocesses (plus unit tests of the shared
+pieces in x_transformers/training.py)."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from x_transformers import training as T
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# a model small enough for a few dozen CPU steps in seconds
+TINY = ["--dim", "32", "--depth", "1", "--heads", "2", "--seq-len", "32", "--batch-size", "4", "--grad-accum", "2",
+        "--lr", "3e-3", "--generate-length", "16", "--prime-length", "8", "--device", "cpu", "--seed", "0"]
+TINY_COPY = ["--dim", "32", "--depth", "1", "--heads", "2", "--seq-len", "6", "--num-symbols", "4",
+             "--batch-size", "16", "--val-size", "8", "--device", "cpu", "--seed", "0"]
+
+
+def run(script, *args, torchrun=False, timeout=120):
+    cmd = [sys.executable, str(ROOT / script), *args]
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *cmd[1:]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc.stdout + proc.stderr
+
+
+def read_metrics(out):
+    with open(out / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def losses(rows):
+    return {int(r["step"]): float(r["train_loss"]) for r in rows}
+
+
+def test_enwik8_runs_learns_and_resumes_exactly(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    log = run("train_enwik8.py", *TINY, "--num-batches", "24", "--validate-every", "12", "--out-dir", str(full))
+    assert "bundled Shakespeare corpus" in log
+    assert "generated:" in log
+
+    rows = read_metrics(full)
+    assert [int(r["step"]) for r in rows] == list(range(1, 25))
+    loss = losses(rows)
+    assert sum(loss[s] for s in range(20, 25)) < sum(loss[s] for s in range(1, 6)) - 0.5, loss
+    assert rows[11]["val_loss"] and rows[23]["val_bpc"] and not rows[0]["val_loss"]
+    assert (full / "loss.png").stat().st_size > 0
+    ckpt = torch.load(full / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 24 and ckpt["args"]["seq_len"] == 32
+    assert not list(full.glob("*.tmp*"))
+
+    # 12 steps, then --resume to 24: the same losses as the uninterrupted run
+    run("train_enwik8.py", *TINY, "--num-batches", "12", "--validate-every", "12", "--out-dir", str(part))
+    log = run("train_enwik8.py", *TINY, "--num-batches", "24", "--validate-every", "12", "--out-dir", str(part),
+              "--resume")
+    assert "resumed from" in log and "at step 12" in log
+    resumed = read_metrics(part)
+    assert [int(r["step"]) for r in resumed] == list(range(1, 25))
+    for step in range(13, 25):
+        assert losses(resumed)[step] == pytest.approx(loss[step], rel=1e-5, abs=1e-6), step
+    assert float(resumed[23]["val_loss"]) == pytest.approx(float(rows[23]["val_loss"]), rel=1e-5)
+
+
+def test_ctrl_c_leaves_loadable_checkpoint(tmp_path):
+    cmd = [sys.executable, str(ROOT / "train_enwik8.py"), *TINY, "--num-batches", "100000", "--out-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and proc.poll() is None:
+            if (tmp_path / "metrics.csv").exists() and len(read_metrics(tmp_path)) >= 3:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stdout.read()
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "continue with --resume" in out
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] >= 3 and ckpt["step"] == len(read_metrics(tmp_path))
+    assert set(ckpt) >= {"model", "optimizer", "rng", "args"}
+
+
+def test_copy_task_learns(tmp_path):
+    log = run("train_copy.py", *TINY_COPY, "--num-batches", "40", "--validate-every", "20", "--generate-every", "20",
+              "--lr", "3e-3", "--out-dir", str(tmp_path))
+    assert "copy accuracy" in log and "predicted:" in log
+    rows = read_metrics(tmp_path)
+    loss = losses(rows)
+    assert loss[max(loss)] < loss[1] - 0.3, loss
+    assert rows[19]["token_acc"] and float(rows[-1]["token_acc"]) > 0.3
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == len(rows)
+    assert (tmp_path / "loss.png").exists()
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_gloo_ranks(tmp_path, fsdp):
+    flags = ["--fsdp"] if fsdp else []
+    args = [*TINY, "--num-batches", "6", "--validate-every", "3", "--out-dir", str(tmp_path), *flags]
+    log = run("train_enwik8.py", *args, torchrun=True)
+    assert "world 2" in log
+    rows = read_metrics(tmp_path)
+    assert [int(r["step"]) for r in rows] == list(range(1, 7))
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 6 and len(ckpt["rng"]) == 2
+    # the gathered checkpoint is a plain full state dict: it loads into a single-process model
+    assert any(k.endswith("token_emb.emb.weight") for k in ckpt["model"])
+    run("train_enwik8.py", *[a if a != "6" else "8" for a in args], "--resume", torchrun=True)
+    assert [int(r["step"]) for r in read_metrics(tmp_path)] == list(range(1, 9))
+
+
+# the shared pieces
+
+
+def test_checkpoint_write_is_atomic(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    T.save_checkpoint(path, {"step": 1})
+    T.save_checkpoint(path, {"step": 2})
+    assert torch.load(path)["step"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_metrics_resume_drops_rows_after_checkpoint(tmp_path):
+    m = T.Metrics(tmp_path / "m.csv", ["step", "loss"])
+    for step in range(1, 6):
+        m.log(step=step, loss=1.0 / step)
+    m = T.Metrics(tmp_path / "m.csv", ["step", "loss"], resume_step=3)
+    m.log(step=4, loss=0.0)
+    assert [(r["step"], r["loss"]) for r in m.read()] == [("1", "1"), ("2", "0.5"), ("3", "0.333333"), ("4", "0")]
+
+
+def test_data_helpers(tmp_path):
+    text = tmp_path / "a.txt"
+    text.write_bytes("héllo\x01world\n".encode() * 20)
+    data = T.load_bytes(text)
+    train, val = T.split_bytes(data)
+    assert len(train) + len(val) == len(data) and len(val) == len(data) - int(len(data) * 0.9)
+    gen = torch.Generator().manual_seed(0)
+    batch = T.random_crops(train, 3, 5, gen)
+    assert batch.shape == (3, 5) and batch.dtype == torch.long
+    assert T.decode_bytes("héllo\x01\n".encode()) == "héllo \n"
+    with pytest.raises(ValueError, match="too short"):
+        T.random_crops(val, 1, 10_000, gen)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        T.load_bytes(tmp_path / "missing.gz")
+
+
+def test_cli_passes_mixer_flags_and_config(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    try:
+        import train_enwik8
+    finally:
+        sys.path.remove(str(ROOT))
+    args = train_enwik8.parse_args(["--linear-attn", "gated_deltanet", "--hybrid-pattern", "LLLN",
+                                    "--config", '{"attn_flash": true, "depth": 2}'])
+    kwargs = train_enwik8.decoder_kwargs(args)
+    assert kwargs == dict(dim=512, depth=2, heads=8, rotary_pos_emb=True, linear_attn="gated_deltanet",
+                          hybrid_pattern="LLLN", attn_flash=True)
+    with pytest.raises(ValueError, match="JSON object"):
+        train_enwik8.decoder_kwargs(train_enwik8.parse_args(["--config", "[1, 2]"]))
+    with pytest.raises(ValueError, match="unknown --dtype"):
+        T.pick_dtype("fp8", torch.device("cpu"))

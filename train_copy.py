@@ -1,0 +1,202 @@
+"""Encoder-decoder copy task: an XTransformer learns to output its random input sequence.
+
+Small enough to reach 100% copy accuracy on a laptop CPU within the default run (it stops there).
+
+    python train_copy.py --out-dir out_copy
+    python train_copy.py --out-dir out_copy --resume
+    torchrun --nproc_per_node 2 train_copy.py --out-dir out_copy
+"""
+
+import argparse
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import torch
+from loguru import logger
+from tqdm import tqdm
+
+from x_transformers import XTransformer
+from x_transformers import training as T
+
+METRICS = ["step", "train_loss", "token_acc", "seq_acc", "tokens_per_s", "lr"]
+START = 1  # decoder start token; 0 is left for padding, symbols are 2 .. num_tokens-1
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-batches", type=int, default=1500, help="optimizer steps (stops early at --target-acc)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=16, help="length of the sequence to copy")
+    p.add_argument("--num-symbols", type=int, default=16, help="distinct symbols in the sequences")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--depth", type=int, default=2, help="encoder and decoder depth")
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--linear-attn", default=None, help="linear-attention mixer for the decoder's self-attention")
+    p.add_argument("--hybrid-pattern", default=None, help="mixer / softmax tiling, e.g. LN (with --linear-attn)")
+    p.add_argument("--config", default=None, help="JSON object of extra XTransformer kwargs (enc_/dec_ prefixed)")
+    p.add_argument("--validate-every", type=int, default=50, help="steps between accuracy checks and checkpoints")
+    p.add_argument("--val-size", type=int, default=64, help="sequences decoded per accuracy check")
+    p.add_argument("--generate-every", type=int, default=250, help="steps between printed examples")
+    p.add_argument("--target-acc", type=float, default=1.0, help="stop once sequence accuracy reaches this")
+    p.add_argument("--out-dir", default="out_copy")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 fully_shard instead of DDP")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, help="autocast dtype: bf16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--seed", type=int, default=42)
+    return p.parse_args(argv)
+
+
+def model_kwargs(args) -> dict:
+    num_tokens = args.num_symbols + 2
+    kwargs = dict(
+        dim=args.dim,
+        tie_token_emb=True,
+        return_tgt_loss=True,
+        enc_num_tokens=num_tokens,
+        enc_depth=args.depth,
+        enc_heads=args.heads,
+        enc_max_seq_len=args.seq_len,
+        dec_num_tokens=num_tokens,
+        dec_depth=args.depth,
+        dec_heads=args.heads,
+        dec_max_seq_len=args.seq_len + 1,
+    )
+    if args.linear_attn is not None:
+        kwargs["dec_linear_attn"] = args.linear_attn
+    if args.hybrid_pattern is not None:
+        kwargs["dec_hybrid_pattern"] = args.hybrid_pattern
+    if args.config:
+        text = Path(args.config).read_text() if Path(args.config).is_file() else args.config
+        extra = json.loads(text)
+        if not isinstance(extra, dict):
+            raise ValueError(f"--config must be a JSON object of XTransformer kwargs, got {type(extra).__name__}")
+        kwargs.update(extra)
+    return kwargs
+
+
+def make_batch(args, batch_size, generator, device):
+    """src: random symbols; tgt: the start token followed by src."""
+    src = torch.randint(2, args.num_symbols + 2, (batch_size, args.seq_len), generator=generator)
+    tgt = torch.cat((torch.full((batch_size, 1), START), src), dim=1)
+    mask = torch.ones_like(src, dtype=torch.bool)
+    return src.to(device), tgt.to(device), mask.to(device)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dist_info, device = T.setup_distributed(args.device)
+    T.setup_logging(dist_info, write=tqdm.write)
+    dtype = T.pick_dtype(args.dtype, device)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    T.seed_everything(args.seed)
+    data_gen = torch.Generator().manual_seed(args.seed + dist_info.rank)
+    val_gen = torch.Generator().manual_seed(args.seed + 10_000 + dist_info.rank)
+    generators = dict(train=data_gen, val=val_gen)
+
+    model = XTransformer(**model_kwargs(args)).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info(f"copy task: {args.seq_len} symbols from {args.num_symbols}; model {n_params / 1e6:.2f}M parameters, "
+                f"device {device}, autocast {dtype}, world {dist_info.world_size}")
+
+    model = T.wrap_model(model, dist_info, device, fsdp=args.fsdp)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    plain = T.unwrap(model)
+    train_model = torch.compile(model) if args.compile else model
+
+    ckpt_path = out / "checkpoint.pt"
+    start = 0
+    if args.resume:
+        start = T.resume(ckpt_path, model, optimizer, generators, dist_info)
+        logger.info(f"resumed from {ckpt_path} at step {start}")
+    metrics = T.Metrics(out / "metrics.csv", METRICS, resume_step=start if args.resume else None, enabled=dist_info.is_main)
+
+    def save(step):
+        T.checkpoint(ckpt_path, model, optimizer, step, vars(args), generators, dist_info)
+
+    tokens_per_step = args.batch_size * args.grad_accum * (2 * args.seq_len + 1) * dist_info.world_size
+    bar = tqdm(range(start, args.num_batches), initial=start, total=args.num_batches, disable=not dist_info.is_main,
+               desc="copy", dynamic_ncols=True, mininterval=0.5)
+    train_time, train_tokens = 0.0, 0
+    seq_acc = None
+    with T.StopOnSignal() as stop:
+        for step in bar:
+            t0 = time.perf_counter()
+            model.train()
+            loss_sum = 0.0
+            for micro in range(args.grad_accum):
+                src, tgt, mask = make_batch(args, args.batch_size, data_gen, device)
+                sync = micro == args.grad_accum - 1 or not hasattr(model, "no_sync")
+                with (contextlib.nullcontext() if sync else model.no_sync()), T.autocast(device, dtype):
+                    loss = train_model(src, tgt, mask=mask)
+                (loss / args.grad_accum).backward()
+                loss_sum += loss.item()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            done = step + 1
+            train_loss = T.all_reduce_mean(loss_sum / args.grad_accum, dist_info, device)
+            step_time = time.perf_counter() - t0
+            train_time, train_tokens = train_time + step_time, train_tokens + tokens_per_step
+            bar.set_postfix(loss=f"{train_loss:.3f}", acc=seq_acc, tok_s=f"{train_tokens / train_time:,.0f}")
+            row = dict(step=done, train_loss=train_loss, tokens_per_s=tokens_per_step / step_time,
+                       lr=optimizer.param_groups[0]["lr"])
+
+            last = done == args.num_batches
+            evaluate = done % args.validate_every == 0 or last
+            if evaluate:
+                show = done % args.generate_every == 0 or last
+                token_acc, seq_acc = accuracy(plain, args, val_gen, device, dtype, dist_info, show=show)
+                row.update(token_acc=token_acc, seq_acc=seq_acc)
+                logger.info(f"step {done}: loss {train_loss:.4f}, copy accuracy {token_acc:.2%} of tokens, "
+                            f"{seq_acc:.2%} of sequences")
+            metrics.log(**row)
+            reached = evaluate and seq_acc >= args.target_acc
+            if evaluate:
+                if dist_info.is_main:
+                    T.plot_metrics(out / "metrics.csv", out / "loss.png", {"train_loss": "train loss"},
+                                   title="copy task", ylabel="cross-entropy")
+                save(done)
+            if reached:
+                logger.info(f"reached {seq_acc:.0%} sequence accuracy at step {done}")
+                break
+            if T.any_rank(stop.requested, dist_info, device):
+                if not evaluate:
+                    save(done)
+                logger.warning(f"stopped at step {done}: checkpoint in {ckpt_path}, continue with --resume")
+                break
+    bar.close()
+    if train_time > 0:
+        logger.info(f"average {train_tokens / train_time:,.0f} tokens/s over {train_tokens:,} training tokens")
+    logger.info(f"outputs in {out}: checkpoint.pt, metrics.csv, loss.png")
+    T.cleanup_distributed(dist_info)
+
+
+@torch.no_grad()
+def accuracy(model, args, val_gen, device, dtype, dist_info, show=False):
+    """Greedy-decode fresh sequences; returns (token accuracy, whole-sequence accuracy), averaged over ranks."""
+    model.eval()
+    src, _, mask = make_batch(args, args.val_size, val_gen, device)
+    start = torch.full((args.val_size, 1), START, device=device)
+    with T.autocast(device, dtype):
+        pred = model.generate(src, start, args.seq_len, mask=mask, temperature=0.0)
+    correct = pred == src
+    token_acc = T.all_reduce_mean(correct.float().mean().item(), dist_info, device)
+    seq_acc = T.all_reduce_mean(correct.all(dim=-1).float().mean().item(), dist_info, device)
+    if show and dist_info.is_main:
+        tqdm.write(f"input:     {src[0].tolist()}\npredicted: {pred[0].tolist()}\n"
+                   f"incorrect: {(~correct[0]).sum().item()} of {args.seq_len}")
+    return token_acc, seq_acc
+
+
+if __name__ == "__main__":
+    main()

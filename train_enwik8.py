@@ -1,0 +1,214 @@
+"""Byte-level language model on enwik8 (or the bundled Shakespeare corpus), the classic x-transformers toy run.
+
+    python train_enwik8.py                                   # classic setup, GPU if present
+    python train_enwik8.py --num-batches 60 --batch-size 4 --grad-accum 1 --seq-len 128 --out-dir out
+    python train_enwik8.py --out-dir out --resume            # continue from out/checkpoint.pt
+    torchrun --nproc_per_node 2 train_enwik8.py [--fsdp]     # multi-GPU (or 2 CPU ranks over gloo)
+"""
+
+import argparse
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import torch
+from loguru import logger
+from tqdm import tqdm
+
+from x_transformers import AutoregressiveWrapper, Decoder, TransformerWrapper
+from x_transformers import training as T
+
+ENWIK8 = Path("data/enwik8.gz")
+BUNDLED = Path(__file__).resolve().parent / "data" / "shakespeare.txt.gz"
+METRICS = ["step", "train_loss", "val_loss", "val_bpc", "tokens_per_s", "lr"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=None, help="a .gz or text file (default: data/enwik8.gz, else the bundled corpus)")
+    p.add_argument("--train-bytes", type=int, default=int(90e6), help="training split size (enwik8: 90M / 5M)")
+    p.add_argument("--val-bytes", type=int, default=int(5e6))
+    p.add_argument("--num-batches", type=int, default=int(1e5), help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch (per rank)")
+    p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--clip", type=float, default=0.5, help="gradient norm clip")
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--linear-attn", default=None, help="linear-attention mixer name, e.g. gated_deltanet")
+    p.add_argument("--hybrid-pattern", default=None, help="mixer / softmax tiling, e.g. LLLN (with --linear-attn)")
+    p.add_argument("--config", default=None, help="JSON object of extra Decoder kwargs, or a path to one")
+    p.add_argument("--validate-every", type=int, default=100)
+    p.add_argument("--val-batches", type=int, default=1, help="micro-batches averaged per validation")
+    p.add_argument("--generate-every", type=int, default=500)
+    p.add_argument("--generate-length", type=int, default=512)
+    p.add_argument("--prime-length", type=int, default=128, help="prompt length for sample generations")
+    p.add_argument("--out-dir", default="out")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step's model")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 fully_shard instead of DDP")
+    p.add_argument("--device", default=None, help="cpu / cuda / cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="autocast dtype: bf16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--seed", type=int, default=42)
+    return p.parse_args(argv)
+
+
+def decoder_kwargs(args) -> dict:
+    """Decoder kwargs: the classic ones, the mixer flags when given, then --config on top."""
+    kwargs = dict(dim=args.dim, depth=args.depth, heads=args.heads, rotary_pos_emb=True)
+    if args.linear_attn is not None:
+        kwargs["linear_attn"] = args.linear_attn
+    if args.hybrid_pattern is not None:
+        kwargs["hybrid_pattern"] = args.hybrid_pattern
+    if args.config:
+        text = Path(args.config).read_text() if Path(args.config).is_file() else args.config
+        extra = json.loads(text)
+        if not isinstance(extra, dict):
+            raise ValueError(f"--config must be a JSON object of Decoder kwargs, got {type(extra).__name__}")
+        kwargs.update(extra)
+    return kwargs
+
+
+def load_corpus(args):
+    if args.data is not None:
+        path = Path(args.data)
+    elif ENWIK8.exists():
+        path = ENWIK8
+    else:
+        path = BUNDLED
+        logger.info(f"{ENWIK8} not found: training on the bundled Shakespeare corpus ({path.name}, see data/README.md)")
+    if path == BUNDLED or args.data is not None and args.train_bytes >= path.stat().st_size:
+        # small corpora: 90% / 10% split instead of the enwik8 byte counts
+        data = T.load_bytes(path)
+        return path, *T.split_bytes(data)
+    data = T.load_bytes(path, max_bytes=args.train_bytes + args.val_bytes)
+    return path, *T.split_bytes(data, train_bytes=args.train_bytes)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dist_info, device = T.setup_distributed(args.device)
+    T.setup_logging(dist_info, write=tqdm.write)
+    dtype = T.pick_dtype(args.dtype, device)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # same seed on every rank for identical initial weights; the data stream differs per rank
+    T.seed_everything(args.seed)
+    data_gen = torch.Generator().manual_seed(args.seed + dist_info.rank)
+    val_gen = torch.Generator().manual_seed(args.seed + 10_000 + dist_info.rank)
+    generators = dict(train=data_gen, val=val_gen)
+
+    path, train_data, val_data = load_corpus(args)
+    logger.info(f"data {path}: {len(train_data):,} train / {len(val_data):,} val bytes")
+
+    model = TransformerWrapper(num_tokens=256, max_seq_len=args.seq_len, attn_layers=Decoder(**decoder_kwargs(args)))
+    model = AutoregressiveWrapper(model).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info(f"model: {n_params / 1e6:.2f}M parameters, device {device}, autocast {dtype}, world {dist_info.world_size}")
+
+    model = T.wrap_model(model, dist_info, device, fsdp=args.fsdp)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    # generation and validation run on the plain module (DDP hooks are for training only)
+    plain = T.unwrap(model)
+    train_model = torch.compile(model) if args.compile else model
+
+    ckpt_path = out / "checkpoint.pt"
+    start = 0
+    if args.resume:
+        start = T.resume(ckpt_path, model, optimizer, generators, dist_info)
+        logger.info(f"resumed from {ckpt_path} at step {start}")
+    metrics = T.Metrics(out / "metrics.csv", METRICS, resume_step=start if args.resume else None, enabled=dist_info.is_main)
+
+    def save(step):
+        T.checkpoint(ckpt_path, model, optimizer, step, vars(args), generators, dist_info)
+
+    tokens_per_step = args.batch_size * args.grad_accum * args.seq_len * dist_info.world_size
+    bar = tqdm(range(start, args.num_batches), initial=start, total=args.num_batches, disable=not dist_info.is_main,
+               desc="training", dynamic_ncols=True, mininterval=0.5)
+    # tokens/s on the bar and in the final log: training steps only, averaged since this run started
+    train_time, train_tokens = 0.0, 0
+    with T.StopOnSignal() as stop:
+        for step in bar:
+            t0 = time.perf_counter()
+            model.train()
+            loss_sum = 0.0
+            for micro in range(args.grad_accum):
+                x = T.random_crops(train_data, args.batch_size, args.seq_len + 1, data_gen).to(device, non_blocking=True)
+                # DDP all-reduces gradients only on the last micro-batch of the step
+                sync = micro == args.grad_accum - 1 or not hasattr(model, "no_sync")
+                with (contextlib.nullcontext() if sync else model.no_sync()), T.autocast(device, dtype):
+                    loss = train_model(x)
+                (loss / args.grad_accum).backward()
+                loss_sum += loss.item()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            done = step + 1
+            train_loss = T.all_reduce_mean(loss_sum / args.grad_accum, dist_info, device)
+            step_time = time.perf_counter() - t0
+            tokens_per_s = tokens_per_step / step_time
+            train_time, train_tokens = train_time + step_time, train_tokens + tokens_per_step
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{train_tokens / train_time:,.0f}")
+            row = dict(step=done, train_loss=train_loss, tokens_per_s=tokens_per_s, lr=optimizer.param_groups[0]["lr"])
+
+            last = done == args.num_batches
+            if done % args.validate_every == 0 or last:
+                val_loss = validate(plain, val_data, val_gen, args, device, dtype, dist_info)
+                row.update(val_loss=val_loss, val_bpc=T.bits_per_byte(val_loss))
+                logger.info(f"step {done}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+                            f"val bpc {T.bits_per_byte(val_loss):.3f}, {tokens_per_s:,.0f} tokens/s")
+            metrics.log(**row)
+
+            if done % args.generate_every == 0 or last:
+                sample(plain, val_data, val_gen, args, device, dtype, dist_info)
+            if done % args.validate_every == 0 or last:
+                if dist_info.is_main:
+                    T.plot_metrics(out / "metrics.csv", out / "loss.png", {"train_loss": "train", "val_loss": "val"},
+                                   title=f"{path.name}: byte-level LM")
+                save(done)
+
+            if T.any_rank(stop.requested, dist_info, device):
+                if not (done % args.validate_every == 0 or last):
+                    save(done)
+                logger.warning(f"stopped at step {done}: checkpoint in {ckpt_path}, continue with --resume")
+                break
+    bar.close()
+    if train_time > 0:
+        logger.info(f"average {train_tokens / train_time:,.0f} tokens/s over {train_tokens:,} training tokens")
+    logger.info(f"outputs in {out}: checkpoint.pt, metrics.csv, loss.png")
+    T.cleanup_distributed(dist_info)
+
+
+@torch.no_grad()
+def validate(model, val_data, val_gen, args, device, dtype, dist_info) -> float:
+    model.eval()
+    losses = []
+    for _ in range(args.val_batches):
+        x = T.random_crops(val_data, args.batch_size, args.seq_len + 1, val_gen).to(device)
+        with T.autocast(device, dtype):
+            losses.append(model(x).item())
+    return T.all_reduce_mean(sum(losses) / len(losses), dist_info, device)
+
+
+@torch.no_grad()
+def sample(model, val_data, val_gen, args, device, dtype, dist_info):
+    # under FSDP every rank must run the forward passes (parameters are all-gathered); otherwise rank 0 alone
+    if not (dist_info.is_main or T.is_fsdp(model)):
+        return
+    model.eval()
+    prime = T.random_crops(val_data, 1, min(args.prime_length, args.seq_len), val_gen)[0].to(device)
+    with T.autocast(device, dtype):
+        out = model.generate(prime[None], args.generate_length, cache_kv=True)
+    if dist_info.is_main:
+        rule = "-" * 80
+        tqdm.write(f"{rule}\nprompt:\n{T.decode_bytes(prime.tolist())}\n{rule}\n"
+                   f"generated:\n{T.decode_bytes(out[0].tolist())}\n{rule}")
+
+
+if __name__ == "__main__":
+    main()

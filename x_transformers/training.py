@@ -1,0 +1,372 @@
+"""Shared pieces of the training scripts (train_enwik8.py, train_copy.py).
+
+Device and precision choice, torchrun process groups (DDP or FSDP2), byte corpora, atomic checkpoints that carry
+every RNG needed for an exact resume, a metrics CSV with its matplotlib plot, and a Ctrl-C handler that lets the
+current step finish so the checkpoint is always consistent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import gzip
+import math
+import os
+import random
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from loguru import logger
+from torch import nn
+
+# device and precision
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """`name` if given ('cpu', 'cuda', 'cuda:1'), else cuda when available, else cpu."""
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+
+
+def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """Autocast dtype: bf16 on GPU, fp32 (no autocast) on CPU unless asked otherwise."""
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown --dtype {name!r}, expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# distributed (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_name: str | None = None) -> tuple[Dist, torch.device]:
+    """Join the torchrun process group when launched by torchrun; NCCL on GPUs, gloo on CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Dist(), pick_device(device_name)
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world_size, local_rank), device
+
+
+def cleanup_distributed(dist_info: Dist):
+    if dist_info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def setup_logging(dist_info: Dist, write=None):
+    """Rank 0 logs (through `write`, e.g. tqdm.write, so progress bars stay intact); other ranks only warn."""
+    logger.remove()
+    sink = write if write is not None else (lambda msg: print(msg, end=""))
+    level = "INFO" if dist_info.is_main else "WARNING"
+    logger.add(lambda msg: sink(msg.rstrip("\n")), level=level, format="{time:HH:mm:ss} | {level: <7} | {message}")
+
+
+def wrap_model(model: nn.Module, dist_info: Dist, device: torch.device, fsdp: bool = False) -> nn.Module:
+    """DDP by default; FSDP2 `fully_shard` per layer block then the root when `fsdp` is set."""
+    if not dist_info.enabled:
+        return model
+    if not fsdp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    from torch.distributed.fsdp import fully_shard
+
+    # shard each residual block on its own so only one block's full weights are gathered at a time
+    for block in find_layer_blocks(model):
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def find_layer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The per-layer modules of every AttentionLayers inside `model` (its `layers` ModuleList)."""
+    blocks = []
+    for module in model.modules():
+        layers = getattr(module, "layers", None)
+        if isinstance(layers, nn.ModuleList) and hasattr(module, "layer_types"):
+            blocks.extend(layers)
+    return blocks
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    return any(type(m).__name__.startswith("FSDP") for m in model.modules())
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under torch.compile and DDP wrappers (FSDP2 shards in place, nothing to unwrap)."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+def all_reduce_mean(value: float, dist_info: Dist, device: torch.device) -> float:
+    if not dist_info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / dist_info.world_size
+
+
+def any_rank(flag: bool, dist_info: Dist, device: torch.device) -> bool:
+    """True on every rank when `flag` is True on at least one (so all ranks stop at the same step)."""
+    if not dist_info.enabled:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+# data
+
+
+def load_bytes(path: str | Path, max_bytes: int | None = None) -> torch.Tensor:
+    """A .gz or plain file as a uint8 tensor of its bytes."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--data {path} does not exist")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read(-1 if max_bytes is None else max_bytes)
+    if len(raw) == 0:
+        raise ValueError(f"--data {path} is empty")
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+
+def split_bytes(data: torch.Tensor, train_bytes: int | None = None, val_fraction: float = 0.1):
+    """First `train_bytes` (or the first 1 - val_fraction) for training, the rest for validation."""
+    n_train = train_bytes if train_bytes is not None and train_bytes < len(data) else int(len(data) * (1 - val_fraction))
+    return data[:n_train], data[n_train:]
+
+
+def random_crops(data: torch.Tensor, batch_size: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """`batch_size` random windows of `length` tokens, drawn with `generator` so resuming replays the same batches."""
+    if len(data) <= length:
+        raise ValueError(f"corpus split of {len(data)} bytes is too short for windows of {length} tokens")
+    starts = torch.randint(0, len(data) - length, (batch_size,), generator=generator)
+    return torch.stack([data[s : s + length] for s in starts.tolist()]).long()
+
+
+def decode_bytes(tokens) -> str:
+    """Bytes to readable text: invalid UTF-8 replaced, control characters other than newline/tab shown as spaces."""
+    text = bytes(int(t) for t in tokens).decode("utf-8", errors="replace")
+    return "".join(c if c.isprintable() or c in "\n\t" else " " for c in text)
+
+
+# random state: everything a resumed run needs to replay the same batches, dropout masks and samples
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state(generators: dict[str, torch.Generator]) -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    state["generators"] = {name: gen.get_state() for name, gen in generators.items()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, generators: dict[str, torch.Generator]):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    for name, gen in generators.items():
+        gen.set_state(state["generators"][name])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# checkpoints
+
+
+def save_checkpoint(path: str | Path, state: dict):
+    """Write to a temp file beside `path`, then rename: a crash mid-write never leaves a truncated checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, dist_info: Dist) -> tuple[dict, dict]:
+    """Full (unsharded) model and optimizer state dicts; a collective call under FSDP, cheap otherwise."""
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_state_dict(model, optimizer, options=options)
+    return unwrap(model).state_dict(), optimizer.state_dict()
+
+
+def load_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optim_state: dict):
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        options = StateDictOptions(full_state_dict=True)
+        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options)
+        return
+    unwrap(model).load_state_dict(model_state)
+    optimizer.load_state_dict(optim_state)
+
+
+def checkpoint(path, model, optimizer, step: int, args: dict, generators: dict, dist_info: Dist):
+    """Gather state (all ranks), then rank 0 writes it with every rank's RNG state (`generators`: the script's own
+    torch.Generators by name, e.g. train and validation data streams)."""
+    model_state, optim_state = training_state(model, optimizer, dist_info)
+    rng = rng_state(generators)
+    rngs = [rng]
+    if dist_info.enabled:
+        rngs = [None] * dist_info.world_size
+        dist.all_gather_object(rngs, rng)
+    if dist_info.is_main:
+        state = dict(model=model_state, optimizer=optim_state, step=step, args=args, rng=rngs)
+        save_checkpoint(path, state)
+    if dist_info.enabled:
+        dist.barrier()
+
+
+def resume(path, model, optimizer, generators: dict, dist_info: Dist) -> int:
+    """Load model, optimizer and this rank's RNG state; returns the number of steps already done."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--resume given but {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    load_training_state(model, optimizer, state["model"], state["optimizer"])
+    rngs = state["rng"]
+    if len(rngs) == dist_info.world_size:
+        set_rng_state(rngs[dist_info.rank], generators)
+    else:
+        logger.warning(f"checkpoint has RNG state of {len(rngs)} ranks, running {dist_info.world_size}: reseeding")
+    return state["step"]
+
+
+# metrics
+
+
+class Metrics:
+    """Append-only CSV (one row per logged step) that survives resumes; rank 0 only."""
+
+    def __init__(self, path: str | Path, fields: list[str], resume_step: int | None = None, enabled: bool = True):
+        self.path, self.fields, self.enabled = Path(path), fields, enabled
+        if not enabled:
+            return
+        rows = []
+        if resume_step is not None and self.path.exists():
+            # drop rows the interrupted run wrote after its last checkpoint: those steps are run again
+            rows = [r for r in self.read() if int(r["step"]) <= resume_step]
+        with open(self.path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def read(self) -> list[dict]:
+        with open(self.path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def log(self, **row):
+        if not self.enabled:
+            return
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.fields).writerow({k: _fmt(row.get(k)) for k in self.fields})
+
+
+def _fmt(value):
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value
+
+
+def plot_metrics(csv_path: str | Path, png_path: str | Path, curves: dict[str, str], title: str = "", ylabel="loss"):
+    """Plot the CSV columns named by `curves` ({column: label}) against step; empty cells are skipped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for column, label in curves.items():
+        points = [(int(r["step"]), float(r[column])) for r in rows if r.get(column)]
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, label=label, marker="o" if len(points) < 30 else None, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = Path(png_path).with_name(Path(png_path).stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
+# Ctrl-C
+
+
+class StopOnSignal:
+    """First SIGINT/SIGTERM asks the loop to stop after the current step (so it can checkpoint); a second one
+    interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("interrupt received: finishing this step, then saving a checkpoint (again to abort now)")
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def bits_per_byte(loss: float) -> float:
+    return loss / math.log(2)
