@@ -131,6 +131,33 @@ def test_cached_decoding_matches_parallel(name):
             torch.testing.assert_close(cached, parallel, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize('latent', [False, True])
+def test_cached_decoding_with_value_residual(latent):
+    # the second layer lerps toward the first layer's values with a learned per-token mix (resformer)
+    torch.manual_seed(0)
+    kwargs = dict(use_latent_kv=True, dim_latent_kv=16) if latent else dict()
+    first, second = (
+        perturb_(Attention(DIM, heads=HEADS, dim_head=DIM_HEAD, causal=True, learned_value_residual_mix=learned, **kwargs))
+        .eval()
+        for learned in (False, True)
+    )
+
+    def two_layers(x, caches=(None, None)):
+        out1, inter1 = first(x, cache=caches[0], return_intermediates=True)
+        out2, inter2 = second(x + out1, cache=caches[1], value_residual=inter1.values, return_intermediates=True)
+        return out2, (inter1, inter2)
+
+    x = torch.randn(2, 6, DIM)
+    with torch.no_grad():
+        parallel, _ = two_layers(x)
+        outs, caches = [], (None, None)
+        for t in range(6):
+            out, caches = two_layers(x[:, t : t + 1], caches)
+            outs.append(out)
+
+    torch.testing.assert_close(torch.cat(outs, dim=1), parallel, rtol=0, atol=1e-5)
+
+
 def test_cached_decoding_with_memories():
     # transformer-xl memories are prepended every call but never enter the cache
     torch.manual_seed(0)

@@ -414,7 +414,7 @@ class Attention(Module):
 
     # data-dependent alibi
 
-    def data_dependent_alibi_bias(self, x: Tensor, cache: Intermediates | None):
+    def data_dependent_alibi_bias(self, x: Tensor, cached: Tensor | None):
         """Forgetting-gate bias for the new queries against every key, and the state that extends it next call.
 
         Causal gates only look back, so the bias against cached keys follows from their cumulative log gates
@@ -424,8 +424,6 @@ class Attention(Module):
 
         if not self.causal:
             return dda(x), None
-
-        cached = cache.cached_kv[2] if exists(cache) and len(cache.cached_kv) > 2 else None
 
         if isinstance(dda, PerRowDataDependentAlibi):
             q, k = dda.to_forget_gates(x)  # (b, h, n, d) each
@@ -498,8 +496,13 @@ class Attention(Module):
         is_self_qkv = not (has_context or exists(mem) or self.qkv_receive_diff_residuals)
 
         if exists(mem):
+            shared_kv_input = k_input is v_input
             k_input = cat((mem, k_input), dim=-2)
-            v_input = cat((mem, v_input), dim=-2)
+            v_input = k_input if shared_kv_input else cat((mem, v_input), dim=-2)
+
+        # states beyond keys / values (forget gates, value mixes) ride at the end of cached_kv, in a fixed order
+        cached_extras = iter(cache.cached_kv[2:]) if exists(cache) else iter(())
+        new_extras = []
 
         # multi-latent attention - keys and values are decompressed from cached latents (2405.04434)
 
@@ -563,6 +566,13 @@ class Attention(Module):
             mix = 0.5
             if exists(self.to_value_residual_mix):
                 mix = rearrange(self.to_value_residual_mix(q_input), 'b n h -> b h n 1')
+
+                # multi-latent values are recomputed for every cached position, so their mixes are kept too
+                if self.use_latent_kv:
+                    if exists(cache):
+                        mix = cat((next(cached_extras), mix), dim=-2)
+                    new_extras.append(mix)
+
             v = value_residual.lerp(v, mix)
 
         # qk norm - l2-normalized queries and keys, scaled by a fixed temperature and optional learned per-dim gains
@@ -682,11 +692,11 @@ class Attention(Module):
         # data-dependent alibi - forgetting transformer's gates as a bias, continued across cached calls
 
         if exists(self.data_dependent_alibi):
-            attn_bias, dda_state = self.data_dependent_alibi_bias(x, cache)
+            attn_bias, dda_state = self.data_dependent_alibi_bias(x, next(cached_extras, None))
             attn_bias = pad_at_dim(attn_bias, (num_mem_kv, 0))
 
             if exists(dda_state):
-                cached_kv = (*cached_kv, dda_state)
+                new_extras.append(dda_state)
 
         # laser - attention over exponentiated (soft-clamped) values
 
@@ -743,5 +753,5 @@ class Attention(Module):
         if not return_intermediates:
             return out
 
-        intermediates.cached_kv = cached_kv
+        intermediates.cached_kv = (*cached_kv, *new_extras)
         return out, intermediates
