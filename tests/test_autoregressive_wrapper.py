@@ -27,13 +27,13 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-def make_decoder(max_seq_len=64, use_abs_pos_emb=True, num_tokens=NUM_TOKENS, **attn_kwargs):
+def make_decoder(max_seq_len=64, use_abs_pos_emb=True, num_tokens=NUM_TOKENS, depth=2, **attn_kwargs):
     torch.manual_seed(0)
     net = TransformerWrapper(
         num_tokens=num_tokens,
         max_seq_len=max_seq_len,
         use_abs_pos_emb=use_abs_pos_emb,
-        attn_layers=Decoder(dim=32, depth=2, heads=4, attn_dim_head=8, **attn_kwargs),
+        attn_layers=Decoder(dim=32, depth=depth, heads=4, attn_dim_head=8, **attn_kwargs),
     )
     return AutoregressiveWrapper(net)
 
@@ -302,6 +302,19 @@ def test_prompt_list_matches_each_prompt_alone(pos, cache_kv):
         assert (batched_logits[:, i] - alone_logits[:, 0]).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("cache_kv", (True, False))
+def test_prompt_list_slides_past_max_seq_len(cache_kv):
+    # the left padding leaves the window as it slides, so each row still matches its prompt decoded alone
+    wrapper = make_decoder(max_seq_len=8, use_abs_pos_emb=False, depth=1, rotary_pos_emb=True)
+    prompts = [torch.randint(1, NUM_TOKENS, (n,)) for n in (2, 6)]
+
+    batched, batched_logits = generate_with_logits(wrapper, prompts, 10, cache_kv=cache_kv)
+    for i, prompt in enumerate(prompts):
+        alone, alone_logits = generate_with_logits(wrapper, prompt, 10, cache_kv=cache_kv)
+        assert torch.equal(batched[i], alone)
+        assert (batched_logits[:, i] - alone_logits[:, 0]).abs().max() < 1e-4
+
+
 def test_prompt_list_errors():
     wrapper = make_decoder()
     with pytest.raises(ValueError, match="empty"):
@@ -340,6 +353,20 @@ def test_sliding_window_uncached_matches_window_recompute():
 
     # cached continuation past max_seq_len runs, keeping a window of keys / values
     assert wrapper.generate(prompts, 10, temperature=0.0, cache_kv=True).shape == (2, 10)
+
+
+@pytest.mark.parametrize("pos", ("rotary", "alibi"))
+def test_sliding_window_cached_matches_uncached_for_one_layer(pos):
+    # with one layer the cached keys / values do not depend on how far back their own context reached, so a sliding
+    # window of cached keys (positions relative to the window) equals recomputing the window from scratch
+    kwargs = dict(rotary=dict(rotary_pos_emb=True), alibi=dict(alibi_pos_bias=True))[pos]
+    wrapper = make_decoder(max_seq_len=8, use_abs_pos_emb=False, depth=1, **kwargs)
+    prompts = torch.randint(0, NUM_TOKENS, (2, 6))
+
+    cached, cached_logits = generate_with_logits(wrapper, prompts, 12, cache_kv=True)
+    uncached, uncached_logits = generate_with_logits(wrapper, prompts, 12, cache_kv=False)
+    assert torch.equal(cached, uncached)
+    assert (cached_logits - uncached_logits).abs().max() < 1e-5
 
 
 def test_sliding_window_with_absolute_positions_and_cache_errors():

@@ -231,7 +231,8 @@ class AutoregressiveWrapper(Module):
         return prompts, packed_shape, seq_start_pos
 
     def _window(self, out, cache, seq_start_pos, cache_kv, restrict_to_max_seq_len):
-        """The slice of `out` fed to the network this step, with the cache and left padding moved along with it."""
+        """The slice of `out` fed to the network this step, with the cache trimmed to it and the prompts' start
+        positions (`seq_start_pos`, relative to the start of `out`) moved to be relative to the window."""
         max_seq_len = self.max_seq_len
 
         if not restrict_to_max_seq_len or out.shape[-1] <= max_seq_len:
@@ -274,7 +275,7 @@ class AutoregressiveWrapper(Module):
         greedy = temperature == 0.0
         filter_logits_fn = _resolve_filter(filter_logits_fn)
 
-        prompts, packed_shape, seq_start_pos = self._prepare_prompts(prompts, prompt_lens)
+        prompts, packed_shape, prompt_start_pos = self._prepare_prompts(prompts, prompt_lens)
         prompt_len = prompts.shape[-1]
 
         should_cache = cache_kv and self.net.can_cache_kv
@@ -298,7 +299,7 @@ class AutoregressiveWrapper(Module):
         is_done = torch.zeros(out.shape[0], dtype=torch.bool, device=out.device)
 
         for _ in range(seq_len):
-            x, cache, seq_start_pos = self._window(out, cache, seq_start_pos, cache_kv, restrict_to_max_seq_len)
+            x, cache, seq_start_pos = self._window(out, cache, prompt_start_pos, cache_kv, restrict_to_max_seq_len)
 
             logits, new_cache = self.net(
                 x, return_intermediates=True, cache=cache, seq_start_pos=seq_start_pos, **kwargs
@@ -371,7 +372,7 @@ class AutoregressiveWrapper(Module):
         assert beams >= 1, "beams must be at least 1"
         filter_logits_fn = _resolve_filter(filter_logits_fn)
 
-        prompts, packed_shape, seq_start_pos = self._prepare_prompts(prompts, prompt_lens)
+        prompts, packed_shape, prompt_start_pos = self._prepare_prompts(prompts, prompt_lens)
         batch, prompt_len = prompts.shape
         device = prompts.device
 
@@ -383,7 +384,7 @@ class AutoregressiveWrapper(Module):
         is_done = torch.zeros((batch, 1), dtype=torch.bool, device=device)
 
         for _ in range(seq_len):
-            x, cache, seq_start_pos = self._window(out, cache, seq_start_pos, cache_kv, restrict_to_max_seq_len)
+            x, cache, seq_start_pos = self._window(out, cache, prompt_start_pos, cache_kv, restrict_to_max_seq_len)
 
             logits, new_cache = self.net(
                 x, return_intermediates=True, cache=cache, seq_start_pos=seq_start_pos, **kwargs
@@ -434,10 +435,9 @@ class AutoregressiveWrapper(Module):
             if exists(cache):
                 cache = map_cache_batch(cache, lambda t: t[flat_parent])
 
-            if exists(seq_start_pos) and seq_start_pos.shape[0] != out.shape[0]:
-                seq_start_pos = repeat(seq_start_pos, "b -> (b k)", k=num_keep)
-            elif exists(seq_start_pos):
-                seq_start_pos = seq_start_pos[flat_parent]
+            # beams of one prompt share its left padding
+            if exists(prompt_start_pos) and prompt_start_pos.shape[0] != out.shape[0]:
+                prompt_start_pos = repeat(prompt_start_pos, "b -> (b k)", k=num_keep)
 
             is_done = is_done.gather(-1, parent_beam)
             if exists(eos_token):
