@@ -323,3 +323,39 @@ def test_neo_mlp():
 
     losses = train_steps(mlp, lambda: ((mlp(x) - target) ** 2).mean(), steps=5)
     assert losses[-1] < losses[0]
+
+
+# classification heads on TransformerWrapper (pooled encoder output to class logits)
+
+
+@pytest.mark.parametrize(
+    "pool_kwargs",
+    (
+        dict(attn_pool=True),
+        dict(attn_pool=True, num_attn_pool_queries=3),
+        dict(use_cls_token=True),
+        dict(average_pool_embed=True),
+    ),
+)
+def test_classification_head_ignores_padding_and_trains(pool_kwargs):
+    torch.manual_seed(0)
+    model = TransformerWrapper(
+        num_tokens=32, max_seq_len=16, logits_dim=5, attn_layers=Encoder(dim=32, depth=1, heads=2), **pool_kwargs
+    )
+    x = torch.randint(0, 32, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[1, 6:] = False
+
+    logits = model(x, mask=mask)
+    num_queries = pool_kwargs.get("num_attn_pool_queries", 1)
+    assert logits.shape == ((2, 5) if num_queries == 1 else (2, num_queries, 5))
+
+    # padded positions do not reach the pooled output
+    x_other_padding = x.masked_fill(~mask, 3)
+    assert (model(x_other_padding, mask=mask) - logits).abs().max() < 1e-6
+
+    labels = torch.tensor([1, 4])
+    losses = train_steps(
+        model, lambda: nn.functional.cross_entropy(model(x, mask=mask).reshape(2, -1, 5).mean(dim=1), labels)
+    )
+    assert losses[-1] < losses[0]
