@@ -315,6 +315,15 @@ def test_prompt_list_slides_past_max_seq_len(cache_kv):
         assert (batched_logits[:, i] - alone_logits[:, 0]).abs().max() < 1e-4
 
 
+def test_prompt_lens_matches_prompt_list():
+    wrapper = make_decoder()
+    prompts = [torch.randint(1, NUM_TOKENS, (n,)) for n in (4, 2)]
+    right_padded = torch.nn.utils.rnn.pad_sequence(prompts, batch_first=True)
+
+    from_lens = wrapper.generate(right_padded, 5, temperature=0.0, prompt_lens=torch.tensor([4, 2]))
+    assert torch.equal(from_lens, wrapper.generate(prompts, 5, temperature=0.0))
+
+
 def test_prompt_list_errors():
     wrapper = make_decoder()
     with pytest.raises(ValueError, match="empty"):
