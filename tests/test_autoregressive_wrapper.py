@@ -383,6 +383,11 @@ def test_sliding_window_with_absolute_positions_and_cache_errors():
     prompts = torch.randint(0, NUM_TOKENS, (2, 6))
     with pytest.raises(ValueError, match="max_seq_len"):
         wrapper.generate(prompts, 10, cache_kv=True)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        wrapper.beam_search(prompts, 10, cache_kv=True)
+
+    # the last sampled token is never read, so filling max_seq_len exactly is fine
+    assert wrapper.generate(prompts, 3, cache_kv=True).shape == (2, 3)
     assert wrapper.generate(prompts, 10, cache_kv=False).shape == (2, 10)
 
 

@@ -14,6 +14,7 @@ from torch.nn import Module
 from torch.nn.utils.rnn import pad_sequence
 
 from x_transformers.utils import exists, default, identity, cast_tuple, pad_at_dim
+from x_transformers.utils import log as safe_log
 
 # helpers
 
@@ -37,8 +38,8 @@ def eval_decorator(fn):
 
 
 def gumbel_noise(t: Tensor):
-    noise = torch.rand_like(t)
-    return -(-(noise.clamp(min=1e-20)).log()).clamp(min=1e-20).log()
+    uniform = torch.rand_like(t)
+    return -safe_log(-safe_log(uniform))
 
 
 def align_right(t: Tensor, lens: Tensor, pad_id=0):
@@ -230,19 +231,23 @@ class AutoregressiveWrapper(Module):
 
         return prompts, packed_shape, seq_start_pos
 
-    def _window(self, out, cache, seq_start_pos, cache_kv, restrict_to_max_seq_len):
+    def _check_cache_window(self, total_len, should_cache, restrict_to_max_seq_len):
+        # fail before decoding rather than midway
+        if should_cache and restrict_to_max_seq_len and total_len > self.max_seq_len:
+            if not self.net.can_cache_kv_outside_max_seq_len:
+                raise ValueError(
+                    f"decoding reads {total_len} tokens, past max_seq_len ({self.max_seq_len}), where the network cannot "
+                    "use cached key / values, most likely because it has an absolute positional embedding; use "
+                    "rotary or ALiBi positions, or generate with cache_kv=False"
+                )
+
+    def _window(self, out, cache, seq_start_pos, restrict_to_max_seq_len):
         """The slice of `out` fed to the network this step, with the cache trimmed to it and the prompts' start
         positions (`seq_start_pos`, relative to the start of `out`) moved to be relative to the window."""
         max_seq_len = self.max_seq_len
 
         if not restrict_to_max_seq_len or out.shape[-1] <= max_seq_len:
             return out, cache, seq_start_pos
-
-        if cache_kv and exists(cache) and not self.net.can_cache_kv_outside_max_seq_len:
-            raise ValueError(
-                "the network cannot use cached key / values past its max_seq_len, most likely because it uses an "
-                "absolute positional embedding; use rotary or ALiBi positions, or generate with cache_kv=False"
-            )
 
         # sliding window - keep the last max_seq_len tokens, and the keys / values of all but the newest of them
         num_dropped = out.shape[-1] - max_seq_len
@@ -279,6 +284,7 @@ class AutoregressiveWrapper(Module):
         prompt_len = prompts.shape[-1]
 
         should_cache = cache_kv and self.net.can_cache_kv
+        self._check_cache_window(prompt_len + seq_len - 1, should_cache, restrict_to_max_seq_len)
 
         # contrastive decoding - one or more amateur models whose preferences are subtracted; filtering is off
         amateurs = []
@@ -299,7 +305,7 @@ class AutoregressiveWrapper(Module):
         is_done = torch.zeros(out.shape[0], dtype=torch.bool, device=out.device)
 
         for _ in range(seq_len):
-            x, cache, seq_start_pos = self._window(out, cache, prompt_start_pos, cache_kv, restrict_to_max_seq_len)
+            x, cache, seq_start_pos = self._window(out, cache, prompt_start_pos, restrict_to_max_seq_len)
 
             logits, new_cache = self.net(
                 x, return_intermediates=True, cache=cache, seq_start_pos=seq_start_pos, **kwargs
@@ -377,6 +383,7 @@ class AutoregressiveWrapper(Module):
         device = prompts.device
 
         should_cache = cache_kv and self.net.can_cache_kv
+        self._check_cache_window(prompt_len + seq_len - 1, should_cache, restrict_to_max_seq_len)
 
         out = prompts
         cache = None
@@ -384,7 +391,7 @@ class AutoregressiveWrapper(Module):
         is_done = torch.zeros((batch, 1), dtype=torch.bool, device=device)
 
         for _ in range(seq_len):
-            x, cache, seq_start_pos = self._window(out, cache, prompt_start_pos, cache_kv, restrict_to_max_seq_len)
+            x, cache, seq_start_pos = self._window(out, cache, prompt_start_pos, restrict_to_max_seq_len)
 
             logits, new_cache = self.net(
                 x, return_intermediates=True, cache=cache, seq_start_pos=seq_start_pos, **kwargs
