@@ -244,6 +244,12 @@ def test_fused_projection_matches_separate_and_trains():
     attn(x).sum().backward()
     assert all(lin.weight.grad is not None for lin in (attn.to_q, attn.to_k, attn.to_v))
 
+    # memory-saving switch: separate matmuls, no cached copy
+    attn.cache_fused_weights = False
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), after)
+    assert len(attn._fused_weights) == 0
+
 
 # masks and bad input
 
@@ -308,3 +314,60 @@ def test_qkv_receive_diff_residuals():
 
     # different views do change the output
     assert not torch.allclose(attn(torch.stack((x, x.flip(1), x))), plain(x))
+
+
+# GPU only: run with `pytest tests/test_attention.py -k cuda`
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+
+SYNC_FREE_CONFIGS = {
+    'plain_masked': dict(),
+    'flash_gqa': dict(flash=True, kv_heads=2),
+    'memory_kv_qk_norm': dict(num_mem_kv=2, qk_norm=True),
+    'mla': dict(use_latent_kv=True, dim_latent_kv=16, latent_rope_subheads=2),
+    'forgetting': dict(data_dependent_alibi=True),
+    'gates': dict(gate_values=True, gate_value_heads=True, laser=True),
+}
+
+
+@requires_cuda
+@pytest.mark.parametrize('name', sorted(SYNC_FREE_CONFIGS))
+def test_cuda_forward_and_decode_have_no_host_sync(name):
+    torch.manual_seed(0)
+    attn = Attention(DIM, heads=HEADS, dim_head=DIM_HEAD, causal=True, **SYNC_FREE_CONFIGS[name]).cuda().eval()
+    rotary = RotaryEmbedding(DIM_HEAD).cuda()
+    x = torch.randn(2, 8, DIM, device='cuda')
+    mask = torch.ones(2, 8, dtype=torch.bool, device='cuda')
+    positions = torch.arange(8, device='cuda')
+
+    def run():
+        with torch.no_grad():
+            attn(x, mask=mask, rotary_pos_emb=rotary(positions))
+            _, cache = attn(x[:, :7], rotary_pos_emb=rotary(positions[:7]), return_intermediates=True)
+            attn(x[:, 7:], rotary_pos_emb=rotary(positions), cache=cache, return_intermediates=True)
+
+    run()  # warm up allocator and kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        run()
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
+
+
+@requires_cuda
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize('kwargs', [dict(), dict(kv_heads=2), dict(num_mem_kv=2)])
+def test_cuda_flash_half_precision_matches_fp32_math(dtype, kwargs):
+    torch.manual_seed(0)
+    math_attn = perturb_(Attention(DIM, heads=HEADS, dim_head=DIM_HEAD, causal=True, **kwargs)).cuda().eval()
+    flash_attn = Attention(DIM, heads=HEADS, dim_head=DIM_HEAD, causal=True, flash=True, **kwargs).cuda().eval()
+    flash_attn.load_state_dict(math_attn.state_dict())
+
+    x = torch.randn(2, 64, DIM, device='cuda')
+    with torch.no_grad():
+        expected = math_attn(x)
+        with torch.autocast('cuda', dtype=dtype):
+            out = flash_attn(x)
+
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)

@@ -46,6 +46,10 @@ def first_leaf_and_state(outputs):
 
 
 class Attention(Module):
+    # inference keeps one concatenated copy of the fused projection weights (faster decoding, more memory);
+    # set to False to trade that memory back for separate matmuls
+    cache_fused_weights = True
+
     def __init__(
         self,
         dim,
@@ -344,6 +348,9 @@ class Attention(Module):
 
         if needs_grad or torch.compiler.is_compiling():
             weight = cat(weights)
+        elif not self.cache_fused_weights:
+            self._fused_weights.clear()
+            return tuple(F.linear(x, w) for w in weights)
         else:
             # inference: reuse the concatenation until a weight is moved or updated in place
             key = tuple((w.data_ptr(), w._version, w.dtype) for w in weights)
