@@ -44,8 +44,7 @@ class TokenEmbedding(Module):
         self.emb = nn.Embedding(num_tokens, dim)
 
     def forward(self, x):
-        if x.is_floating_point() or x.is_complex():
-            raise TypeError(f"token ids must be an integer tensor, got {x.dtype}")
+        # float ids are accepted as upstream does (generation may build float prompts), and cast to long
         token_emb = self.emb(x.long())
         return l2norm(token_emb) if self.l2norm_embed else token_emb
 
