@@ -232,25 +232,42 @@ def test_belief_state_trains_and_generates(shared_decoder):
     forward_decoder = small_decoder()
     backward_decoder = None if shared_decoder else small_decoder()
 
-    wrapper = BeliefStateWrapper(
-        forward_decoder, backward_decoder, pred_terminal=True, backward_ar_loss_weight=0.5
-    )
+    wrapper = BeliefStateWrapper(forward_decoder, backward_decoder, pred_distance=True, backward_ar_loss_weight=0.5)
 
     seq = torch.randint(0, 32, (2, 10))
-    opt = torch.optim.Adam(wrapper.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(4):
-        # forward runs its own backward pass (memory trick of the paper's implementation)
-        losses.append(wrapper(seq).item())
-        opt.step()
-        opt.zero_grad()
+    losses = train_steps(wrapper, lambda: wrapper(seq))
     assert losses[-1] < losses[0]
 
-    assert wrapper(seq, return_loss_only=True).ndim == 2  # per pair losses when the directions are weighted
+    lens = torch.tensor([10, 6])
+    assert torch.isfinite(wrapper(seq, lens=lens))
 
     prompts = torch.randint(0, 32, (2, 3))
     assert wrapper.generate_with_suffix_cond(prompts, 5, suffix=torch.randint(0, 32, (4,))).shape == (2, 5)
     assert wrapper.generate_with_suffix_cond(prompts, 5, temperature=0.0).shape == (2, 5)
+
+    cached = wrapper.generate_with_suffix_cond(prompts, 5, temperature=0.0, cache_kv=True)
+    assert torch.equal(cached, wrapper.generate_with_suffix_cond(prompts, 5, temperature=0.0, cache_kv=False))
+
+
+def test_belief_state_padding_equals_truncation():
+    # a right-padded row with its length gives the loss of the row cut to that length
+    torch.manual_seed(0)
+    wrapper = BeliefStateWrapper(small_decoder(), pred_distance=True)
+
+    seq = torch.randint(0, 32, (1, 10))
+    padded = wrapper(seq, lens=torch.tensor([7]))
+    truncated = wrapper(seq[:, :7])
+    assert torch.allclose(padded, truncated, atol=1e-5)
+
+
+def test_belief_state_pair_loss_weights():
+    torch.manual_seed(0)
+    wrapper = BeliefStateWrapper(small_decoder())
+    seq = torch.randint(0, 32, (2, 8))
+
+    unweighted = wrapper(seq)
+    weighted = wrapper(seq, loss_weight_by_fb_indices=lambda fb: torch.ones(fb.shape[0]))
+    assert torch.allclose(unweighted, weighted, atol=1e-6)
 
 
 # entropy tokenizer

@@ -5,16 +5,32 @@ decoding can be conditioned on a goal suffix."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat, pack, unpack
-from einops.layers.torch import Rearrange
 from torch import nn, Tensor
 from torch.nn import Module
 
 from x_transformers.autoregressive_wrapper import eval_decorator, min_p, _resolve_filter
-from x_transformers.utils import exists
+from x_transformers.utils import exists, default
 from x_transformers.x_transformers import TransformerWrapper
+
+
+def flip_valid(t: Tensor, lens: Tensor | None = None):
+    """Reverse the first `lens[i]` positions of each row along dim 1, leaving the padding after them in place."""
+    if not exists(lens):
+        return t.flip(1)
+
+    seq_len = t.shape[1]
+    positions = torch.arange(seq_len, device=t.device)
+    indices = torch.where(positions < lens[:, None], lens[:, None] - 1 - positions, positions)  # (b, n)
+
+    if t.ndim == 3:
+        indices = repeat(indices, "b n -> b n d", d=t.shape[-1])
+
+    return t.gather(1, indices)
 
 
 class BeliefStateWrapper(Module):
@@ -27,8 +43,9 @@ class BeliefStateWrapper(Module):
         train_frac_forward_backward_pairs: float = 1.0,
         text_head: Module | None = None,
         backward_ar_loss_weight: float = 1.0,
-        pred_terminal=False,
-        pred_terminal_loss_weight: float = 1.0,
+        pred_distance=False,  # also predict how far apart prefix and suffix are
+        pred_distance_loss_weight: float = 1.0,
+        max_pred_distance: int | None = None,
     ):
         super().__init__()
 
@@ -40,6 +57,7 @@ class BeliefStateWrapper(Module):
 
         dim = forward_decoder.emb_dim
         num_tokens = forward_decoder.num_tokens
+        self.num_tokens = num_tokens
 
         # learned start token of the backward (suffix) sequence
         self.suffix_token = nn.Parameter(torch.randn(dim) * 0.02)
@@ -54,14 +72,16 @@ class BeliefStateWrapper(Module):
 
         self.text_head = text_head
 
-        # terminal prediction - whether prefix and suffix meet (are exactly one token apart)
-        self.to_terminal_logit = (
-            nn.Sequential(nn.Linear(dim * 2, dim), nn.LeakyReLU(), nn.Linear(dim, 1), Rearrange("... 1 -> ..."))
-            if pred_terminal
+        # distance prediction - classify the gap between prefix end and suffix start (capped at max_pred_distance)
+        self.max_pred_distance = default(max_pred_distance, forward_decoder.max_seq_len)
+
+        self.to_distance_logits = (
+            nn.Sequential(nn.Linear(dim * 2, dim), nn.LeakyReLU(), nn.Linear(dim, self.max_pred_distance))
+            if pred_distance
             else None
         )
 
-        self.pred_terminal_loss_weight = pred_terminal_loss_weight
+        self.pred_distance_loss_weight = pred_distance_loss_weight
 
         self.forward_decoder = forward_decoder
         self.backward_decoder = backward_decoder
@@ -77,17 +97,22 @@ class BeliefStateWrapper(Module):
 
         self.max_seq_len = forward_decoder.max_seq_len
 
-    def _suffix_embed(self, suffix: Tensor | None, batch: int, device):
-        """Embedding of the (reversed) suffix as read by the backward decoder, at its last position: (b, 1, d)."""
-        if not exists(suffix):
-            suffix = torch.empty((batch, 0), dtype=torch.long, device=device)
-        elif suffix.ndim == 1:
-            suffix = repeat(suffix, "n -> b n", b=batch)
-
+    def backward_embeds(self, seq: Tensor, lens: Tensor | None = None):
+        """Backward decoder embeddings aligned to `seq`: (b, n + 1, d), position i having read tokens i .. end
+        (position n has read only the suffix start token)."""
+        batch, seq_len = seq.shape
         suffix_sos = repeat(self.suffix_token, "d -> b 1 d", b=batch)
 
-        embeds = self.backward_decoder(suffix.flip(1), prepend_embeds=suffix_sos, return_embeddings=True)
-        return embeds[:, -1:]
+        embeds = self.backward_decoder(flip_valid(seq, lens), prepend_embeds=suffix_sos, return_embeddings=True)
+
+        if embeds.shape[1] != seq_len + 1:
+            raise ValueError(
+                "the backward decoder must return an embedding for its prepended suffix token as well "
+                f"(expected {seq_len + 1} positions, got {embeds.shape[1]})"
+            )
+
+        # the start token and the valid tokens, lens + 1 positions, are reversed back into sequence order
+        return flip_valid(embeds, lens + 1 if exists(lens) else None)
 
     @torch.no_grad()
     @eval_decorator
@@ -98,8 +123,8 @@ class BeliefStateWrapper(Module):
         temperature=1.25,
         cache_kv=False,
         suffix: Tensor | None = None,  # goal the continuation should lead to
-        filter_logits_fn=min_p,
-        filter_kwargs=dict(min_p=0.1),
+        filter_logits_fn: str | Callable = min_p,
+        filter_kwargs: dict = dict(min_p=0.1),
         **kwargs,
     ):
         greedy = temperature == 0.0
@@ -108,7 +133,13 @@ class BeliefStateWrapper(Module):
         prompts, packed_shape = pack([prompts], "* n")
         batch, prompt_len = prompts.shape
 
-        suffix_embed = self._suffix_embed(suffix, batch, prompts.device)
+        # the suffix is read once; without one, the backward side has read only its start token
+        if not exists(suffix):
+            suffix = torch.empty((batch, 0), dtype=torch.long, device=prompts.device)
+        elif suffix.ndim == 1:
+            suffix = repeat(suffix, "n -> b n", b=batch)
+
+        suffix_embed = self.backward_embeds(suffix)[:, :1]
 
         should_cache = cache_kv and self.forward_decoder.can_cache_kv
 
@@ -140,66 +171,79 @@ class BeliefStateWrapper(Module):
         (out,) = unpack(out, packed_shape, "* n")
         return out
 
-    def forward(self, seq, return_loss_only=False, loss_scale=1.0):
-        """Computes the loss and, unless `return_loss_only`, also runs its backward pass (see the memory note)."""
+    def forward(
+        self,
+        seq: Tensor,
+        lens: Tensor | None = None,  # (b,) valid lengths of a right-padded batch
+        loss_weight_by_fb_indices: Callable | None = None,  # (pairs, 2) indices -> (pairs,) or (pairs, 2) weights
+    ):
         batch, seq_len, device = *seq.shape, seq.device
 
-        forward_embeds = self.forward_decoder(seq, return_embeddings=True)
+        forward_embeds = self.forward_decoder(seq, return_embeddings=True)  # (b, n, d)
+        backward_embeds = self.backward_embeds(seq, lens)  # (b, n + 1, d)
 
-        # backward decoder reads the reversed sequence after its start token; flip back to align positions
-        suffix_tokens = repeat(self.suffix_token, "d -> b 1 d", b=batch)
-        backward_embeds = self.backward_decoder(seq.flip(1), prepend_embeds=suffix_tokens, return_embeddings=True)
-
-        # keep the positions of the sequence tokens (dropping the start token's, if the decoder returns it) and flip,
-        # so that backward position i has read tokens i .. n - 1
-        backward_embeds = backward_embeds[:, -seq_len:].flip(1)
-
-        # memory - the O(n^2) pair loss is backpropagated into detached embeddings first, then through the decoders
-        orig_forward_embeds, forward_embeds = forward_embeds, forward_embeds.detach().requires_grad_()
-        orig_backward_embeds, backward_embeds = backward_embeds, backward_embeds.detach().requires_grad_()
-
-        # valid pairs (figure 11): forward position fi, backward position bi with at least one token between them
-        positions = torch.arange(seq_len, device=device)
-        fb_pairs = torch.cartesian_prod(positions, positions)
-        fi, bi = fb_pairs.unbind(dim=-1)
-        fb_pairs = fb_pairs[(bi - fi) >= 2]
+        # valid pairs (figure 11): the prefix ends at fi, the suffix starts at bi, at least one token between them;
+        # bi = n is the empty suffix
+        fi, bi = torch.cartesian_prod(torch.arange(seq_len, device=device), torch.arange(seq_len + 1, device=device)).unbind(-1)
+        keep = (bi - fi) >= 2
+        fi, bi = fi[keep], bi[keep]
 
         if self.needs_subsample_fb_pairs:
-            num_pairs = fb_pairs.shape[0]
+            num_pairs = fi.shape[0]
             num_kept = max(int(num_pairs * self.train_frac_fb_pairs), 1)
-            fb_pairs = fb_pairs[torch.randperm(num_pairs, device=device)[:num_kept]]
+            kept = torch.randperm(num_pairs, device=device)[:num_kept]
+            fi, bi = fi[kept], bi[kept]
 
-        fi, bi = fb_pairs.unbind(dim=-1)
+        # the prefix predicts token fi + 1, the suffix token bi - 1; pairs reaching into padding are ignored
+        forward_labels, backward_labels = seq[:, fi + 1], seq[:, bi - 1]
 
-        # the forward embedding at fi predicts token fi + 1, the backward embedding at bi predicts token bi - 1
-        labels = torch.cat((seq[:, fi + 1], seq[:, bi - 1]), dim=-1)
+        if exists(lens):
+            valid = bi[None, :] <= lens[:, None]  # (b, pairs)
+            forward_labels = forward_labels.masked_fill(~valid, -1)
+            backward_labels = backward_labels.masked_fill(~valid, -1)
+
+        labels = torch.cat((forward_labels, backward_labels), dim=-1)
 
         fb_embeds = torch.cat((forward_embeds[:, fi], backward_embeds[:, bi]), dim=-1)
         logits = self.text_head(fb_embeds)
 
+        needs_loss_weight = self.needs_loss_weight or exists(loss_weight_by_fb_indices)
+
         loss = F.cross_entropy(
             rearrange(logits, "b n (fb l) -> b l (fb n)", fb=2),
             labels,
-            reduction="none" if self.needs_loss_weight else "mean",
+            reduction="none" if needs_loss_weight else "mean",
+            ignore_index=-1,
         )
 
-        if exists(self.to_terminal_logit):
-            terminal_logits = self.to_terminal_logit(fb_embeds)
-            terminal_labels = repeat(((bi - fi) == 2).float(), "n -> b n", b=batch)
-
-            terminal_loss = F.binary_cross_entropy_with_logits(terminal_logits, terminal_labels)
-            loss = loss + terminal_loss * self.pred_terminal_loss_weight
-
-        if return_loss_only:
-            return loss
-
-        if self.needs_loss_weight:
+        # per-direction weights, and optionally per-pair weights from the caller
+        if needs_loss_weight:
             loss = rearrange(loss, "b (fb n) -> b fb n", fb=2)
-            loss = (loss * rearrange(self.loss_weights, "fb -> fb 1")).mean()
+            loss = loss * rearrange(self.loss_weights, "fb -> fb 1")
 
-        (loss * loss_scale).backward()
+            if exists(loss_weight_by_fb_indices):
+                weight = loss_weight_by_fb_indices(torch.stack((fi, bi), dim=-1))
+                if weight.ndim == 1:
+                    loss = loss * rearrange(weight, "n -> 1 n")
+                elif weight.ndim == 2:
+                    loss = loss * rearrange(weight, "n fb -> fb n")
+                else:
+                    raise ValueError("loss_weight_by_fb_indices must return (pairs,) or (pairs, 2) weights")
 
-        orig_forward_embeds.backward(forward_embeds.grad)
-        orig_backward_embeds.backward(backward_embeds.grad)
+            valid_labels = rearrange(labels != -1, "b (fb n) -> b fb n", fb=2)
+            loss = loss[valid_labels].mean()
+
+        # distance prediction - an auxiliary classification of bi - fi
+        if exists(self.to_distance_logits):
+            distance_logits = self.to_distance_logits(fb_embeds)
+            distance_labels = repeat((bi - fi).clamp(max=self.max_pred_distance - 1), "n -> b n", b=batch)
+
+            if exists(lens):
+                distance_labels = distance_labels.masked_fill(~valid, -1)
+
+            distance_loss = F.cross_entropy(
+                rearrange(distance_logits, "b n l -> b l n"), distance_labels, ignore_index=-1
+            )
+            loss = loss + distance_loss * self.pred_distance_loss_weight
 
         return loss
