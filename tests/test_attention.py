@@ -158,6 +158,22 @@ def test_cached_decoding_with_value_residual(latent):
     torch.testing.assert_close(torch.cat(outs, dim=1), parallel, rtol=0, atol=1e-5)
 
 
+def test_neutreno_adds_value_difference_to_output():
+    # neutreno: out = attention + alpha * (first layer values - own values), before the output projection
+    torch.manual_seed(0)
+    kwargs = dict(heads=HEADS, dim_head=DIM_HEAD, kv_heads=2, causal=True)
+    neutreno = perturb_(Attention(DIM, neutreno_value_residual=True, neutreno_alpha=0.3, **kwargs))
+    plain = Attention(DIM, **kwargs)
+    plain.load_state_dict(neutreno.state_dict())
+
+    x, value_residual = torch.randn(2, 5, DIM), torch.randn(2, 2, 5, DIM_HEAD)
+    out, inter = neutreno(x, value_residual=value_residual, return_intermediates=True)
+
+    diff = (value_residual - inter.values).repeat(1, HEADS // 2, 1, 1)
+    diff = diff.transpose(1, 2).reshape(2, 5, HEADS * DIM_HEAD)
+    torch.testing.assert_close(out, plain(x) + neutreno.to_out(0.3 * diff))
+
+
 def test_cached_decoding_with_memories():
     # transformer-xl memories are prepended every call but never enter the cache
     torch.manual_seed(0)

@@ -25,7 +25,7 @@ from x_transformers.attend import Attend, Intermediates
 from x_transformers.norms import MultiheadRMSNorm
 from x_transformers.positional import CoPE, DataDependentAlibi, PerRowDataDependentAlibi, apply_rotary_pos_emb
 from x_transformers.token_shift import FoldAxially
-from x_transformers.utils import default, divisible_by, exists, l2norm, log, max_neg_value, pad_at_dim, softclamp
+from x_transformers.utils import default, divisible_by, exists, l2norm, log, pad_at_dim, softclamp
 
 DEFAULT_DIM_HEAD = 64
 
@@ -101,6 +101,8 @@ class Attention(Module):
         softclamp_logits=False,  # gemma 2, 2408.00118
         logit_softclamp_value=50.0,
         learned_value_residual_mix=False,  # 2410.17897
+        neutreno_value_residual=False,  # 2312.00751
+        neutreno_alpha=0.4,
         laser=False,  # 2411.03493
         laser_softclamp_value=15.0,
         qkv_receive_diff_residuals=False,  # hyper-connections, 2409.19606
@@ -295,6 +297,11 @@ class Attention(Module):
         if learned_value_residual_mix:
             self.to_value_residual_mix = nn.Sequential(nn.Linear(dim, heads), nn.Sigmoid())
 
+        # neutreno - instead of mixing values, add (first layer's values - own values) to the output (2312.00751)
+
+        self.neutreno_value_residual = neutreno_value_residual
+        self.neutreno_alpha = neutreno_alpha
+
         self.attn_on_attn = on_attn
 
         # hybrid module - a recurrent (or any sequence) module run beside attention, outputs averaged (hymba)
@@ -441,7 +448,7 @@ class Attention(Module):
             gates = (q @ k.transpose(-1, -2)) * dda.scale
             gates = F.logsigmoid(gates) * dda.post_log_scale
 
-            # query i (at absolute position j - i + i) forgets through keys strictly before it, from key j onward
+            # new query r sits at position j - i + r; its bias to key c sums its gates over keys c .. (its position - 1)
             future_or_self = torch.ones((i, j), dtype=torch.bool, device=x.device).triu(j - i)
             gates = gates.masked_fill(future_or_self, 0.0)
             bias = gates.flip(-1).cumsum(dim=-1).flip(-1)
@@ -569,7 +576,7 @@ class Attention(Module):
 
         # value residual - lerp toward the first layer's values, by a learned per-token gate or by half (2410.17897)
 
-        if exists(value_residual):
+        if exists(value_residual) and not self.neutreno_value_residual:
             mix = 0.5
             if exists(self.to_value_residual_mix):
                 mix = rearrange(self.to_value_residual_mix(q_input), 'b n h -> b h n 1')
@@ -718,6 +725,13 @@ class Attention(Module):
         # the values, before the residual mix, for value residual learning in later layers
 
         intermediates.values = orig_values
+
+        # neutreno - a correction toward the first layer's values counters over-smoothing of deep attention
+
+        if self.neutreno_value_residual and exists(value_residual):
+            diff_values = (value_residual - orig_values)[..., -n:, :]
+            diff_values = repeat(diff_values, 'b kvh n d -> b (r kvh) n d', r=h // self.kv_heads)
+            out = out + self.neutreno_alpha * diff_values
 
         # normformer head scale
 
