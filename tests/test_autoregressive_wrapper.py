@@ -522,3 +522,24 @@ def test_linear_attn_cached_generation_matches_parallel(name):
     batched = wrapper.generate(prompt_list, 6, temperature=0.0)
     for i, prompt in enumerate(prompt_list):
         assert torch.equal(batched[i], wrapper.generate(prompt, 6, temperature=0.0))
+
+
+def test_prepend_embeds_train_and_generate():
+    wrapper = make_decoder()
+    x = torch.randint(0, NUM_TOKENS, (2, 10))
+    prepend_embeds = torch.randn(2, 3, 32)
+    prepend_mask = torch.tensor([[True, False, True], [True, True, True]])
+
+    # the prepended positions carry no loss: equal to the loss on the token positions' logits alone
+    loss, (logits, _) = wrapper(x, prepend_embeds=prepend_embeds, prepend_mask=prepend_mask, return_outputs=True)
+    assert logits.shape == (2, 9, NUM_TOKENS)
+    assert torch.allclose(loss, F.cross_entropy(logits.transpose(1, 2), x[:, 1:]))
+    loss.backward()
+
+    kwargs = dict(temperature=0.0, prepend_embeds=prepend_embeds)
+    cached = wrapper.generate(x[:, :2], 8, cache_kv=True, **kwargs)
+    assert torch.equal(cached, wrapper.generate(x[:, :2], 8, cache_kv=False, **kwargs))
+
+    # with a mask over the prepended embeddings, decoding falls back to recomputing every step
+    masked = wrapper.generate(x[:, :2], 8, prepend_mask=prepend_mask, **kwargs)
+    assert torch.equal(masked, wrapper.generate(x[:, :2], 8, prepend_mask=prepend_mask, cache_kv=False, **kwargs))

@@ -231,6 +231,11 @@ class AutoregressiveWrapper(Module):
 
         return prompts, packed_shape, seq_start_pos
 
+    def _should_cache(self, cache_kv, net_kwargs):
+        # a padding mask (`mask`, `prepend_mask`) cannot be combined with the cache by the network; decode uncached
+        has_mask = any(exists(net_kwargs.get(key)) for key in ("mask", "prepend_mask"))
+        return cache_kv and self.net.can_cache_kv and not has_mask
+
     def _check_cache_window(self, total_len, should_cache, restrict_to_max_seq_len):
         # fail before decoding rather than midway
         if should_cache and restrict_to_max_seq_len and total_len > self.max_seq_len:
@@ -283,7 +288,7 @@ class AutoregressiveWrapper(Module):
         prompts, packed_shape, prompt_start_pos = self._prepare_prompts(prompts, prompt_lens)
         prompt_len = prompts.shape[-1]
 
-        should_cache = cache_kv and self.net.can_cache_kv
+        should_cache = self._should_cache(cache_kv, kwargs)
         self._check_cache_window(prompt_len + seq_len - 1, should_cache, restrict_to_max_seq_len)
 
         # contrastive decoding - one or more amateur models whose preferences are subtracted; filtering is off
@@ -382,7 +387,7 @@ class AutoregressiveWrapper(Module):
         batch, prompt_len = prompts.shape
         device = prompts.device
 
-        should_cache = cache_kv and self.net.can_cache_kv
+        should_cache = self._should_cache(cache_kv, kwargs)
         self._check_cache_window(prompt_len + seq_len - 1, should_cache, restrict_to_max_seq_len)
 
         out = prompts
@@ -497,6 +502,9 @@ class AutoregressiveWrapper(Module):
             kwargs.update(self_attn_kv_mask=kv_mask)
 
         logits, intermediates = self.net(inp, return_intermediates=True, return_attn_z_loss=add_attn_z_loss, **kwargs)
+
+        # logits of prepended embeddings (`prepend_embeds`) predict nothing
+        logits = logits[:, -target.shape[1] :]
 
         loss_fn = F.nll_loss if getattr(self.net, "output_is_log_prob", False) else F.cross_entropy
         loss = loss_fn(rearrange(logits, "b n c -> b c n"), target, ignore_index=ignore_index)
