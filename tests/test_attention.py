@@ -312,10 +312,20 @@ def test_unknown_kwarg_raises():
 
 def test_bad_input_shapes_raise():
     attn = Attention(DIM, heads=HEADS, dim_head=DIM_HEAD)
-    with pytest.raises(ValueError, match='batch, seq, dim'):
+    with pytest.raises(ValueError, match='batch, seq'):
         attn(torch.randn(5, DIM))
     with pytest.raises(ValueError, match='key mask'):
         attn(torch.randn(2, 3, DIM), context_mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=f'batch, seq, {DIM}'):
+        attn(torch.randn(2, 3, DIM + 1))
+    with pytest.raises(TypeError, match='floating point'):
+        attn(torch.ones(2, 3, DIM, dtype=torch.long))
+    with pytest.raises(ValueError, match='mask must have shape'):
+        attn(torch.randn(2, 3, DIM), mask=torch.ones(2, 2, dtype=torch.bool))
+    with pytest.raises(TypeError, match='bool'):
+        attn(torch.randn(2, 3, DIM), mask=torch.ones(2, 3))
+    with pytest.raises(ValueError, match='context must have shape'):
+        attn(torch.randn(2, 3, DIM), context=torch.randn(2, 4, DIM + 1))
 
 
 def test_qkv_receive_diff_residuals():

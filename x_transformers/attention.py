@@ -122,6 +122,7 @@ class Attention(Module):
         self.causal = causal
         self.max_attend_past = max_attend_past
         self.dim_head = dim_head
+        self.dim, self.dim_kv = dim, dim_kv
 
         if exists(kv_heads) and one_kv_head:
             raise ValueError('give either one_kv_head=True (one key / value head) or kv_heads, not both')
@@ -502,10 +503,22 @@ class Attention(Module):
             q_input = x
             k_input = v_input = default(context, x)
 
-        if x.ndim != 3:
-            raise ValueError(f'Attention expects x of shape (batch, seq, dim), got {tuple(x.shape)}')
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f'Attention expects x of shape (batch, seq, {self.dim}), got {tuple(x.shape)}')
+        if not x.is_floating_point():
+            raise TypeError(f'Attention expects a floating point x, got {x.dtype}')
 
         b, n, device = x.shape[0], x.shape[1], x.device
+
+        if has_context and (context.ndim != 3 or context.shape[0] != b or context.shape[-1] != self.dim_kv):
+            raise ValueError(f'context must have shape ({b}, seq, {self.dim_kv}), got {tuple(context.shape)}')
+
+        for name, m in (('mask', mask), ('context_mask', context_mask), ('mem_mask', mem_mask)):
+            if exists(m) and m.dtype != torch.bool:
+                raise TypeError(f'{name} must be a bool tensor (True = keep), got {m.dtype}')
+
+        if exists(mask) and (mask.ndim != 2 or mask.shape[0] != b or mask.shape[-1] < n):
+            raise ValueError(f'mask must have shape ({b}, {n}), got {tuple(mask.shape)}')
         mem_len = mem.shape[-2] if exists(mem) else 0
         is_self_qkv = not (has_context or exists(mem) or self.qkv_receive_diff_residuals)
 
