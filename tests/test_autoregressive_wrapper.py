@@ -468,7 +468,8 @@ def test_beam_search_no_batch_and_stochastic():
 
     beams, scores = wrapper.beam_search(prompt[None], 5, beams=3, stochastic=True, return_beams_and_scores=True)
     assert beams.shape == (3, 1, 5) and scores.shape == (3, 1)
-    assert torch.allclose(scores[:, 0], torch.stack([sequence_log_prob(wrapper.net, prompt[None], b) for b in beams])[:, 0], atol=1e-4)
+    recomputed = torch.cat([sequence_log_prob(wrapper.net, prompt[None], beam) for beam in beams])
+    assert torch.allclose(scores[:, 0], recomputed, atol=1e-4)
 
 
 def test_beam_search_with_prompt_list_and_context():
@@ -518,8 +519,9 @@ def test_linear_attn_cached_generation_matches_parallel(name, device):
     assert (cached_logits - parallel_logits).abs().max() < (1e-5 if device == "cpu" else 1e-4)
 
     # the recurrent states follow the beams, and left padding of variable length prompts is masked out
-    beams, scores = wrapper.beam_search(prompts, 5, beams=3, return_beams_and_scores=True, cache_kv=True)
-    beams_parallel, scores_parallel = wrapper.beam_search(prompts, 5, beams=3, return_beams_and_scores=True, cache_kv=False)
+    kwargs = dict(beams=3, return_beams_and_scores=True)
+    beams, scores = wrapper.beam_search(prompts, 5, cache_kv=True, **kwargs)
+    beams_parallel, scores_parallel = wrapper.beam_search(prompts, 5, cache_kv=False, **kwargs)
     assert torch.equal(beams, beams_parallel)
     assert (scores - scores_parallel).abs().max() < 1e-4
 

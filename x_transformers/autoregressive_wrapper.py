@@ -241,9 +241,9 @@ class AutoregressiveWrapper(Module):
         if should_cache and restrict_to_max_seq_len and total_len > self.max_seq_len:
             if not self.net.can_cache_kv_outside_max_seq_len:
                 raise ValueError(
-                    f"decoding reads {total_len} tokens, past max_seq_len ({self.max_seq_len}), where the network cannot "
-                    "use cached key / values, most likely because it has an absolute positional embedding; use "
-                    "rotary or ALiBi positions, or generate with cache_kv=False"
+                    f"decoding reads {total_len} tokens, past max_seq_len ({self.max_seq_len}), where the network "
+                    "cannot use cached key / values, most likely because it has an absolute positional embedding; "
+                    "use rotary or ALiBi positions, or generate with cache_kv=False"
                 )
 
     def _window(self, out, cache, seq_start_pos, restrict_to_max_seq_len):
@@ -440,7 +440,8 @@ class AutoregressiveWrapper(Module):
 
             # reorder the sequences and every decode state by the parent beam each survivor came from
             curr_beams = is_done.shape[-1]
-            flat_parent = rearrange(parent_beam + torch.arange(batch, device=device)[:, None] * curr_beams, "b k -> (b k)")
+            batch_offset = torch.arange(batch, device=device)[:, None] * curr_beams
+            flat_parent = rearrange(parent_beam + batch_offset, "b k -> (b k)")
 
             out = torch.cat((out[flat_parent], rearrange(next_token, "b k -> (b k) 1")), dim=-1)
 

@@ -184,7 +184,8 @@ class BeliefStateWrapper(Module):
 
         # valid pairs (figure 11): the prefix ends at fi, the suffix starts at bi, at least one token between them;
         # bi = n is the empty suffix
-        fi, bi = torch.cartesian_prod(torch.arange(seq_len, device=device), torch.arange(seq_len + 1, device=device)).unbind(-1)
+        prefix_ends, suffix_starts = torch.arange(seq_len, device=device), torch.arange(seq_len + 1, device=device)
+        fi, bi = torch.cartesian_prod(prefix_ends, suffix_starts).unbind(dim=-1)
         keep = (bi - fi) >= 2
         fi, bi = fi[keep], bi[keep]
 

@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.nn import Module
 
 from x_transformers.utils import exists
+from x_transformers.utils import masked_mean as masked_mean_over
 from x_transformers.x_transformers import TransformerWrapper
 
 
@@ -26,16 +27,11 @@ def log_prob_from_model_and_seq(model, seq):
 
 
 def masked_mean(log_probs, mask=None):
-    if not exists(mask):
-        return log_probs.mean(dim=-1)
-
-    # a mask over the whole sequence is aligned to the predicted tokens
-    if mask.shape[-1] == log_probs.shape[-1] + 1:
+    # a mask over the whole sequence is aligned to the predicted tokens (all but the first)
+    if exists(mask) and mask.shape[-1] == log_probs.shape[-1] + 1:
         mask = mask[:, 1:]
 
-    num = log_probs.masked_fill(~mask, 0.0).sum(dim=-1)
-    den = mask.sum(dim=-1)
-    return num / den.clamp(min=1e-5)
+    return masked_mean_over(log_probs, mask, dim=-1)
 
 
 def maybe_and_mask(*masks):

@@ -148,7 +148,9 @@ class MultiInputTransformerWrapper(Module):
 
             if exists(prepend_mask) or exists(mask):
                 mask = default(mask, lambda: torch.ones((b, n), device=device, dtype=torch.bool))
-                prepend_mask = default(prepend_mask, lambda: torch.ones((b, prepend_seq), device=device, dtype=torch.bool))
+                prepend_mask = default(
+                    prepend_mask, lambda: torch.ones((b, prepend_seq), device=device, dtype=torch.bool)
+                )
                 mask = torch.cat((prepend_mask, mask), dim=-1)
 
         # embedding gradient fraction - arXiv:2105.13290, only part of the gradient flows into the embeddings

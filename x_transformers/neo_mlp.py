@@ -63,7 +63,8 @@ class NeoMLP(Module):
         batch = x.shape[0]
 
         input_embed = self.random_fourier(x) + self.input_embed
-        hidden_embed, output_embed = (repeat(t, "n d -> b n d", b=batch) for t in (self.hidden_embed, self.output_embed))
+        hidden_embed = repeat(self.hidden_embed, "n d -> b n d", b=batch)
+        output_embed = repeat(self.output_embed, "n d -> b n d", b=batch)
 
         embed, packed_shape = pack([input_embed, hidden_embed, output_embed], "b * d")
         embed = self.transformer(embed)

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from x_transformers.utils import exists, default, log
+from x_transformers.autoregressive_wrapper import gumbel_noise
+from x_transformers.utils import exists, default
 from x_transformers.x_transformers import TransformerWrapper
 
 Losses = namedtuple("Losses", ["loss", "generator_loss", "critic_loss"])
@@ -26,11 +27,6 @@ def top_k(logits, thres=0.9):
     values, indices = logits.topk(k, dim=-1)
     out = torch.full_like(logits, float("-inf"))
     return out.scatter(-1, indices, values)
-
-
-def gumbel_noise(t):
-    noise = torch.rand_like(t)
-    return -log(-log(noise))
 
 
 def gumbel_sample(t, temperature=1.0, dim=-1):
@@ -207,7 +203,14 @@ class NonAutoregressiveWrapper(nn.Module):
 
         return seq
 
-    def forward(self, x, only_train_generator=False, only_train_critic=False, generator_sample_temperature=None, **kwargs):
+    def forward(
+        self,
+        x,
+        only_train_generator=False,
+        only_train_critic=False,
+        generator_sample_temperature=None,
+        **kwargs,
+    ):
         b, n, device = *x.shape, x.device
         assert n == self.max_seq_len, f"training sequences must have length max_seq_len ({self.max_seq_len}), got {n}"
 
