@@ -286,10 +286,24 @@ def test_bad_masks_raise():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
 def test_sdpa_matches_math_on_gpu_half(dtype):
-    q, k, v = qkv(b=3, i=64, j=64, d=64, device="cuda", dtype=dtype)
+    q, k, v = (t.requires_grad_() for t in qkv(b=3, i=64, j=64, d=64, kv_heads=2, device="cuda", dtype=dtype))
     mask = padding_mask(b=3, j=64, device="cuda")
+    bias = torch.randn(4, 64, 64, device="cuda", dtype=dtype)
     math_attend, sdpa_attend = both_paths(causal=True)
-    out_math, _ = math_attend(q, k, v, mask=mask)
-    out_sdpa, _ = sdpa_attend(q, k, v, mask=mask)
-    torch.testing.assert_close(out_sdpa.float(), out_math.float(), rtol=2e-2, atol=2e-2)
-    assert (out_sdpa[2] == 0).all()
+    for attn_bias in (None, bias):
+        out_math, _ = math_attend(q, k, v, mask=mask, attn_bias=attn_bias)
+        out_sdpa, _ = sdpa_attend(q, k, v, mask=mask, attn_bias=attn_bias)
+        torch.testing.assert_close(out_sdpa.float(), out_math.float(), rtol=2e-2, atol=2e-2)
+        assert (out_sdpa[2] == 0).all()
+        out_sdpa.float().sum().backward()
+        assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_sdpa_unmasked_causal_uses_fused_kernel_on_gpu():
+    # no mask, no bias, square causal: SDPA's is_causal path, which flash kernels accept
+    q, k, v = qkv(b=2, i=128, j=128, d=64, device="cuda", dtype=torch.bfloat16)
+    attend = Attend(causal=True, flash=True, sdp_kwargs=dict(enable_flash=True, enable_math=False, enable_mem_efficient=False))
+    out, _ = attend(q, k, v)
+    ref, _ = Attend(causal=True)(q, k, v)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)

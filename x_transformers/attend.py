@@ -263,6 +263,10 @@ class Attend(Module):
     def flash_attn(self, q, k, v, mask=None, attn_bias=None):
         batch, heads, i, d = q.shape
         j = k.shape[-2]
+
+        # SDPA wants as many kv heads as query heads; its own GQA pairs heads in another order
+        if k.shape[1] != heads:
+            k, v = (t.repeat(1, heads // t.shape[1], 1, 1) for t in (k, v))
         causal = self.causal and i > 1
         scale = default(self.scale, d**-0.5)
 
@@ -331,11 +335,9 @@ class Attend(Module):
                     f"or a shape broadcastable to (batch, heads, {i}, {j})"
                 )
 
-        # grouped query attention - query head h reads kv head h % kv_heads
-        if kv_heads != heads:
-            if heads % kv_heads != 0:
-                raise ValueError(f"{heads} query heads are not divisible by {kv_heads} key / value heads")
-            k, v = (t.repeat(1, heads // kv_heads, 1, 1) for t in (k, v))
+        # grouped query attention - query head h reads kv head h % kv_heads (upstream's head order)
+        if heads % kv_heads != 0:
+            raise ValueError(f"{heads} query heads are not divisible by {kv_heads} key / value heads")
 
         # laser - softmax over exp(v) then log, sharper gradients for the values (arXiv 2411.03493)
         if self.laser:
@@ -367,14 +369,20 @@ class Attend(Module):
         return out, intermediates
 
     def math_attn(self, q, k, v, mask, attn_bias, prev_attn):
-        i, j, device = q.shape[-2], k.shape[-2], q.device
-        scale = default(self.scale, q.shape[-1] ** -0.5)
+        (b, h, i, d), (kv_heads, j), device = q.shape, k.shape[-3:-1], q.device
+        scale = default(self.scale, d**-0.5)
         causal = self.causal and i > 1
 
+        # grouped kv heads broadcast over query heads viewed as (groups, kv_heads), without copies
+        q_grouped = q.reshape(b, h // kv_heads, kv_heads, i, d)
+        k, v = k[:, None], v[:, None]
+
         if self.l2_distance:
-            sim = -qk_l2_dist_squared(q, k)
+            sim = -qk_l2_dist_squared(q_grouped, k)
         else:
-            sim = q @ k.transpose(-1, -2)
+            sim = q_grouped @ k.transpose(-1, -2)
+
+        sim = sim.reshape(b, h, i, j)
 
         sim = sim * scale
 
@@ -424,7 +432,7 @@ class Attend(Module):
         if exists(self.pre_scale_post_talking_heads):
             attn = attn * pre_to_post_scale
 
-        out = attn @ v
+        out = (attn.reshape(b, h // kv_heads, kv_heads, i, j) @ v).reshape(b, h, i, -1)
 
         intermediates = Intermediates(
             qk_similarities=qk_similarities,
