@@ -205,6 +205,26 @@ def test_cross_attention_cache():
     torch.testing.assert_close(last, full[:, 3:], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize('fold', [1, 3])
+def test_cross_attention_hybrid_cache(fold):
+    # a decoder's cross attention is not causal, but its hybrid module reads the decoded sequence left to right
+    torch.manual_seed(0)
+    gru = nn.GRU(DIM, HEADS * DIM_HEAD, batch_first=True)
+    attn = Attention(DIM, heads=HEADS, dim_head=DIM_HEAD, hybrid_fold_axial_dim=fold, hybrid_module=gru)
+    attn = perturb_(attn).eval()
+    x, context = torch.randn(2, 7, DIM), torch.randn(2, 5, DIM)
+
+    with torch.no_grad():
+        full = attn(x, context=context)
+        out, cache = attn(x[:, :3], context=context, return_intermediates=True)
+        outs = [out]
+        for t in range(3, 7):
+            out, cache = attn(x[:, t : t + 1], context=context[:, :0], cache=cache, return_intermediates=True)
+            outs.append(out)
+
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=0, atol=1e-5)
+
+
 def test_hybrid_hidden_is_the_module_state():
     torch.manual_seed(0)
     gru = nn.GRU(DIM, HEADS * DIM_HEAD, batch_first=True)

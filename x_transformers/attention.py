@@ -390,20 +390,25 @@ class Attention(Module):
         Causal: the module's recurrent state (e.g. GRU `h_n`) after every complete fold row is kept, with the tokens
         of the incomplete last row; the next call runs on from there, so decoding matches the parallel forward.
         A module that returns no state gets its whole input history replayed instead.
+
+        Not causal (an encoder, or the cross attention of a decoder): one call over the whole input, as upstream;
+        the input is kept as history, so that if cached decoding follows (decoder cross attention), the module is
+        replayed over it left to right and continued from there.
         """
         module = self.hybrid_module
+        cached_hidden = getattr(cache, 'hybrid_hidden', None) if exists(cache) else None
 
-        if not self.causal:
+        if not self.causal and not exists(cached_hidden):
             kwargs = {self.hybrid_mask_kwarg: mask} if exists(self.hybrid_mask_kwarg) else dict()
             out, _ = first_leaf_and_state(module(x, **kwargs))
-            return out, None
+            return out, (None, x)
 
         fn = module.fn if isinstance(module, FoldAxially) else module
         axial_dim, num_new = self.hybrid_fold_axial_dim, x.shape[1]
 
         state, pending = None, x[:, :0]
-        if exists(cache) and exists(getattr(cache, 'hybrid_hidden', None)):
-            state, pending = cache.hybrid_hidden
+        if exists(cached_hidden):
+            state, pending = cached_hidden
 
         seq = cat((pending, x), dim=1)
         seq_len = seq.shape[1]
