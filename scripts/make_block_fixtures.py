@@ -6,8 +6,9 @@ Run with the interpreter of a virtual environment that has the PyPI release inst
 
 For every case below it builds the upstream block, randomizes its parameters, runs it on seeded inputs and
 saves (kwargs, state dict, outputs) into tests/fixtures/blocks/<group>.pt. The tests build our block
-from the same spec, load the state dict with strict=True, rebuild the seeded inputs and compare outputs. The spec helpers (`build`,
-`run`) are shared with the tests, so both sides interpret a case the same way.
+from the same spec, load the state dict with strict=True, rebuild the seeded inputs and compare outputs.
+The spec helpers (`cases`, `build`, `run`, `check_parity`) are shared with the tests, so both sides
+interpret a case the same way.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def g(seed, *shape, kind="randn"):
 
 
 def case(group, name, cls, kwargs=None, args=(), call_kwargs=None, method="forward", randomize=True):
+    """One fixture case; `cls` names a class or function, looked up in a namespace (ours or upstream's)."""
     return dict(
         group=group,
         name=name,
@@ -72,137 +74,161 @@ def key_padding_mask(j=N):
 
 
 def cases():
+    """Every fixture case: (group, name, block, constructor kwargs, forward args / kwargs, method)."""
     out = []
-    add = out.append
+
+    def add(group, name, cls, kwargs=None, args=(), call_kwargs=None, method="forward", randomize=True):
+        out.append(case(group, name, cls, kwargs, args, call_kwargs, method, randomize))
 
     # norms
     x = g(1, B, N, DIM)
     for unit_offset in (False, True):
         for cls in ("LayerNorm", "ScaleNorm", "RMSNorm"):
-            add(case("norms", f"{cls}_offset{unit_offset}", cls, dict(dim=DIM, unit_offset=unit_offset), [x]))
-    add(case("norms", "SimpleRMSNorm", "SimpleRMSNorm", dict(dim=DIM), [x]))
-    add(case("norms", "MultiheadRMSNorm", "MultiheadRMSNorm", dict(dim=D, heads=H), [g(2, B, H, N, D)]))
+            add("norms", f"{cls}_offset{unit_offset}", cls, dict(dim=DIM, unit_offset=unit_offset), [x])
+    add("norms", "SimpleRMSNorm", "SimpleRMSNorm", dict(dim=DIM), [x])
+    add("norms", "MultiheadRMSNorm", "MultiheadRMSNorm", dict(dim=D, heads=H), [g(2, B, H, N, D)])
     for cls in ("AdaptiveLayerNorm", "AdaptiveRMSNorm"):
-        add(case("norms", f"{cls}_cond2d", cls, dict(dim=DIM, dim_condition=3), [x], dict(condition=g(3, B, 3))))
-        add(case("norms", f"{cls}_cond3d", cls, dict(dim=DIM), [x], dict(condition=g(4, B, N, DIM))))
+        add("norms", f"{cls}_cond2d", cls, dict(dim=DIM, dim_condition=3), [x], dict(condition=g(3, B, 3)))
+        add("norms", f"{cls}_cond3d", cls, dict(dim=DIM), [x], dict(condition=g(4, B, N, DIM)))
 
     # feedforward
-    for name, kw in dict(
+    feedforwards = dict(
         gelu=dict(),
         swiglu_multbias=dict(glu=True, swish=True, glu_mult_bias=True),
         geglu=dict(glu=True, mult=2, dim_out=6),
         relu2_postln_nobias=dict(relu_squared=True, post_act_ln=True, no_bias=True),
         zero_init=dict(zero_init_output=True, swish=True),
-    ).items():
-        add(case("feedforward", name, "FeedForward", dict(dim=DIM, **kw), [x]))
-
-    # residual family
-    res = g(5, B, N, DIM)
-    add(case("residual", "Residual", "Residual", dict(dim=DIM), [x, res]))
-    add(
-        case(
-            "residual",
-            "Residual_scaled",
-            "Residual",
-            dict(dim=DIM, scale_residual=True, scale_residual_constant=0.5),
-            [x, res],
-        )
     )
-    add(case("residual", "GRUGating", "GRUGating", dict(dim=DIM, scale_residual=True), [x, res]))
+    for name, kwargs in feedforwards.items():
+        add("feedforward", name, "FeedForward", dict(dim=DIM, **kwargs), [x])
+
+    # residual family and wrappers around a block `fn`
+    res = g(5, B, N, DIM)
+    add("residual", "Residual", "Residual", dict(dim=DIM), [x, res])
+    scaled = dict(dim=DIM, scale_residual=True, scale_residual_constant=0.5)
+    add("residual", "Residual_scaled", "Residual", scaled, [x, res])
+    add("residual", "GRUGating", "GRUGating", dict(dim=DIM, scale_residual=True), [x, res])
     streams = g(6, B * 2, N, DIM)
     hc = dict(dim=DIM, layer_index=3, num_residual_streams=2)
-    add(case("residual", "HyperConnection_prepare", "HyperConnection", hc, [streams], method="prepare"))
-    add(case("residual", "HyperConnection_views3_prepare", "HyperConnection", dict(hc, num_input_views=3), [streams], method="prepare"))
-    add(case("residual", "HyperConnection_forward", "HyperConnection", hc, [x, g(7, B, N, 2, DIM)], dict(beta=g(8, B, N, 2))))
+    add("residual", "HyperConnection_prepare", "HyperConnection", hc, [streams], method="prepare")
+    hc_views = dict(hc, num_input_views=3)
+    add("residual", "HyperConnection_views3_prepare", "HyperConnection", hc_views, [streams], method="prepare")
+    hc_args = [x, g(7, B, N, 2, DIM)]
+    add("residual", "HyperConnection_forward", "HyperConnection", hc, hc_args, dict(beta=g(8, B, N, 2)))
     fn = dict(fn=("linear", DIM, DIM))
-    add(case("residual", "Scale", "Scale", dict(value=0.5, **fn), [x]))
-    add(case("residual", "LayerScale", "LayerScale", dict(dim=DIM, init_value=0.1, unit_offset=True, **fn), [x]))
-    add(case("residual", "AdaptiveLayerScale", "AdaptiveLayerScale", dict(dim=DIM, dim_condition=3, **fn), [x], dict(condition=g(3, B, 3))))
-    add(case("residual", "ShiftTokens", "ShiftTokens", dict(shifts=(0, 1, -1), **fn), [x]))
-    add(case("residual", "ShiftTokens_mask", "ShiftTokens", dict(shifts=(1, 2), **fn), [x], dict(mask=key_padding_mask())))
-    add(case("residual", "FoldAxially", "FoldAxially", dict(axial_dim=3, **fn), [g(9, B, 7, DIM)]))
+    add("residual", "Scale", "Scale", dict(value=0.5, **fn), [x])
+    add("residual", "LayerScale", "LayerScale", dict(dim=DIM, init_value=0.1, unit_offset=True, **fn), [x])
+    ada = dict(dim=DIM, dim_condition=3, **fn)
+    add("residual", "AdaptiveLayerScale", "AdaptiveLayerScale", ada, [x], dict(condition=g(3, B, 3)))
+    add("residual", "ShiftTokens", "ShiftTokens", dict(shifts=(0, 1, -1), **fn), [x])
+    shift_mask = dict(mask=key_padding_mask())
+    add("residual", "ShiftTokens_mask", "ShiftTokens", dict(shifts=(1, 2), **fn), [x], shift_mask)
+    add("residual", "FoldAxially", "FoldAxially", dict(axial_dim=3, **fn), [g(9, B, 7, DIM)])
 
-    # positional
+    # positional: embeddings
     tokens = g(10, B, N, kind="tokens")
-    add(case("positional", "TokenEmbedding", "TokenEmbedding", dict(dim=DIM, num_tokens=10), [tokens]))
-    add(case("positional", "TokenEmbedding_l2", "TokenEmbedding", dict(dim=DIM, num_tokens=10, l2norm_embed=True), [tokens]))
-    add(case("positional", "AbsolutePositionalEmbedding", "AbsolutePositionalEmbedding", dict(dim=DIM, max_seq_len=8), [x]))
-    add(
-        case(
-            "positional",
-            "AbsolutePositionalEmbedding_l2_start",
-            "AbsolutePositionalEmbedding",
-            dict(dim=DIM, max_seq_len=8, l2norm_embed=True),
-            [x],
-            dict(seq_start_pos=torch.tensor([0, 2])),
-        )
-    )
-    add(case("positional", "ScaledSinusoidalEmbedding", "ScaledSinusoidalEmbedding", dict(dim=DIM), [x]))
-    add(case("positional", "ScaledSinusoidalEmbedding_pos", "ScaledSinusoidalEmbedding", dict(dim=DIM, theta=100), [x], dict(pos=torch.arange(3, 3 + N))))
+    add("positional", "TokenEmbedding", "TokenEmbedding", dict(dim=DIM, num_tokens=10), [tokens])
+    add("positional", "TokenEmbedding_l2", "TokenEmbedding", dict(dim=DIM, num_tokens=10, l2norm_embed=True), [tokens])
+    absolute = dict(dim=DIM, max_seq_len=8)
+    add("positional", "AbsolutePositionalEmbedding", "AbsolutePositionalEmbedding", absolute, [x])
+    start = dict(seq_start_pos=torch.tensor([0, 2]))
+    absolute_l2 = dict(absolute, l2norm_embed=True)
+    add("positional", "AbsolutePositionalEmbedding_l2_start", "AbsolutePositionalEmbedding", absolute_l2, [x], start)
+    add("positional", "ScaledSinusoidalEmbedding", "ScaledSinusoidalEmbedding", dict(dim=DIM), [x])
+    custom_pos = dict(pos=torch.arange(3, 3 + N))
+    sinu = dict(dim=DIM, theta=100)
+    add("positional", "ScaledSinusoidalEmbedding_pos", "ScaledSinusoidalEmbedding", sinu, [x], custom_pos)
+
+    # positional: biases on the logits
     for causal in (False, True):
         t5 = dict(scale=2.0, causal=causal, num_buckets=8, max_distance=20, heads=2)
-        add(case("positional", f"RelativePositionBias_causal{causal}", "RelativePositionBias", t5, [24, 24]))
-        add(case("positional", f"RelativePositionBias_causal{causal}_cached", "RelativePositionBias", t5, [3, 24]))
-    add(case("positional", "DynamicPositionBias", "DynamicPositionBias", dict(dim=DIM, heads=2, depth=2), [N, N]))
-    add(case("positional", "DynamicPositionBias_log_norm", "DynamicPositionBias", dict(dim=DIM, heads=2, depth=3, log_distance=True, norm=True), [N, N]))
-    add(case("positional", "AlibiPositionalBias", "AlibiPositionalBias", dict(heads=4), [N, N]))
-    add(case("positional", "AlibiPositionalBias_partial_cached", "AlibiPositionalBias", dict(heads=3, total_heads=4), [2, 6]))
-    add(case("positional", "AlibiPositionalBias_custom_pos", "AlibiPositionalBias", dict(heads=6, total_heads=8), [torch.tensor([[0, 1, 3, 7], [0, 2, 2, 5]])], method="forward_custom_pos"))
-    add(case("positional", "AlibiPositionalBias_slopes_custom_pos", "AlibiPositionalBias", dict(heads=2, slopes=[0.5, 0.25]), [torch.arange(4), torch.arange(6)], method="forward_custom_pos"))
+        add("positional", f"RelativePositionBias_causal{causal}", "RelativePositionBias", t5, [24, 24])
+        add("positional", f"RelativePositionBias_causal{causal}_cached", "RelativePositionBias", t5, [3, 24])
+    dpb = dict(dim=DIM, heads=2, depth=2)
+    add("positional", "DynamicPositionBias", "DynamicPositionBias", dpb, [N, N])
+    dpb_log = dict(dim=DIM, heads=2, depth=3, log_distance=True, norm=True)
+    add("positional", "DynamicPositionBias_log_norm", "DynamicPositionBias", dpb_log, [N, N])
+    add("positional", "AlibiPositionalBias", "AlibiPositionalBias", dict(heads=4), [N, N])
+    partial_alibi = dict(heads=3, total_heads=4)
+    add("positional", "AlibiPositionalBias_partial_cached", "AlibiPositionalBias", partial_alibi, [2, 6])
+    pos = torch.tensor([[0, 1, 3, 7], [0, 2, 2, 5]])
+    custom = dict(method="forward_custom_pos")
+    alibi_partial = dict(heads=6, total_heads=8)
+    add("positional", "AlibiPositionalBias_custom_pos", "AlibiPositionalBias", alibi_partial, [pos], **custom)
+    slopes = dict(heads=2, slopes=[0.5, 0.25])
+    pos_ij = [torch.arange(4), torch.arange(6)]
+    add("positional", "AlibiPositionalBias_slopes_custom_pos", "AlibiPositionalBias", slopes, pos_ij, **custom)
     for causal in (True, False):
-        add(case("positional", f"DataDependentAlibi_causal{causal}", "DataDependentAlibi", dict(dim=DIM, heads=2, causal=causal, post_log_scale=0.5), [x]))
-    add(case("positional", "PerRowDataDependentAlibi", "PerRowDataDependentAlibi", dict(dim=DIM, heads=2, dim_head=4), [x]))
-    logits = g(11, B, H, N, N) * 2
-    for name, kw in dict(plain=dict(), talking_heads=dict(talking_heads=True)).items():
-        add(case("positional", f"CoPE_{name}", "CoPE", dict(dim=D, heads=H, max_pos=3, **kw), [g(12, B, H, N, D), logits]))
+        dda = dict(dim=DIM, heads=2, causal=causal, post_log_scale=0.5)
+        add("positional", f"DataDependentAlibi_causal{causal}", "DataDependentAlibi", dda, [x])
+    per_row = dict(dim=DIM, heads=2, dim_head=4)
+    add("positional", "PerRowDataDependentAlibi", "PerRowDataDependentAlibi", per_row, [x])
+    cope_args = [g(12, B, H, N, D), g(11, B, H, N, N) * 2]
+    for name, kwargs in dict(plain=dict(), talking_heads=dict(talking_heads=True)).items():
+        add("positional", f"CoPE_{name}", "CoPE", dict(dim=D, heads=H, max_pos=3, **kwargs), cope_args)
+
+    # positional: rotary
     positions = torch.tensor([[0, 1, 2, 5, 9], [3, 4, 5, 6, 7]])
-    for name, kw in dict(
+    rotaries = dict(
         plain=dict(),
         xpos=dict(use_xpos=True, scale_base=16),
         interp_ntk=dict(interpolation_factor=2.0, base_rescale_factor=2.0),
-    ).items():
-        add(case("positional", f"RotaryEmbedding_{name}", "RotaryEmbedding", dict(dim=DIM, **kw), [N], method="forward_from_seq_len"))
-        add(case("positional", f"RotaryEmbedding_{name}_pos", "RotaryEmbedding", dict(dim=DIM, **kw), [positions]))
-    add(case("positional", "rotate_half", "rotate_half", args=[g(13, B, H, N, D)], randomize=False))
-    freqs = g(14, 1, 7, 6)
-    add(case("positional", "apply_rotary_pos_emb_partial", "apply_rotary_pos_emb", args=[g(15, B, H, N, DIM), freqs], randomize=False))
-    add(case("positional", "apply_rotary_pos_emb_xpos", "apply_rotary_pos_emb", args=[g(15, B, H, N, DIM), freqs, g(16, 1, 7, 6).abs()], randomize=False))
-    add(case("positional", "apply_rotary_pos_emb_3d", "apply_rotary_pos_emb", args=[g(17, B, N, DIM), g(18, B, N, DIM)], randomize=False))
+    )
+    for name, kwargs in rotaries.items():
+        rotary = dict(dim=DIM, **kwargs)
+        add("positional", f"RotaryEmbedding_{name}", "RotaryEmbedding", rotary, [N], method="forward_from_seq_len")
+        add("positional", f"RotaryEmbedding_{name}_pos", "RotaryEmbedding", rotary, [positions])
+    fixed = dict(randomize=False)
+    add("positional", "rotate_half", "rotate_half", args=[g(13, B, H, N, D)], **fixed)
+    freqs, xpos_scale = g(14, 1, 7, 6), g(16, 1, 7, 6).abs()
+    t = g(15, B, H, N, DIM)
+    add("positional", "apply_rotary_pos_emb_partial", "apply_rotary_pos_emb", args=[t, freqs], **fixed)
+    add("positional", "apply_rotary_pos_emb_xpos", "apply_rotary_pos_emb", args=[t, freqs, xpos_scale], **fixed)
+    t3, freqs3 = g(17, B, N, DIM), g(18, B, N, DIM)
+    add("positional", "apply_rotary_pos_emb_3d", "apply_rotary_pos_emb", args=[t3, freqs3], **fixed)
 
-    # attend
+    # attend, on both paths
     mask = key_padding_mask()
     bias = g(20, H, N, N)
     attend = dict(heads=H, scale=0.7)
+    attn_mask_4d = g(21, B, 1, N, N, kind="bool") | torch.eye(N, dtype=torch.bool)
     for flash in (False, True):
         tag = "flash" if flash else "math"
         common = dict(attend, flash=flash)
-        add(case("attend", f"{tag}_plain", "Attend", common, qkv()))
-        add(case("attend", f"{tag}_default_scale", "Attend", dict(heads=H, flash=flash), qkv()))
-        add(case("attend", f"{tag}_mask", "Attend", common, qkv(), dict(mask=mask)))
-        add(case("attend", f"{tag}_causal", "Attend", dict(common, causal=True), qkv()))
-        add(case("attend", f"{tag}_causal_mask_bias", "Attend", dict(common, causal=True), qkv(), dict(mask=mask, attn_bias=bias)))
-        add(case("attend", f"{tag}_bias", "Attend", common, qkv(), dict(attn_bias=bias)))
-        add(case("attend", f"{tag}_causal_cached", "Attend", dict(common, causal=True), qkv(i=2, j=N)))
-        add(case("attend", f"{tag}_causal_cached_mask", "Attend", dict(common, causal=True), qkv(i=2, j=N), dict(mask=mask)))
-        add(case("attend", f"{tag}_gqa", "Attend", dict(common, causal=True), qkv(kv_heads=2)))
-        add(case("attend", f"{tag}_one_kv_head", "Attend", common, qkv(kv_heads=1), dict(mask=mask)))
-        add(case("attend", f"{tag}_zero_kv", "Attend", dict(common, add_zero_kv=True), qkv(), dict(mask=mask, attn_bias=bias)))
-        add(case("attend", f"{tag}_l2_distance", "Attend", dict(common, l2_distance=True), qkv(), dict(mask=mask)))
-        add(case("attend", f"{tag}_attn_mask_4d", "Attend", common, qkv(), dict(mask=g(21, B, 1, N, N, kind="bool") | torch.eye(N, dtype=torch.bool))))
-    add(case("attend", "math_qk_norm", "Attend", dict(heads=H, scale=10.0, qk_norm=True), qkv(), dict(mask=mask)))
-    add(case("attend", "math_prev_attn", "Attend", attend, qkv(), dict(prev_attn=g(22, B, H, N, N))))
-    add(case("attend", "math_talking_heads", "Attend", dict(attend, pre_talking_heads=True, post_talking_heads=True), qkv(), dict(mask=mask)))
-    add(case("attend", "math_pre_scale_post_talking_heads", "Attend", dict(attend, pre_scale_post_talking_heads=True, causal=True), qkv()))
-    add(case("attend", "math_sparse_topk", "Attend", dict(attend, sparse_topk=2), qkv(), dict(mask=mask)))
-    add(case("attend", "math_sparse_topk_st", "Attend", dict(attend, sparse_topk=3, sparse_topk_straight_through=True, causal=True), qkv()))
-    add(case("attend", "math_hard", "Attend", dict(attend, hard=True), qkv(), dict(mask=mask)))
-    add(case("attend", "math_sigmoid", "Attend", dict(attend, sigmoid=True), qkv(), dict(mask=mask)))
-    add(case("attend", "math_softclamp", "Attend", dict(attend, softclamp_logits=True, logit_softclamp_value=1.5), qkv(), dict(attn_bias=bias)))
-    add(case("attend", "math_selective", "Attend", dict(attend, causal=True, selective=True), qkv()))
-    add(case("attend", "math_selective_cached", "Attend", dict(attend, causal=True, selective=True), qkv(i=3, j=N)))
+        causal = dict(common, causal=True)
+        add("attend", f"{tag}_plain", "Attend", common, qkv())
+        add("attend", f"{tag}_default_scale", "Attend", dict(heads=H, flash=flash), qkv())
+        add("attend", f"{tag}_mask", "Attend", common, qkv(), dict(mask=mask))
+        add("attend", f"{tag}_causal", "Attend", causal, qkv())
+        add("attend", f"{tag}_causal_mask_bias", "Attend", causal, qkv(), dict(mask=mask, attn_bias=bias))
+        add("attend", f"{tag}_bias", "Attend", common, qkv(), dict(attn_bias=bias))
+        add("attend", f"{tag}_causal_cached", "Attend", causal, qkv(i=2, j=N))
+        add("attend", f"{tag}_causal_cached_mask", "Attend", causal, qkv(i=2, j=N), dict(mask=mask))
+        add("attend", f"{tag}_gqa", "Attend", causal, qkv(kv_heads=2))
+        add("attend", f"{tag}_one_kv_head", "Attend", common, qkv(kv_heads=1), dict(mask=mask))
+        zero_kv = dict(common, add_zero_kv=True)
+        add("attend", f"{tag}_zero_kv", "Attend", zero_kv, qkv(), dict(mask=mask, attn_bias=bias))
+        add("attend", f"{tag}_l2_distance", "Attend", dict(common, l2_distance=True), qkv(), dict(mask=mask))
+        add("attend", f"{tag}_attn_mask_4d", "Attend", common, qkv(), dict(mask=attn_mask_4d))
+
+    # attend, math path only features
+    def math(name, call_kwargs=None, inputs=None, **kwargs):
+        add("attend", f"math_{name}", "Attend", dict(attend, **kwargs), inputs or qkv(), call_kwargs)
+
+    math("qk_norm", dict(mask=mask), scale=10.0, qk_norm=True)
+    math("prev_attn", dict(prev_attn=g(22, B, H, N, N)))
+    math("talking_heads", dict(mask=mask), pre_talking_heads=True, post_talking_heads=True)
+    math("pre_scale_post_talking_heads", pre_scale_post_talking_heads=True, causal=True)
+    math("sparse_topk", dict(mask=mask), sparse_topk=2)
+    math("sparse_topk_st", sparse_topk=3, sparse_topk_straight_through=True, causal=True)
+    math("hard", dict(mask=mask), hard=True)
+    math("sigmoid", dict(mask=mask), sigmoid=True)
+    math("softclamp", dict(attn_bias=bias), softclamp_logits=True, logit_softclamp_value=1.5)
+    math("selective", causal=True, selective=True)
+    math("selective_cached", inputs=qkv(i=3, j=N), causal=True, selective=True)
     cope = dict(dim=D, heads=H, max_pos=3)
-    add(case("attend", "math_cope", "Attend", dict(attend, causal=True, cope=cope), qkv()))
-    add(case("attend", "math_cope_talking_heads", "Attend", dict(attend, causal=True, cope=dict(cope, talking_heads=True)), qkv()))
+    math("cope", causal=True, cope=cope)
+    math("cope_talking_heads", causal=True, cope=dict(cope, talking_heads=True))
     return out
 
 

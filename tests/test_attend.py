@@ -82,7 +82,8 @@ def test_sdpa_matches_math(device, kwargs, inputs, call):
 
     assert torch.isfinite(out_math).all() and torch.isfinite(out_sdpa).all()
     torch.testing.assert_close(out_sdpa, out_math, rtol=1e-4, atol=1e-5)
-    assert isinstance(inter_math, Intermediates) and inter_math.post_softmax_attn.shape == (3, 4, i, j + kwargs.get("add_zero_kv", 0))
+    num_keys = j + int(kwargs.get("add_zero_kv", False))
+    assert isinstance(inter_math, Intermediates) and inter_math.post_softmax_attn.shape == (3, 4, i, num_keys)
 
 
 @pytest.mark.parametrize("flash", (False, True))
@@ -303,7 +304,8 @@ def test_sdpa_matches_math_on_gpu_half(dtype):
 def test_sdpa_unmasked_causal_uses_fused_kernel_on_gpu():
     # no mask, no bias, square causal: SDPA's is_causal path, which flash kernels accept
     q, k, v = qkv(b=2, i=128, j=128, d=64, device="cuda", dtype=torch.bfloat16)
-    attend = Attend(causal=True, flash=True, sdp_kwargs=dict(enable_flash=True, enable_math=False, enable_mem_efficient=False))
+    flash_only = dict(enable_flash=True, enable_math=False, enable_mem_efficient=False)
+    attend = Attend(causal=True, flash=True, sdp_kwargs=flash_only)
     out, _ = attend(q, k, v)
     ref, _ = Attend(causal=True)(q, k, v)
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)

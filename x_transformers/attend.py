@@ -267,6 +267,7 @@ class Attend(Module):
         # SDPA wants as many kv heads as query heads; its own GQA pairs heads in another order
         if k.shape[1] != heads:
             k, v = (t.repeat(1, heads // t.shape[1], 1, 1) for t in (k, v))
+
         causal = self.causal and i > 1
         scale = default(self.scale, d**-0.5)
 

@@ -204,7 +204,7 @@ class CoPE(Module):
 
 
 class DynamicPositionBias(Module):
-    """A small MLP from relative distance to a bias per head, the continuous position bias of SwinV2, arXiv 2111.09883."""
+    """A small MLP from relative distance to a bias per head (SwinV2's continuous position bias, arXiv 2111.09883)."""
 
     def __init__(self, dim, *, heads, depth, log_distance=False, norm=False):
         super().__init__()
