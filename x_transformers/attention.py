@@ -524,6 +524,7 @@ class Attention(Module):
 
         if exists(mask) and (mask.ndim != 2 or mask.shape[0] != b or mask.shape[-1] < n):
             raise ValueError(f'mask must have shape ({b}, {n}), got {tuple(mask.shape)}')
+
         mem_len = mem.shape[-2] if exists(mem) else 0
         is_self_qkv = not (has_context or exists(mem) or self.qkv_receive_diff_residuals)
 
@@ -540,7 +541,10 @@ class Attention(Module):
 
         cached_kv = None
 
-        if self.use_latent_q:
+        # self attention with both latents: one matmul makes the query latent and the key / value latent
+        fuse_latent_q = self.use_latent_q and self.use_latent_kv and is_self_qkv
+
+        if self.use_latent_q and not fuse_latent_q:
             q_input = self.to_latent_q(q_input)
 
         if self.use_latent_kv:
@@ -548,7 +552,11 @@ class Attention(Module):
                 raise ValueError('multi-latent attention does not support qkv_receive_diff_residuals')
 
             latent_names = ('to_latent_kv', 'to_rotateable_k') if exists(self.to_rotateable_k) else ('to_latent_kv',)
-            latent_kv, *rotateable_k = self.fused_linear(k_input, latent_names)
+
+            if fuse_latent_q:
+                q_input, latent_kv, *rotateable_k = self.fused_linear(x, ('to_latent_q', *latent_names))
+            else:
+                latent_kv, *rotateable_k = self.fused_linear(k_input, latent_names)
 
             mem_latent, latent_kv = latent_kv[:, :mem_len], latent_kv[:, mem_len:]
 
