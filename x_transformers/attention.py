@@ -354,8 +354,11 @@ class Attention(Module):
         weights = [getattr(self, name).weight for name in names]
         needs_grad = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
 
-        if needs_grad or torch.compiler.is_compiling():
+        if needs_grad:
             weight = cat(weights)
+        elif torch.compiler.is_compiling():
+            # compiled inference: a per-call weight concatenation would cost more than the separate matmuls
+            return tuple(F.linear(x, w) for w in weights)
         elif not self.cache_fused_weights:
             self._fused_weights.clear()
             return tuple(F.linear(x, w) for w in weights)
