@@ -223,6 +223,32 @@ def test_dpo_trains_only_the_policy():
     assert all(not p.requires_grad for p in dpo.ref_model.parameters())
 
 
+def test_dpo_loss_counts_only_response_tokens():
+    torch.manual_seed(0)
+    dpo = DPO(small_decoder(), beta=0.5, pad_id=0)
+    with torch.no_grad():
+        for param in dpo.policy_model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+
+    preferred, unpreferred = torch.randint(1, 32, (2, 8)), torch.randint(1, 32, (2, 8))
+    unpreferred[0, 6:] = 0  # padding
+    prompt_mask = torch.zeros(2, 8, dtype=torch.bool)
+    prompt_mask[:, :3] = True
+
+    def mean_log_prob(model, seq):
+        # log p(token t | tokens before t), averaged over response tokens that are not padding
+        log_probs = model(seq[:, :-1]).log_softmax(dim=-1).gather(-1, seq[:, 1:, None])[..., 0]
+        counted = (~prompt_mask & (seq != 0))[:, 1:]
+        return (log_probs * counted).sum(dim=-1) / counted.sum(dim=-1)
+
+    policy, ref = dpo.policy_model, dpo.ref_model
+    logits_diff = (mean_log_prob(policy, preferred) - mean_log_prob(policy, unpreferred)) - (
+        mean_log_prob(ref, preferred) - mean_log_prob(ref, unpreferred)
+    )
+    expected = -torch.nn.functional.logsigmoid(0.5 * logits_diff).mean()
+    assert torch.allclose(dpo(preferred, unpreferred, prompt_mask=prompt_mask), expected, atol=1e-5)
+
+
 # belief state
 
 
@@ -288,6 +314,16 @@ def test_entropy_based_tokenizer():
     lens = torch.tensor([16, 9])
     token_lengths = tokenizer(seq, lens=lens)
     assert torch.equal(token_lengths.sum(dim=-1), lens)
+
+    # a token ends exactly where the decoder's next-token entropy reaches the threshold (here its median)
+    probs = tokenizer.decoder(seq).softmax(dim=-1)
+    entropies = -(probs * probs.clamp(min=1e-20).log()).sum(dim=-1)
+    tokenizer.entropy_threshold = entropies.median().item()
+    ends = entropies >= tokenizer.entropy_threshold
+    ends[:, -1] = True
+    expected = [torch.diff(row.nonzero()[:, 0] + 1, prepend=torch.zeros(1, dtype=torch.long)) for row in ends]
+    for got, want in zip(tokenizer(seq), expected):
+        assert torch.equal(got[got > 0], want)
 
     # max token size splits long tokens; a threshold above any entropy gives one token per sequence otherwise
     capped = EntropyBasedTokenizer(tokenizer.decoder, entropy_threshold=100.0, max_token_size=5)
