@@ -2,8 +2,7 @@
 
 Pipeline: chunk-local gate cumsum -> state before every chunk (`chunk_h.py`) -> output = inter-chunk `q h` plus the
 causal intra-chunk attention. The backward pass recomputes the states, walks the state gradients back (`chunk_h.py`),
-then gets dv and dq/dk per chunk; the gate gradient follows from `dA_t = q_t.dq_t - k_t.dk_t` (A = cumulative log
-gate), reverse-cumsummed within each sequence, plus the final state's own term `<S_T, dS_T>` at the last token.
+then gets dv and dq/dk per chunk, and the gate gradient `dg_s = exp(g_s) <S_{s-1}, dS_s>` from chunk-local pieces.
 """
 
 from __future__ import annotations
@@ -13,8 +12,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from x_transformers.ops.common.chunk_index import last_positions, prepare_chunk_indices, prepare_chunk_offsets
-from x_transformers.ops.common.cumsum import chunk_local_cumsum, reverse_cumsum
+from x_transformers.ops.common.chunk_index import prepare_chunk_indices, prepare_chunk_offsets
+from x_transformers.ops.common.cumsum import chunk_local_cumsum
 from x_transformers.ops.common.utils import check_cu_seqlens, check_float, check_shape, use_triton
 from x_transformers.ops.simple_gla.chunk_h import chunk_bwd_dh, chunk_fwd_h, tile
 
@@ -122,12 +121,12 @@ def chunk_bwd_dv_kernel(
 
 @triton.jit
 def chunk_bwd_dqk_kernel(
-    q, k, v, h, do, dh, gc, dq, dk, dA, cu_seqlens, chunk_indices, chunk_offsets, scale, T,
+    q, k, v, h, do, dh, gc, dq, dk, dg, cu_seqlens, chunk_indices, chunk_offsets, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NK: tl.constexpr, USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """grid (NK, NT, B * H). dq, dk for one chunk and K tile; with gates also this K tile's share of
-    dA = q.dq - k.dk, written to dA: [B, T, H, NK] fp32."""
+    """grid (NK, NT, B * H). dq, dk for one chunk and K tile; with gates also this K tile's share of the gate
+    gradient, written to dg: [B, T, H, NK] fp32."""
     i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     i_t, bos, T, boh = _chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, chunk_offsets, BT, IS_VARLEN)
@@ -136,6 +135,8 @@ def chunk_bwd_dqk_kernel(
     b_ds = tl.zeros([BT, BT], dtype=tl.float32)
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    # <h, dh> over this K tile: the chunk-start state against the gradient of the chunk-end state
+    b_hdh = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
         p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
@@ -148,6 +149,8 @@ def chunk_bwd_dqk_kernel(
         b_ds += tl.dot(b_do, tl.trans(b_v), input_precision="ieee")
         b_dq += tl.dot(b_do, b_h.to(b_do.dtype), input_precision="ieee")
         b_dk += tl.dot(b_v, b_dh.to(b_v.dtype), input_precision="ieee")
+        if USE_G:
+            b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=0)
 
     p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
     p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
@@ -167,17 +170,29 @@ def chunk_bwd_dqk_kernel(
         b_dk = b_dk * tl.where(m_t, tl.exp(b_g_last - b_g), 0)[:, None]
         b_ds = b_ds * tl.exp(tl.where(m_A, b_g[:, None] - b_g[None, :], 0))
     b_ds = tl.where(m_A, b_ds * scale, 0)
-    b_dq = b_dq * scale + tl.dot(b_ds.to(b_k.dtype), b_k, input_precision="ieee")
+    b_dq = b_dq * scale
+    if USE_G:
+        # dg_s = exp(g_s) <S_{s-1}, dS_s>, split into chunk-local pieces (no sequence-wide cumsum of q.dq - k.dk,
+        # whose terms cancel heavily and lose bf16 precision): state x future state gradient, state x this chunk's
+        # queries after s, this chunk's keys before s x future state gradient, keys before s x queries from s on
+        b_qdq = tl.sum(b_q.to(tl.float32) * b_dq, axis=1)
+        b_kdk = tl.sum(b_k.to(tl.float32) * b_dk, axis=1)
+        b_dg = tl.exp(b_g_last) * tl.sum(b_hdh, axis=0)
+        b_dg += tl.sum(b_qdq, axis=0) - tl.cumsum(b_qdq, axis=0) + b_qdq
+        b_dg += tl.cumsum(b_kdk, axis=0) - b_kdk
+        # b_P[i, j] = ds_ij * A_ij; pairs j < s <= i
+        b_P = b_ds * tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+        b_C = tl.cumsum(b_P, axis=1) - b_P
+        b_dg += tl.sum(tl.where(o_i[:, None] >= o_i[None, :], b_C, 0), axis=0)
+        p_dg = tl.make_block_ptr(dg + (bos * H + i_h) * NK + i_k, (T,), (H * NK,), (i_t * BT,), (BT,), (0,))
+        tl.store(p_dg, b_dg, boundary_check=(0,))
+    b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision="ieee")
     b_dk += tl.dot(tl.trans(b_ds).to(b_q.dtype), b_q, input_precision="ieee")
 
     p_dq = tl.make_block_ptr(dq + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
     p_dk = tl.make_block_ptr(dk + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
     tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), boundary_check=(0, 1))
     tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
-    if USE_G:
-        b_dA = tl.sum(b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk, axis=1)
-        p_dA = tl.make_block_ptr(dA + (bos * H + i_h) * NK + i_k, (T,), (H * NK,), (i_t * BT,), (BT,), (0,))
-        tl.store(p_dA, b_dA, boundary_check=(0,))
 
 
 def _chunk_meta(q, cu_seqlens, BT):
@@ -205,7 +220,7 @@ def chunk_simple_gla_fwd(q, k, v, gc, scale, h0, output_final_state, cu_seqlens,
     return o, ht
 
 
-def chunk_simple_gla_bwd(q, k, v, gc, scale, h0, ht, do, dht, cu_seqlens, meta, BT=CHUNK_SIZE):
+def chunk_simple_gla_bwd(q, k, v, gc, scale, h0, do, dht, cu_seqlens, meta, BT=CHUNK_SIZE):
     chunk_indices, chunk_offsets, num_chunks, grid_t = meta
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -215,7 +230,7 @@ def chunk_simple_gla_bwd(q, k, v, gc, scale, h0, ht, do, dht, cu_seqlens, meta, 
     BK, BV = tile(K), tile(V)
     NK = triton.cdiv(K, BK)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dA = q.new_empty(B, T, H, NK, dtype=torch.float32) if gc is not None else None
+    dg = q.new_empty(B, T, H, NK, dtype=torch.float32) if gc is not None else None
     if grid_t > 0:
         common = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None, IS_VARLEN=cu_seqlens is not None)
         chunk_bwd_dv_kernel[(triton.cdiv(V, BV), grid_t, B * H)](
@@ -223,17 +238,11 @@ def chunk_simple_gla_bwd(q, k, v, gc, scale, h0, ht, do, dht, cu_seqlens, meta, 
             num_warps=4, num_stages=2,
         )
         chunk_bwd_dqk_kernel[(NK, grid_t, B * H)](
-            q, k, v, h, do, dh, gc, dq, dk, dA, cu_seqlens, chunk_indices, chunk_offsets, scale, T, NK=NK, **common,
+            q, k, v, h, do, dh, gc, dq, dk, dg, cu_seqlens, chunk_indices, chunk_offsets, scale, T, NK=NK, **common,
             num_warps=4, num_stages=2,
         )
-    dg = None
-    if gc is not None:
-        dA = dA.sum(-1) if T > 0 else dA.new_zeros(B, T, H)
-        if dht is not None and ht is not None:
-            # A_T scales the whole final state: d<S_T, dS_T>/dA_T = <S_T, dS_T>
-            (rows, cols), seq = last_positions(cu_seqlens, B, T, q.device)
-            dA[rows, cols] += (ht * dht).sum((-2, -1))[seq]
-        dg = reverse_cumsum(dA, cu_seqlens)
+    if dg is not None:
+        dg = dg.sum(-1) if NK > 1 else dg[..., 0]
     return dq, dk, dv, dg, dh0
 
 
@@ -244,7 +253,7 @@ class ChunkSimpleGLAFunction(torch.autograd.Function):
         gc = chunk_local_cumsum(g, CHUNK_SIZE, cu_seqlens, meta[0]) if g is not None else None
         h0 = initial_state.float().contiguous() if initial_state is not None else None
         o, ht = chunk_simple_gla_fwd(q, k, v, gc, scale, h0, output_final_state, cu_seqlens, meta)
-        ctx.save_for_backward(q, k, v, gc, h0, ht, cu_seqlens)
+        ctx.save_for_backward(q, k, v, gc, h0, cu_seqlens)
         ctx.meta, ctx.scale = meta, scale
         ctx.g_dtype = g.dtype if g is not None else None
         ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
@@ -252,10 +261,10 @@ class ChunkSimpleGLAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, gc, h0, ht, cu_seqlens = ctx.saved_tensors
+        q, k, v, gc, h0, cu_seqlens = ctx.saved_tensors
         dht = dht.float().contiguous() if dht is not None else None
         dq, dk, dv, dg, dh0 = chunk_simple_gla_bwd(
-            q, k, v, gc, ctx.scale, h0, ht, do.contiguous(), dht, cu_seqlens, ctx.meta
+            q, k, v, gc, ctx.scale, h0, do.contiguous(), dht, cu_seqlens, ctx.meta
         )
         dg = dg.to(ctx.g_dtype) if dg is not None else None
         dh0 = dh0.to(ctx.h0_dtype) if dh0 is not None else None
