@@ -56,6 +56,13 @@ CONFIGS = {
     'sparse_topk_laser_softclamp': (dict(sparse_topk=3, laser=True, softclamp_logits=True, logit_softclamp_value=4.0), ()),
     'forgetting': (dict(causal=True, data_dependent_alibi=True), ()),
     'value_residual': (dict(causal=True, learned_value_residual_mix=True), ('value_residual',)),
+    'sigmoid_head_scale': (dict(sigmoid=True, head_scale=True), ('mask',)),
+    'hard_zero_kv': (dict(hard=True, add_zero_kv=True), ()),
+    'l2_distance_max_past': (dict(causal=True, l2_distance=True, one_kv_head=True, max_attend_past=2), ()),
+    'cope': (dict(causal=True, use_cope=True, cope_max_pos=4, cope_talking_heads=True), ()),
+    'forgetting_per_row': (dict(causal=True, data_dependent_alibi=True, data_dependent_alibi_per_row=True), ()),
+    'selective': (dict(causal=True, selective=True), ()),
+    'partial_rotary_heads': (dict(causal=True, rotate_num_heads=2), ('rotary',)),
 }
 
 
