@@ -228,6 +228,30 @@ def test_cached_generation_matches_uncached(name, device):
     assert torch.equal(greedy_cached, wrapper.generate(prompts, 12, temperature=0.0, cache_kv=False))
 
 
+@pytest.mark.parametrize(
+    "wrapper_kwargs, attn_kwargs, generate_kwargs",
+    (
+        (dict(num_memory_tokens=2), dict(), dict()),
+        (dict(), dict(attn_selective=True), dict()),
+        (dict(recycling=True), dict(), dict(recycle_steps=2)),
+    ),
+)
+def test_configurations_that_cannot_cache_fall_back(wrapper_kwargs, attn_kwargs, generate_kwargs):
+    torch.manual_seed(0)
+    net = TransformerWrapper(
+        num_tokens=NUM_TOKENS,
+        max_seq_len=32,
+        attn_layers=Decoder(dim=32, depth=2, heads=2, **attn_kwargs),
+        **wrapper_kwargs,
+    )
+    wrapper = AutoregressiveWrapper(net)
+    assert not net.can_cache_kv
+
+    prompts = torch.randint(0, NUM_TOKENS, (2, 4))
+    asked_to_cache = wrapper.generate(prompts, 6, temperature=0.0, cache_kv=True, **generate_kwargs)
+    assert torch.equal(asked_to_cache, wrapper.generate(prompts, 6, temperature=0.0, cache_kv=False, **generate_kwargs))
+
+
 def test_cached_generation_with_cross_attention():
     torch.manual_seed(0)
     wrapper = make_decoder(cross_attend=True)
