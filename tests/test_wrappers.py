@@ -51,13 +51,15 @@ def small_decoder(num_tokens=32, max_seq_len=32, **kwargs):
 # xl
 
 
-def test_xl_wrapper_trains_and_generates_with_memories():
+@pytest.mark.parametrize("pos", ("rel_pos_bias", "rotary_pos_emb", "alibi_pos_bias"))
+def test_xl_wrapper_trains_and_generates_with_memories(pos):
     torch.manual_seed(0)
     net = TransformerWrapper(
         num_tokens=32,
         max_seq_len=8,
         max_mem_len=16,
-        attn_layers=Decoder(dim=32, depth=2, heads=2, rel_pos_bias=True),
+        use_abs_pos_emb=False,
+        attn_layers=Decoder(dim=32, depth=2, heads=2, **{pos: True}),
     )
     wrapper = XLAutoregressiveWrapper(net)
     seq = torch.randint(0, 32, (2, 25))
