@@ -58,7 +58,6 @@ def model_kwargs(args) -> dict:
     kwargs = dict(
         dim=args.dim,
         tie_token_emb=True,
-        return_tgt_loss=True,
         enc_num_tokens=num_tokens,
         enc_depth=args.depth,
         enc_heads=args.heads,

@@ -165,7 +165,7 @@ def main(argv=None):
             metrics.log(**row)
 
             if done % args.generate_every == 0 or last:
-                sample(plain, val_data, val_gen, args, device, dtype, dist_info)
+                sample(plain, val_data, done, args, device, dtype, dist_info)
             if done % args.validate_every == 0 or last:
                 if dist_info.is_main:
                     T.plot_metrics(out / "metrics.csv", out / "loss.png", {"train_loss": "train", "val_loss": "val"},
@@ -196,13 +196,16 @@ def validate(model, val_data, val_gen, args, device, dtype, dist_info) -> float:
 
 
 @torch.no_grad()
-def sample(model, val_data, val_gen, args, device, dtype, dist_info):
+def sample(model, val_data, step, args, device, dtype, dist_info):
     # under FSDP every rank must run the forward passes (parameters are all-gathered); otherwise rank 0 alone
     if not (dist_info.is_main or T.is_fsdp(model)):
         return
     model.eval()
-    prime = T.random_crops(val_data, 1, min(args.prime_length, args.seq_len), val_gen)[0].to(device)
-    with T.autocast(device, dtype):
+    # own generator and a forked global RNG: sampling never shifts the training or validation streams, so a run
+    # that samples at some step (e.g. its last before a --resume) trains exactly like one that does not
+    prompt_gen = torch.Generator().manual_seed(args.seed + step)
+    prime = T.random_crops(val_data, 1, min(args.prime_length, args.seq_len), prompt_gen)[0].to(device)
+    with T.fork_rng(device), T.autocast(device, dtype):
         out = model.generate(prime[None], args.generate_length, cache_kv=True)
     if dist_info.is_main:
         rule = "-" * 80

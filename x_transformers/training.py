@@ -14,6 +14,7 @@ import math
 import os
 import random
 import signal
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +108,9 @@ def wrap_model(model: nn.Module, dist_info: Dist, device: torch.device, fsdp: bo
 
     from torch.distributed.fsdp import fully_shard
 
+    # blocks return reshaped (view) outputs and the residual adds out of place, so FSDP2's warning about in-place
+    # ops on views does not apply; tests/test_train.py checks FSDP2 losses equal DDP's step for step
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     # shard each residual block on its own so only one block's full weights are gathered at a time
     for block in find_layer_blocks(model):
         fully_shard(block)
@@ -115,12 +119,19 @@ def wrap_model(model: nn.Module, dist_info: Dist, device: torch.device, fsdp: bo
 
 
 def find_layer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The per-layer modules of every AttentionLayers inside `model` (its `layers` ModuleList)."""
+    """The attention / feedforward blocks of every AttentionLayers inside `model`. Each entry of its `layers` is a
+    ModuleList (norms, block, residual); fully_shard needs modules with a forward, so the entry's own children with
+    parameters are taken, not the container."""
     blocks = []
     for module in model.modules():
         layers = getattr(module, "layers", None)
-        if isinstance(layers, nn.ModuleList) and hasattr(module, "layer_types"):
-            blocks.extend(layers)
+        if not (isinstance(layers, nn.ModuleList) and hasattr(module, "layer_types")):
+            continue
+        for entry in layers:
+            parts = entry.children() if isinstance(entry, nn.ModuleList) else [entry]
+            for part in parts:
+                if not isinstance(part, (nn.ModuleList, nn.ModuleDict)) and any(True for _ in part.parameters()):
+                    blocks.append(part)
     return blocks
 
 
@@ -210,6 +221,11 @@ def set_rng_state(state: dict, generators: dict[str, torch.Generator]):
         gen.set_state(state["generators"][name])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def fork_rng(device: torch.device):
+    """Global RNG changes inside the block (e.g. sampling generations) are undone when it exits."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 # checkpoints
