@@ -574,3 +574,30 @@ def test_prepend_embeds_train_and_generate():
     # with a mask over the prepended embeddings, decoding falls back to recomputing every step
     masked = wrapper.generate(x[:, :2], 8, prepend_mask=prepend_mask, **kwargs)
     assert torch.equal(masked, wrapper.generate(x[:, :2], 8, prepend_mask=prepend_mask, cache_kv=False, **kwargs))
+
+
+def _mixer_names():
+    from x_transformers.mixers import MIXERS
+
+    return sorted(MIXERS)
+
+
+@pytest.mark.parametrize("name", _mixer_names())
+def test_every_mixer_decodes_cached_like_parallel(name):
+    wrapper = make_decoder(use_abs_pos_emb=False, linear_attn=name)
+    assert wrapper.net.can_cache_kv
+
+    prompts = torch.randint(0, NUM_TOKENS, (2, 5))
+    cached = wrapper.generate(prompts, 6, temperature=0.0, cache_kv=True)
+    assert torch.equal(cached, wrapper.generate(prompts, 6, temperature=0.0, cache_kv=False))
+
+    kwargs = dict(beams=3, return_beams_and_scores=True)
+    beams, scores = wrapper.beam_search(prompts, 4, cache_kv=True, **kwargs)
+    beams_parallel, scores_parallel = wrapper.beam_search(prompts, 4, cache_kv=False, **kwargs)
+    assert torch.equal(beams, beams_parallel)
+    assert (scores - scores_parallel).abs().max() < 1e-4
+
+    prompt_list = [torch.randint(1, NUM_TOKENS, (n,)) for n in (3, 6)]
+    batched = wrapper.generate(prompt_list, 5, temperature=0.0)
+    for i, prompt in enumerate(prompt_list):
+        assert torch.equal(batched[i], wrapper.generate(prompt, 5, temperature=0.0))
