@@ -53,7 +53,10 @@ CONFIGS = {
     'talking_heads': (dict(pre_talking_heads=True, post_talking_heads=True, pre_scale_post_talking_heads=True), ()),
     'hybrid_gru': (dict(causal=True, hybrid_fold_axial_dim=2), ('hybrid_gru',)),
     'cross_attn_on_attn': (dict(dim_context=10, on_attn=True), ('context',)),
-    'sparse_topk_laser_softclamp': (dict(sparse_topk=3, laser=True, softclamp_logits=True, logit_softclamp_value=4.0), ()),
+    'sparse_topk_laser_softclamp': (
+        dict(sparse_topk=3, laser=True, softclamp_logits=True, logit_softclamp_value=4.0),
+        (),
+    ),
     'forgetting': (dict(causal=True, data_dependent_alibi=True), ()),
     'value_residual': (dict(causal=True, learned_value_residual_mix=True), ('value_residual',)),
     'sigmoid_head_scale': (dict(sigmoid=True, head_scale=True), ('mask',)),

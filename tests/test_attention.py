@@ -137,10 +137,10 @@ def test_cached_decoding_with_value_residual(latent):
     torch.manual_seed(0)
     kwargs = dict(use_latent_kv=True, dim_latent_kv=16) if latent else dict()
     first, second = (
-        perturb_(Attention(DIM, heads=HEADS, dim_head=DIM_HEAD, causal=True, learned_value_residual_mix=learned, **kwargs))
-        .eval()
+        Attention(DIM, heads=HEADS, dim_head=DIM_HEAD, causal=True, learned_value_residual_mix=learned, **kwargs)
         for learned in (False, True)
     )
+    first, second = perturb_(first).eval(), perturb_(second).eval()
 
     def two_layers(x, caches=(None, None)):
         out1, inter1 = first(x, cache=caches[0], return_intermediates=True)
@@ -255,6 +255,28 @@ def test_flash_matches_math_path(kwargs, causal):
 
     with torch.no_grad():
         torch.testing.assert_close(flash_attn(x, mask=mask), math_attn(x, mask=mask), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('kwargs', [dict(onnxable=True), dict(custom_attn_fn=lambda sim: sim.softmax(dim=-1))])
+def test_attend_options_pass_through(kwargs):
+    # the onnx-friendly causal mask and a custom (here: plain softmax) attention function give the same output
+    torch.manual_seed(0)
+    base = perturb_(Attention(DIM, heads=HEADS, dim_head=DIM_HEAD, causal=True)).eval()
+    other = Attention(DIM, heads=HEADS, dim_head=DIM_HEAD, causal=True, **kwargs).eval()
+    other.load_state_dict(base.state_dict())
+
+    x = torch.randn(2, 6, DIM)
+    torch.testing.assert_close(other(x), base(x))
+
+    # and the custom function really is the one called
+    if 'custom_attn_fn' in kwargs:
+        def uniform_attn(sim):
+            return torch.ones_like(sim) / sim.shape[-1]
+
+        uniform = Attention(DIM, heads=HEADS, dim_head=DIM_HEAD, custom_attn_fn=uniform_attn)
+        uniform.load_state_dict(base.state_dict())
+        v = uniform.to_v(x).reshape(2, 6, HEADS, DIM_HEAD).mean(dim=1, keepdim=True).expand(2, 6, HEADS, DIM_HEAD)
+        torch.testing.assert_close(uniform(x), uniform.to_out(v.reshape(2, 6, HEADS * DIM_HEAD)))
 
 
 def test_fused_projection_matches_separate_and_trains():
