@@ -10,7 +10,13 @@ from torch import Tensor
 
 
 def hgrn_scan_torch(x: Tensor, g: Tensor, initial_state=None, output_final_state=False, cu_seqlens=None):
-    """x, g: [B, T, D] -> (h [B, T, D] in x's dtype, final state [N, D] fp32 or None)."""
+    """x, g: [B, T, D] -> (h [B, T, D] in x's dtype, final state [N, D] fp32 or None); [B, T, H, D] inputs are
+    scanned as H * D channels and keep their shape (states [N, H, D])."""
+    if x.ndim == 4:
+        B, T, H, D = x.shape
+        h0 = initial_state.reshape(-1, H * D) if initial_state is not None else None
+        h, ht = hgrn_scan_torch(x.reshape(B, T, -1), g.reshape(B, T, -1), h0, output_final_state, cu_seqlens)
+        return h.view(x.shape), (ht.view(-1, H, D) if ht is not None else None)
     B, T, D = x.shape
     a, b = g.float(), x.float()
     pos = torch.arange(T, device=x.device)

@@ -1,0 +1,148 @@
+"""Elementwise gated scan vs the fp32 token-by-token reference: outputs, final state and every gradient.
+
+On CPU the Triton kernels run under TRITON_INTERPRET=1 (set in conftest.py) at tiny shapes; on a CUDA machine the same
+checks also run at real shapes in fp32 and bf16: `pytest tests/ops/test_hgrn.py -x -q`.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from x_transformers.ops import hgrn_scan
+from x_transformers.ops.hgrn import hgrn_scan_torch, naive_hgrn
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+NAMES = ("h", "final_state", "dx", "dg", "dh0")
+TOL = {torch.float32: 5e-3, torch.bfloat16: 2e-2}
+PATHS = {"triton": hgrn_scan, "torch": hgrn_scan_torch}
+
+
+def rel_rms(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp(min=1e-12)).item()
+
+
+def make_inputs(B, T, D, *, decay=1.0, h0=True, num_seqs=None, heads=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (B, T, D) if heads is None else (B, T, heads, D)
+    x = torch.randn(*shape, generator=gen)
+    g = -decay * torch.rand(*shape, generator=gen)
+    N = B if num_seqs is None else num_seqs
+    h = torch.randn(N, *shape[2:], generator=gen) if h0 else None
+    return [t.to(DEVICE) if t is not None else None for t in (x, g, h)]
+
+
+def run(fn, inputs, dtype, cu_seqlens=None, final_state=True):
+    leaves = [
+        None if t is None else (t.to(dtype) if i < 2 else t).detach().clone().requires_grad_()
+        for i, t in enumerate(inputs)
+    ]
+    x, g, h0 = leaves
+    h, ht = fn(x, g, h0, final_state, cu_seqlens)
+    assert h.shape == x.shape
+    gen = torch.Generator().manual_seed(1)
+    loss = (h.float() * torch.randn(h.shape, generator=gen).to(h.device)).sum()
+    if final_state:
+        assert ht.dtype == torch.float32
+        loss = loss + (ht * torch.randn(ht.shape, generator=gen).to(ht.device)).sum()
+    loss.backward()
+    # an input that does not reach the loss (g at T = 1 without a state) has gradient None: zero
+    return h, ht, *(None if t is None else t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves)
+
+
+def check(path, inputs, dtype=torch.float32, cu_seqlens=None, final_state=True):
+    out = run(PATHS[path], inputs, dtype, cu_seqlens, final_state)
+    ref = run(naive_hgrn_any, inputs, torch.float32, cu_seqlens, final_state)
+    assert out[0].dtype == dtype
+    for name, a, b in zip(NAMES, out, ref):
+        if b is None:
+            assert a is None, name
+            continue
+        assert torch.isfinite(a).all(), f"{path}: {name} has NaN/inf"
+        err = rel_rms(a, b)
+        assert err < TOL[dtype], f"{path} {dtype}: {name} rel rms {err:.2e}"
+
+
+def naive_hgrn_any(x, g, h0, final_state, cu_seqlens):
+    """The reference on flattened [B, T, H * D] inputs, shaped back."""
+    B, T = x.shape[:2]
+    N = h0.shape[0] if h0 is not None else None
+    h, ht = naive_hgrn(x.reshape(B, T, -1), g.reshape(B, T, -1), h0.reshape(N, -1) if h0 is not None else None,
+                       final_state, cu_seqlens)
+    return h.view(x.shape), (ht.view(ht.shape[0], *x.shape[2:]) if ht is not None else None)
+
+
+T_SMALL = 150 if not CUDA else 3000  # several blocks of 64, not a multiple of 64
+
+
+@pytest.mark.parametrize("path", ["triton", "torch"])
+def test_matches_reference(path):
+    check(path, make_inputs(2, T_SMALL, 40))
+
+
+@pytest.mark.parametrize("path", ["triton", "torch"])
+def test_single_token_no_initial_state(path):
+    check(path, make_inputs(2, 1, 16, h0=False))
+    check(path, make_inputs(2, 1, 16, h0=False), final_state=False)
+
+
+@pytest.mark.parametrize("path", ["triton", "torch"])
+def test_heads_layout(path):
+    """[B, T, H, D] inputs are scanned as H * D channels; states keep the [N, H, D] shape."""
+    check(path, make_inputs(1, 70, 8, heads=3))
+
+
+@pytest.mark.parametrize("path", ["triton", "torch"])
+def test_varlen_empty_and_uneven(path):
+    bounds = [0, 10, 10, 75, 140, 140]
+    cu = torch.tensor(bounds, dtype=torch.int64, device=DEVICE)
+    check(path, make_inputs(1, bounds[-1], 24, num_seqs=len(bounds) - 1), cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("path", ["triton", "torch"])
+def test_strong_decay(path):
+    check(path, make_inputs(2, 100, 16, decay=20.0))
+
+
+@pytest.mark.parametrize("path", ["triton", "torch"])
+def test_long_sequence(path):
+    T = 1000 if not CUDA else 20000
+    check(path, make_inputs(1, T, 16, decay=0.01))
+
+
+def test_bf16():
+    check("triton", make_inputs(2, 130, 32), dtype=torch.bfloat16)
+
+
+def test_bad_inputs_raise_clearly():
+    x, g, h0 = make_inputs(2, 9, 8)
+    with pytest.raises(ValueError, match="`g` must have shape"):
+        hgrn_scan(x, g[:, :4])
+    with pytest.raises(ValueError, match="initial_state"):
+        hgrn_scan(x, g, initial_state=h0[:1])
+    with pytest.raises(ValueError, match="batch size must be 1"):
+        hgrn_scan(x, g, cu_seqlens=torch.tensor([0, 4, 9], device=DEVICE))
+    with pytest.raises(TypeError, match="floating point"):
+        hgrn_scan(x.long(), g)
+    with pytest.raises(ValueError, match=r"\(B, T, D\)"):
+        hgrn_scan(x[0], g[0])
+
+
+@pytest.mark.skipif(not CUDA, reason="real shapes need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_real_shapes(dtype):
+    check("triton", make_inputs(2, 4096, 16, heads=64), dtype=dtype)
+    cu = torch.tensor([0, 0, 333, 1000, 1001, 2048], device=DEVICE)
+    check("triton", make_inputs(1, 2048, 1024, decay=20.0, num_seqs=5), dtype=dtype, cu_seqlens=cu)
+
+
+@pytest.mark.skipif(os.environ.get("HOPPER_COMPILE") != "1", reason="slow; set HOPPER_COMPILE=1 to run")
+def test_kernels_compile_for_hopper():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "hopper_compile.py")
+    res = subprocess.run([sys.executable, script, "hgrn"], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
