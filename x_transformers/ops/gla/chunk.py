@@ -24,6 +24,8 @@ from x_transformers.ops.gla.chunk_torch import chunk_gla_torch
 
 BT = 64
 BC = 16
+# launch options of the kernels holding [64, 64] tiles: 8 warps keep them in registers without spills on sm_90
+BIG_TILES = dict(num_warps=8, num_stages=2)
 
 
 @triton.jit
@@ -63,19 +65,23 @@ def chunk_gla_fwd_o_kernel(
 
     o_t = i_t * BT + tl.arange(0, BT)
     m_t = o_t < T
-    r_t = bos + o_t
+    q += (bos * H + i_h) * K
+    v += (bos * H + i_h) * V
+    gc += (bos * H + i_h) * K
+    o += (bos * H + i_h) * V
+    A += (bos * H + i_h) * BT
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     m_tv = m_t[:, None] & m_v[None, :]
-    b_v = tl.load(v + r_t[:, None] * (H * V) + i_h * V + o_v[None, :], mask=m_tv, other=0.0)
+    b_v = tl.load(v + o_t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.0)
 
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         m_tk = m_t[:, None] & m_k[None, :]
-        b_q = tl.load(q + r_t[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_tk, other=0.0)
-        b_g = tl.load(gc + r_t[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_q = tl.load(q + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.0)
+        b_g = tl.load(gc + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.0)
         p_h = h + (i_tg * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
         b_h = tl.load(p_h, mask=m_k[:, None] & m_v[None, :], other=0.0)
         # decay from the chunk start to each token: exponent <= 0
@@ -84,9 +90,11 @@ def chunk_gla_fwd_o_kernel(
     b_o *= scale
 
     o_c = tl.arange(0, BT)
-    b_A = tl.load(A + r_t[:, None] * (H * BT) + i_h * BT + o_c[None, :], mask=m_t[:, None], other=0.0)
+    # A is written only on and below the diagonal blocks
+    m_A = m_t[:, None] & (o_c[None, :] <= o_c[:, None])
+    b_A = tl.load(A + o_t[:, None] * (H * BT) + o_c[None, :], mask=m_A, other=0.0)
     b_o += tl.dot(b_A.to(DT), b_v.to(DT), input_precision=PREC)
-    tl.store(o + r_t[:, None] * (H * V) + i_h * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
+    tl.store(o + o_t[:, None] * (H * V) + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
 @triton.jit
@@ -119,17 +127,19 @@ def chunk_gla_bwd_dA_kernel(
 
     o_t = i_t * BT + tl.arange(0, BT)
     m_t = o_t < T
-    r_t = bos + o_t
+    v += (bos * H + i_h) * V
+    do += (bos * H + i_h) * V
+    dA += (bos * H + i_h) * BT
     b_dA = tl.zeros([BT, BT], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_tv = m_t[:, None] & (o_v < V)[None, :]
-        b_do = tl.load(do + r_t[:, None] * (H * V) + i_h * V + o_v[None, :], mask=m_tv, other=0.0)
-        b_v = tl.load(v + r_t[:, None] * (H * V) + i_h * V + o_v[None, :], mask=m_tv, other=0.0)
+        b_do = tl.load(do + o_t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.0)
+        b_v = tl.load(v + o_t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.0)
         b_dA += tl.dot(b_do.to(DT), tl.trans(b_v).to(DT), input_precision=PREC)
     o_c = tl.arange(0, BT)
     b_dA = tl.where(o_c[:, None] >= o_c[None, :], b_dA * scale, 0.0)
-    tl.store(dA + r_t[:, None] * (H * BT) + i_h * BT + o_c[None, :], b_dA, mask=m_t[:, None])
+    tl.store(dA + o_t[:, None] * (H * BT) + o_c[None, :], b_dA, mask=m_t[:, None])
 
 
 @triton.jit
@@ -168,27 +178,33 @@ def chunk_gla_bwd_dv_kernel(
 
     o_t = i_t * BT + tl.arange(0, BT)
     m_t = o_t < T
-    r_t = bos + o_t
-    last = bos + tl.minimum(i_t * BT + BT, T) - 1
+    k += (bos * H + i_h) * K
+    gc += (bos * H + i_h) * K
+    do += (bos * H + i_h) * V
+    dv += (bos * H + i_h) * V
+    A += (bos * H + i_h) * BT
+    last = tl.minimum(i_t * BT + BT, T) - 1
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     m_tv = m_t[:, None] & m_v[None, :]
-    b_do = tl.load(do + r_t[:, None] * (H * V) + i_h * V + o_v[None, :], mask=m_tv, other=0.0)
+    b_do = tl.load(do + o_t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.0)
     o_c = tl.arange(0, BT)
-    b_A = tl.load(A + r_t[:, None] * (H * BT) + i_h * BT + o_c[None, :], mask=m_t[:, None], other=0.0)
+    # A is written only on and below the diagonal blocks
+    m_A = m_t[:, None] & (o_c[None, :] <= o_c[:, None])
+    b_A = tl.load(A + o_t[:, None] * (H * BT) + o_c[None, :], mask=m_A, other=0.0)
     b_dv = tl.dot(tl.trans(b_A).to(DT), b_do.to(DT), input_precision=PREC)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         m_tk = m_t[:, None] & m_k[None, :]
-        b_k = tl.load(k + r_t[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_tk, other=0.0)
-        b_g = tl.load(gc + r_t[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_tk, other=0.0)
-        b_gl = tl.load(gc + last * (H * K) + i_h * K + o_k, mask=m_k, other=0.0)
+        b_k = tl.load(k + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.0)
+        b_g = tl.load(gc + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.0)
+        b_gl = tl.load(gc + last * (H * K) + o_k, mask=m_k, other=0.0)
         p_dh = dh + (i_tg * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
         b_dh = tl.load(p_dh, mask=m_k[:, None] & m_v[None, :], other=0.0)
         b_kd = tl.where(m_t[:, None], b_k * tl.exp(b_gl[None, :] - b_g), 0.0)
         b_dv += tl.dot(b_kd.to(DT), b_dh.to(DT), input_precision=PREC)
-    tl.store(dv + r_t[:, None] * (H * V) + i_h * V + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
+    tl.store(dv + o_t[:, None] * (H * V) + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
 
 
 @triton.jit
@@ -239,16 +255,22 @@ def chunk_gla_bwd_dqkg_kernel(
 
     o_t = i_t * BT + tl.arange(0, BT)
     m_t = o_t < T
-    r_t = bos + o_t
-    last = bos + tl.minimum(i_t * BT + BT, T) - 1
+    q += (bos * H + i_h) * K
+    k += (bos * H + i_h) * K
+    v += (bos * H + i_h) * V
+    gc += (bos * H + i_h) * K
+    do += (bos * H + i_h) * V
+    dq_intra += (bos * H + i_h) * K
+    dk_intra += (bos * H + i_h) * K
+    dq += (bos * H + i_h) * K
+    dk += (bos * H + i_h) * K
+    dg += (bos * H + i_h) * K
+    h += (i_tg * H + i_h) * K * V
+    dh += (i_tg * H + i_h) * K * V
+    last = tl.minimum(i_t * BT + BT, T) - 1
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
     m_tk = m_t[:, None] & m_k[None, :]
-    p_tk = r_t[:, None] * (H * K) + i_h * K + o_k[None, :]
-    b_q = tl.load(q + p_tk, mask=m_tk, other=0.0)
-    b_k = tl.load(k + p_tk, mask=m_tk, other=0.0)
-    b_g = tl.load(gc + p_tk, mask=m_tk, other=0.0)
-    b_gl = tl.load(gc + last * (H * K) + i_h * K + o_k, mask=m_k, other=0.0)
 
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
@@ -257,15 +279,21 @@ def chunk_gla_bwd_dqkg_kernel(
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
         m_tv = m_t[:, None] & m_v[None, :]
-        b_do = tl.load(do + r_t[:, None] * (H * V) + i_h * V + o_v[None, :], mask=m_tv, other=0.0)
-        b_v = tl.load(v + r_t[:, None] * (H * V) + i_h * V + o_v[None, :], mask=m_tv, other=0.0)
-        p_kv = (i_tg * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+        b_do = tl.load(do + o_t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.0)
+        b_v = tl.load(v + o_t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.0)
+        p_kv = o_k[:, None] * V + o_v[None, :]
         m_kv = m_k[:, None] & m_v[None, :]
         b_h = tl.load(h + p_kv, mask=m_kv, other=0.0)
         b_dh = tl.load(dh + p_kv, mask=m_kv, other=0.0)
         b_dq += tl.dot(b_do.to(DT), tl.trans(b_h).to(DT), input_precision=PREC)
         b_dk += tl.dot(b_v.to(DT), tl.trans(b_dh).to(DT), input_precision=PREC)
         b_dgl += tl.sum(b_h * b_dh, axis=1)
+    # q, k and the decays are loaded only now, to keep the V loop's registers free
+    p_tk = o_t[:, None] * (H * K) + o_k[None, :]
+    b_q = tl.load(q + p_tk, mask=m_tk, other=0.0)
+    b_k = tl.load(k + p_tk, mask=m_tk, other=0.0)
+    b_g = tl.load(gc + p_tk, mask=m_tk, other=0.0)
+    b_gl = tl.load(gc + last * (H * K) + o_k, mask=m_k, other=0.0)
     b_dq = b_dq * tl.exp(b_g) * scale
     b_dk = tl.where(m_t[:, None], b_dk * tl.exp(b_gl[None, :] - b_g), 0.0)
     b_dgl = b_dgl * tl.exp(b_gl) + tl.sum(b_dk * b_k.to(tl.float32), axis=0)
@@ -325,9 +353,10 @@ def chunk_gla_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqle
         k, v, gc, h, initial_state, ht, cu_seqlens, chunk_offsets, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
         PREC=prec, DT=dt, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
         IS_VARLEN=varlen,
+        **BIG_TILES,
     )
 
-    A = torch.zeros(B, T, H, BT, dtype=torch.float32, device=q.device)
+    A = torch.empty(B, T, H, BT, dtype=torch.float32, device=q.device)
     chunk_gla_fwd_intra_kernel[(nt_grid, BT // BC, B * H)](
         q, k, gc, A, cu_seqlens, chunk_indices, scale, T, H=H, K=K, BT=BT, BC=BC, BK=BK, PREC=prec,
         IS_VARLEN=varlen,
@@ -337,6 +366,7 @@ def chunk_gla_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqle
     chunk_gla_fwd_o_kernel[(triton.cdiv(V, BV), nt_grid, B * H)](
         q, v, gc, h, A, o, cu_seqlens, chunk_indices, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=prec, DT=dt,
         IS_VARLEN=varlen,
+        **BIG_TILES,
     )
     return o, ht, gc, h, A
 
@@ -357,21 +387,24 @@ def chunk_gla_bwd(q, k, v, g, gc, h, A, do, dht, scale, initial_state, cu_seqlen
         q, do, gc, dh, dht, dh0, cu_seqlens, chunk_offsets, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
         PREC=prec, DT=dt, USE_FINAL_STATE_GRADIENT=dht is not None, USE_INITIAL_STATE=initial_state is not None,
         IS_VARLEN=varlen,
+        **BIG_TILES,
     )
 
-    dA = torch.zeros(B, T, H, BT, dtype=torch.float32, device=q.device)
+    dA = torch.empty(B, T, H, BT, dtype=torch.float32, device=q.device)
     chunk_gla_bwd_dA_kernel[(nt_grid, B * H)](
-        v, do, dA, cu_seqlens, chunk_indices, scale, T, H=H, V=V, BT=BT, BV=BV, PREC=prec, DT=dt, IS_VARLEN=varlen
+        v, do, dA, cu_seqlens, chunk_indices, scale, T, H=H, V=V, BT=BT, BV=BV, PREC=prec, DT=dt, IS_VARLEN=varlen,
+        **BIG_TILES,
     )
 
     dv = torch.empty_like(v)
     chunk_gla_bwd_dv_kernel[(triton.cdiv(V, BV), nt_grid, B * H)](
         k, gc, A, do, dh, dv, cu_seqlens, chunk_indices, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=prec, DT=dt,
         IS_VARLEN=varlen,
+        **BIG_TILES,
     )
 
-    dq_intra = torch.zeros(B, T, H, K, dtype=torch.float32, device=q.device)
-    dk_intra = torch.zeros(B, T, H, K, dtype=torch.float32, device=q.device)
+    dq_intra = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
+    dk_intra = torch.empty_like(dq_intra)
     chunk_gla_bwd_intra_kernel[(triton.cdiv(K, BK) * (BT // BC), nt_grid, B * H)](
         q, k, gc, dA, dq_intra, dk_intra, cu_seqlens, chunk_indices, T, H=H, K=K, BT=BT, BC=BC, BK=BK,
         NC=BT // BC, PREC=prec, IS_VARLEN=varlen,
@@ -382,6 +415,7 @@ def chunk_gla_bwd(q, k, v, g, gc, h, A, do, dht, scale, initial_state, cu_seqlen
     chunk_gla_bwd_dqkg_kernel[(triton.cdiv(K, BK), nt_grid, B * H)](
         q, k, v, gc, h, do, dh, dq_intra, dk_intra, dq, dk, dg, cu_seqlens, chunk_indices, scale, T, H=H, K=K,
         V=V, BT=BT, BK=BK, BV=BV, PREC=prec, DT=dt, IS_VARLEN=varlen,
+        **BIG_TILES,
     )
     return dq, dk, dv, dg, dh0
 

@@ -46,28 +46,31 @@ def chunk_gla_fwd_intra_kernel(
     o_i = i_t * BT + i_i * BC
     if o_i >= T:
         return
+    q += (bos * H + i_h) * K
+    k += (bos * H + i_h) * K
+    gc += (bos * H + i_h) * K
+    A += (bos * H + i_h) * BT
     o_c = o_i + tl.arange(0, BC)
     m_c = o_c < T
-    r_c = bos + o_c
     o_a = tl.arange(0, BC)
 
     # off-diagonal blocks j < i, reference row = first row of sub-chunk i
     for i_j in range(0, i_i):
-        r_j = bos + i_t * BT + i_j * BC + tl.arange(0, BC)
+        o_j = i_t * BT + i_j * BC + tl.arange(0, BC)
         b_A = tl.zeros([BC, BC], dtype=tl.float32)
         for i_k in range(0, tl.cdiv(K, BK)):
             o_k = i_k * BK + tl.arange(0, BK)
             m_k = o_k < K
             m_ck = m_c[:, None] & m_k[None, :]
-            b_q = tl.load(q + r_c[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_ck, other=0.0).to(tl.float32)
-            b_g = tl.load(gc + r_c[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_ck, other=0.0)
-            b_gn = tl.load(gc + (bos + o_i) * (H * K) + i_h * K + o_k, mask=m_k, other=0.0)
-            b_k = tl.load(k + r_j[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
-            b_gk = tl.load(gc + r_j[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+            b_q = tl.load(q + o_c[:, None] * (H * K) + o_k[None, :], mask=m_ck, other=0.0).to(tl.float32)
+            b_g = tl.load(gc + o_c[:, None] * (H * K) + o_k[None, :], mask=m_ck, other=0.0)
+            b_gn = tl.load(gc + o_i * (H * K) + o_k, mask=m_k, other=0.0)
+            b_k = tl.load(k + o_j[:, None] * (H * K) + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
+            b_gk = tl.load(gc + o_j[:, None] * (H * K) + o_k[None, :], mask=m_k[None, :], other=0.0)
             b_qg = b_q * tl.exp(tl.where(m_c[:, None], b_g - b_gn[None, :], float("-inf")))
             b_kg = b_k * tl.exp(b_gn[None, :] - b_gk)
             b_A += tl.dot(b_qg, tl.trans(b_kg), input_precision=PREC)
-        p_A = A + r_c[:, None] * (H * BT) + i_h * BT + i_j * BC + o_a[None, :]
+        p_A = A + o_c[:, None] * (H * BT) + i_j * BC + o_a[None, :]
         tl.store(p_A, b_A * scale, mask=m_c[:, None])
 
     # diagonal block, one column at a time: A[t, s] = sum_k q_t k_s exp(G_t - G_s), s <= t
@@ -76,17 +79,17 @@ def chunk_gla_fwd_intra_kernel(
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         m_ck = m_c[:, None] & m_k[None, :]
-        b_q = tl.load(q + r_c[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_ck, other=0.0).to(tl.float32)
-        b_g = tl.load(gc + r_c[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_ck, other=0.0)
+        b_q = tl.load(q + o_c[:, None] * (H * K) + o_k[None, :], mask=m_ck, other=0.0).to(tl.float32)
+        b_g = tl.load(gc + o_c[:, None] * (H * K) + o_k[None, :], mask=m_ck, other=0.0)
         for j in range(0, BC):
             m_j = m_k & (o_i + j < T)
-            b_kj = tl.load(k + (bos + o_i + j) * (H * K) + i_h * K + o_k, mask=m_j, other=0.0).to(tl.float32)
-            b_gj = tl.load(gc + (bos + o_i + j) * (H * K) + i_h * K + o_k, mask=m_j, other=0.0)
+            b_kj = tl.load(k + (o_i + j) * (H * K) + o_k, mask=m_j, other=0.0).to(tl.float32)
+            b_gj = tl.load(gc + (o_i + j) * (H * K) + o_k, mask=m_j, other=0.0)
             m_s = (o_a >= j) & m_c
             b_e = tl.exp(tl.where(m_s[:, None], b_g - b_gj[None, :], float("-inf")))
             b_col = tl.sum(b_q * b_kj[None, :] * b_e, axis=1)
             b_A += tl.where(o_a[None, :] == j, b_col[:, None], 0.0)
-    p_A = A + r_c[:, None] * (H * BT) + i_h * BT + i_i * BC + o_a[None, :]
+    p_A = A + o_c[:, None] * (H * BT) + i_i * BC + o_a[None, :]
     tl.store(p_A, b_A * scale, mask=m_c[:, None])
 
 
@@ -129,59 +132,63 @@ def chunk_gla_bwd_intra_kernel(
     o_i = i_t * BT + i_i * BC
     if o_i >= T:
         return
+    q += (bos * H + i_h) * K
+    k += (bos * H + i_h) * K
+    gc += (bos * H + i_h) * K
+    dA += (bos * H + i_h) * BT
+    dq += (bos * H + i_h) * K
+    dk += (bos * H + i_h) * K
     o_c = o_i + tl.arange(0, BC)
     m_c = o_c < T
-    r_c = bos + o_c
     o_a = tl.arange(0, BC)
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
     m_ck = m_c[:, None] & m_k[None, :]
-    p_c = r_c[:, None] * (H * K) + i_h * K + o_k[None, :]
+    p_c = o_c[:, None] * (H * K) + o_k[None, :]
     b_g = tl.load(gc + p_c, mask=m_ck, other=0.0)
 
     # dq, off-diagonal blocks j < i through the first row of sub-chunk i
-    b_gn = tl.load(gc + (bos + o_i) * (H * K) + i_h * K + o_k, mask=m_k, other=0.0)
+    b_gn = tl.load(gc + o_i * (H * K) + o_k, mask=m_k, other=0.0)
     b_dq = tl.zeros([BC, BK], dtype=tl.float32)
     for i_j in range(0, i_i):
-        r_j = bos + i_t * BT + i_j * BC + o_a
-        b_k = tl.load(k + r_j[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
-        b_gk = tl.load(gc + r_j[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+        o_j = i_t * BT + i_j * BC + o_a
+        b_k = tl.load(k + o_j[:, None] * (H * K) + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
+        b_gk = tl.load(gc + o_j[:, None] * (H * K) + o_k[None, :], mask=m_k[None, :], other=0.0)
         b_kg = b_k * tl.exp(b_gn[None, :] - b_gk)
-        b_dA = tl.load(dA + r_c[:, None] * (H * BT) + i_h * BT + i_j * BC + o_a[None, :], mask=m_c[:, None], other=0.0)
+        b_dA = tl.load(dA + o_c[:, None] * (H * BT) + i_j * BC + o_a[None, :], mask=m_c[:, None], other=0.0)
         b_dq += tl.dot(b_dA, b_kg, input_precision=PREC)
     b_dq *= tl.exp(tl.where(m_c[:, None], b_g - b_gn[None, :], float("-inf")))
     # dq, diagonal block, one column s at a time
     for j in range(0, BC):
         m_j = o_i + j < T
-        r_s = bos + o_i + j
-        b_kj = tl.load(k + r_s * (H * K) + i_h * K + o_k, mask=m_k & m_j, other=0.0).to(tl.float32)
-        b_gj = tl.load(gc + r_s * (H * K) + i_h * K + o_k, mask=m_k & m_j, other=0.0)
-        b_dAj = tl.load(dA + r_c * (H * BT) + i_h * BT + i_i * BC + j, mask=m_c, other=0.0)
+        o_s = o_i + j
+        b_kj = tl.load(k + o_s * (H * K) + o_k, mask=m_k & m_j, other=0.0).to(tl.float32)
+        b_gj = tl.load(gc + o_s * (H * K) + o_k, mask=m_k & m_j, other=0.0)
+        b_dAj = tl.load(dA + o_c * (H * BT) + i_i * BC + j, mask=m_c, other=0.0)
         m_s = (o_a >= j) & m_c
         b_e = tl.exp(tl.where(m_s[:, None], b_g - b_gj[None, :], float("-inf")))
         b_dq += b_dAj[:, None] * b_kj[None, :] * b_e
 
     # dk, off-diagonal blocks j > i through the last (valid) row of sub-chunk i
-    b_gn = tl.load(gc + (bos + tl.minimum(o_i + BC, T) - 1) * (H * K) + i_h * K + o_k, mask=m_k, other=0.0)
+    b_gn = tl.load(gc + (tl.minimum(o_i + BC, T) - 1) * (H * K) + o_k, mask=m_k, other=0.0)
     b_dk = tl.zeros([BC, BK], dtype=tl.float32)
     for i_j in range(i_i + 1, NC):
         o_j = i_t * BT + i_j * BC + o_a
         m_j = o_j < T
-        r_j = bos + o_j
         m_jk = m_j[:, None] & m_k[None, :]
-        b_q = tl.load(q + r_j[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_jk, other=0.0).to(tl.float32)
-        b_gq = tl.load(gc + r_j[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_jk, other=0.0)
+        b_q = tl.load(q + o_j[:, None] * (H * K) + o_k[None, :], mask=m_jk, other=0.0).to(tl.float32)
+        b_gq = tl.load(gc + o_j[:, None] * (H * K) + o_k[None, :], mask=m_jk, other=0.0)
         b_qg = b_q * tl.exp(tl.where(m_j[:, None], b_gq - b_gn[None, :], float("-inf")))
-        b_dA = tl.load(dA + r_j[:, None] * (H * BT) + i_h * BT + i_i * BC + o_a[None, :], mask=m_j[:, None], other=0.0)
+        b_dA = tl.load(dA + o_j[:, None] * (H * BT) + i_i * BC + o_a[None, :], mask=m_j[:, None], other=0.0)
         b_dk += tl.dot(tl.trans(b_dA), b_qg, input_precision=PREC)
     b_dk *= tl.exp(tl.where(m_c[:, None], b_gn[None, :] - b_g, float("-inf")))
     # dk, diagonal block, one row t at a time
     for j in range(0, BC):
         m_j = o_i + j < T
-        r_t = bos + o_i + j
-        b_qj = tl.load(q + r_t * (H * K) + i_h * K + o_k, mask=m_k & m_j, other=0.0).to(tl.float32)
-        b_gj = tl.load(gc + r_t * (H * K) + i_h * K + o_k, mask=m_k & m_j, other=0.0)
-        b_dAj = tl.load(dA + r_t * (H * BT) + i_h * BT + i_i * BC + o_a, mask=m_j, other=0.0)
+        o_t = o_i + j
+        b_qj = tl.load(q + o_t * (H * K) + o_k, mask=m_k & m_j, other=0.0).to(tl.float32)
+        b_gj = tl.load(gc + o_t * (H * K) + o_k, mask=m_k & m_j, other=0.0)
+        b_dAj = tl.load(dA + o_t * (H * BT) + i_i * BC + o_a, mask=m_j, other=0.0)
         m_s = (o_a <= j) & m_j
         b_e = tl.exp(tl.where(m_s[:, None], b_gj[None, :] - b_g, float("-inf")))
         b_dk += b_dAj[:, None] * b_qj[None, :] * b_e

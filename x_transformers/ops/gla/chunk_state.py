@@ -35,10 +35,12 @@ def chunk_gla_cumsum_kernel(
     else:
         bos = i_b.to(tl.int64) * T
 
+    g += (bos * H + i_h) * K
+    gc += (bos * H + i_h) * K
     o_t = i_t * BT + tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
     m = (o_t < T)[:, None] & (o_k < K)[None, :]
-    p = (bos + o_t)[:, None] * (H * K) + i_h * K + o_k[None, :]
+    p = o_t[:, None] * (H * K) + o_k[None, :]
     b_g = tl.load(g + p, mask=m, other=0.0).to(tl.float32)
     tl.store(gc + p, tl.cumsum(b_g, axis=0), mask=m)
 
@@ -79,6 +81,10 @@ def chunk_gla_fwd_h_kernel(
         NT = tl.cdiv(T, BT)
         boh = i_n.to(tl.int64) * NT
 
+    k += (bos * H + i_h) * K
+    gc += (bos * H + i_h) * K
+    v += (bos * H + i_h) * V
+
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
@@ -93,12 +99,11 @@ def chunk_gla_fwd_h_kernel(
         tl.store(h + ((boh + i_t) * H + i_h) * K * V + o_kv, b_h, mask=m_kv)
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < T
-        r_t = bos + o_t
-        last = bos + tl.minimum(i_t * BT + BT, T) - 1
-        b_k = tl.load(k + r_t[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-        b_g = tl.load(gc + r_t[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-        b_v = tl.load(v + r_t[:, None] * (H * V) + i_h * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
-        b_gl = tl.load(gc + last * (H * K) + i_h * K + o_k, mask=m_k, other=0.0)
+        last = tl.minimum(i_t * BT + BT, T) - 1
+        b_k = tl.load(k + o_t[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_g = tl.load(gc + o_t[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_v = tl.load(v + o_t[:, None] * (H * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+        b_gl = tl.load(gc + last * (H * K) + o_k, mask=m_k, other=0.0)
         # decay from each token to the end of the chunk: exponent <= 0, padded rows contribute nothing
         b_kd = tl.where(m_t[:, None], b_k * tl.exp(b_gl[None, :] - b_g), 0.0)
         b_h = b_h * tl.exp(b_gl)[:, None] + tl.dot(tl.trans(b_kd).to(DT), b_v.to(DT), input_precision=PREC)
@@ -147,6 +152,10 @@ def chunk_gla_bwd_dh_kernel(
         NT = tl.cdiv(T, BT)
         boh = i_n.to(tl.int64) * NT
 
+    q += (bos * H + i_h) * K
+    gc += (bos * H + i_h) * K
+    do += (bos * H + i_h) * V
+
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
@@ -162,12 +171,11 @@ def chunk_gla_bwd_dh_kernel(
         tl.store(dh + ((boh + i_t) * H + i_h) * K * V + o_kv, b_dh, mask=m_kv)
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < T
-        r_t = bos + o_t
-        last = bos + tl.minimum(i_t * BT + BT, T) - 1
-        b_q = tl.load(q + r_t[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-        b_g = tl.load(gc + r_t[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-        b_do = tl.load(do + r_t[:, None] * (H * V) + i_h * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
-        b_gl = tl.load(gc + last * (H * K) + i_h * K + o_k, mask=m_k, other=0.0)
+        last = tl.minimum(i_t * BT + BT, T) - 1
+        b_q = tl.load(q + o_t[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_g = tl.load(gc + o_t[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_do = tl.load(do + o_t[:, None] * (H * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+        b_gl = tl.load(gc + last * (H * K) + o_k, mask=m_k, other=0.0)
         # decay from the chunk start to each token: exponent <= 0
         b_qg = b_q * tl.exp(b_g) * scale
         b_dh = b_dh * tl.exp(b_gl)[:, None] + tl.dot(tl.trans(b_qg).to(DT), b_do.to(DT), input_precision=PREC)
