@@ -104,6 +104,12 @@ def test_continuous_wrapper_trains_and_caches(probabilistic):
     losses = train_steps(wrapper, lambda: wrapper(x, mask=mask))
     assert losses[-1] < losses[0]
 
+    # only targets inside the mask count: all 11 of the first row, the 7 real ones (vectors 1 .. 7) of the second
+    if not probabilistic:
+        errors = ((net(x[:, :-1]) - x[:, 1:]) ** 2).mean(dim=-1)  # (b, n - 1)
+        expected = torch.cat((errors[0], errors[1, :7])).mean()
+        assert torch.allclose(wrapper(x, mask=mask), expected, atol=1e-5)
+
     out = net(x)
     assert out.shape == ((2, 2, 12, 4) if probabilistic else (2, 12, 4))
 
@@ -164,6 +170,12 @@ def test_xval_trains_and_generates():
 
     with pytest.raises(ValueError, match="same shape"):
         net(ids, nums[:, :5])
+
+    # a padding mask over the whole sequence equals marking the padded tokens with ignore_index
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 7:] = False
+    ignored = ids.masked_fill(~mask, -100)
+    assert torch.allclose(wrapper(ids, nums, mask=mask), wrapper(ignored, nums), atol=1e-6)
 
 
 # non autoregressive

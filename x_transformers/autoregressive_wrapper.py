@@ -486,12 +486,14 @@ class AutoregressiveWrapper(Module):
             positions = torch.arange(seq - 1, device=x.device)
             target = target.masked_fill(positions >= (lens[:, None] - 1), ignore_index)
 
+        # a mask over the whole sequence: the inputs take all but its last column, the targets all but its first
         mask = kwargs.get("mask", None)
         if exists(mask):
+            target_mask = mask
             if mask.shape[-1] == seq:
-                mask = mask[:, :-1]
-                kwargs["mask"] = mask
-            target = target.masked_fill(~mask, ignore_index)
+                target_mask = mask[:, 1:]
+                kwargs["mask"] = mask[:, :-1]
+            target = target.masked_fill(~target_mask, ignore_index)
 
         # forgetful causal mask - arXiv:2210.13432, hide a random subset of past tokens (never the first) as keys
         if self.mask_prob > 0.0:

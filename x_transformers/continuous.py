@@ -245,10 +245,11 @@ class ContinuousAutoregressiveWrapper(Module):
 
         assert "prepend_embeds" not in kwargs, "prepend_embeds is not supported for autoregressive training"
 
+        # a mask over the whole sequence: the inputs take all but its last column, the targets all but its first
         mask = kwargs.get("mask", None)
         if exists(mask) and mask.shape[1] == x.shape[1]:
-            mask = mask[:, :-1]
-            kwargs["mask"] = mask
+            kwargs["mask"] = mask[:, :-1]
+            mask = mask[:, 1:]
 
         out = self.net(inp, **kwargs)
         loss = self.loss_fn(out, target)

@@ -203,13 +203,17 @@ class XValAutoregressiveWrapper(nn.Module):
         inp, target = x[:, :-1], x[:, 1:]
         x_num_inp, x_num_target = x_num[:, :-1], x_num[:, 1:]
 
+        # ignored positions are fed to the network as padding
+        inp = torch.where(inp == self.ignore_index, self.pad_value, inp)
+
         target_mask = target != self.ignore_index
 
+        # a mask over the whole sequence: the inputs take all but its last column, the targets all but its first
         mask = kwargs.get("mask", None)
         if exists(mask):
             if mask.shape[1] == x.shape[1]:
-                mask = mask[:, :-1]
-                kwargs["mask"] = mask
+                kwargs["mask"] = mask[:, :-1]
+                mask = mask[:, 1:]
             target_mask = target_mask & mask
 
         logits, numerical_pred = self.net(inp, x_num_inp, **kwargs)
