@@ -162,12 +162,13 @@ def test_bad_inputs(fn):
         fn(q, k, v, g, cu_seqlens=torch.tensor([0, 3, 5], device=DEVICE))
 
 
-# real shapes on a GPU: compiled kernels, fp32 and bf16, gradients included
+# real shapes on a GPU: compiled kernels, fp32 and bf16, gradients included (shapes shared where possible, to keep
+# the number of compilations down)
 GPU_CASES = {
     "T1000_K64": dict(B=2, T=1000, H=4, K=64, V=64),
     "T2048_K128": dict(B=2, T=2048, H=4, K=128, V=128),
     "T1000_K100_V273": dict(B=1, T=1000, H=2, K=100, V=273),
-    "T2048_strong_decay": dict(B=1, T=2048, H=4, K=128, V=64, decay=20.0),
+    "T2048_strong_decay": dict(B=1, T=2048, H=4, K=128, V=128, decay=20.0),
 }
 
 
@@ -184,5 +185,12 @@ def test_gpu_real_shapes(case, path, dtype):
 @pytest.mark.parametrize("path", ["chunk", "fused_recurrent"])
 def test_gpu_varlen(path, dtype):
     cu_seqlens = torch.tensor([0, 0, 300, 301, 1500, 1500, 2100], device=DEVICE)
-    inputs = make_inputs(B=1, T=2100, H=4, K=64, V=128, num_seqs=6, decay=5.0)
+    inputs = make_inputs(B=1, T=2100, H=4, K=64, V=64, num_seqs=6, decay=5.0)
     check(PATHS[path], inputs, dtype=dtype, cu_seqlens=cu_seqlens)
+
+
+@pytest.mark.parametrize("fn", [chunk_gla, fused_recurrent_gla])
+def test_empty_input(fn):
+    q, k, v, g, h0 = make_inputs(B=2, T=0, H=2, K=16, V=16)
+    o, s = fn(q, k, v, g, initial_state=h0, output_final_state=True)
+    assert o.shape == v.shape and torch.equal(s, h0)

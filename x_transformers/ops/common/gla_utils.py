@@ -47,3 +47,14 @@ def prepare_chunk_indices(cu_seqlens: Tensor, chunk_size: int) -> tuple[Tensor, 
     within = torch.arange(total, device=lens.device) - chunk_offsets[seg]
     chunk_indices = torch.stack([seg, within], dim=1).to(torch.int32).contiguous()
     return chunk_indices, chunk_offsets.to(torch.int32).contiguous()
+
+
+def empty_input_result(q: Tensor, v: Tensor, initial_state: Tensor | None, output_final_state: bool, N: int):
+    """(o, final_state) for T = 0, where no kernel can be launched: nothing decays, the state passes through."""
+    B, _, H, K = q.shape
+    o = v.new_zeros(v.shape)
+    if not output_final_state:
+        return o, None
+    if initial_state is None:
+        return o, q.new_zeros(N, H, K, v.shape[-1], dtype=torch.float32)
+    return o, initial_state.float()

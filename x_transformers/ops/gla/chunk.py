@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from x_transformers.ops.common.gla_utils import check_gla_inputs, prepare_chunk_indices
+from x_transformers.ops.common.gla_utils import check_gla_inputs, empty_input_result, prepare_chunk_indices
 from x_transformers.ops.common.interpreter_compat import patch as patch_interpreter
 from x_transformers.ops.common.utils import interpreting, use_triton
 from x_transformers.ops.gla.chunk_intra import chunk_gla_bwd_intra_kernel, chunk_gla_fwd_intra_kernel
@@ -447,7 +447,9 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
     cu_seqlens: [N + 1] offsets of packed sequences (B = 1). Returns (o [B, T, H, V] in v's dtype, final state
     [N, H, K, V] fp32 or None).
     """
-    check_gla_inputs(q, k, v, g, initial_state, cu_seqlens, "chunk_gla")
+    N = check_gla_inputs(q, k, v, g, initial_state, cu_seqlens, "chunk_gla")
+    if q.shape[1] == 0:
+        return empty_input_result(q, v, initial_state, output_final_state, N)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not use_triton(q, k, v, g, initial_state):
         return chunk_gla_torch(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
