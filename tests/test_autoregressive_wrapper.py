@@ -358,6 +358,10 @@ def test_prompt_list_errors():
         wrapper.generate([], 3)
     with pytest.raises(ValueError, match="prompt_lens"):
         wrapper.generate([torch.tensor([1, 2])], 3, prompt_lens=torch.tensor([2]))
+    with pytest.raises(ValueError, match="1-D"):
+        wrapper.generate([torch.ones(2, 3, dtype=torch.long)], 3)
+    with pytest.raises(TypeError, match="integer"):
+        wrapper.generate(torch.zeros(1, 3), 3)
 
 
 # eos and sliding window

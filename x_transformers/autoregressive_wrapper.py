@@ -219,6 +219,8 @@ class AutoregressiveWrapper(Module):
 
         if not torch.is_tensor(prompts):
             raise TypeError("prompts must be a tensor of token ids or a list of 1-D tensors")
+        if prompts.is_floating_point() or prompts.is_complex():
+            raise TypeError(f"prompts must be integer token ids, got {prompts.dtype}")
 
         prompts, packed_shape = pack([prompts], "* n")
         seq_len = prompts.shape[-1]
