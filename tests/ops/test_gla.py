@@ -194,3 +194,14 @@ def test_empty_input(fn):
     q, k, v, g, h0 = make_inputs(B=2, T=0, H=2, K=16, V=16)
     o, s = fn(q, k, v, g, initial_state=h0, output_final_state=True)
     assert o.shape == v.shape and torch.equal(s, h0)
+
+
+@pytest.mark.skipif(not CUDA, reason="compiled kernels need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("num_warps", [4, 8])
+def test_gpu_launch_configs(num_warps, dtype, monkeypatch):
+    # Hopper codegen has miscompiled some warp counts for similar kernels: check both we might launch with
+    from x_transformers.ops.gla import chunk as chunk_module
+
+    monkeypatch.setattr(chunk_module, "BIG_TILES", dict(num_warps=num_warps, num_stages=2))
+    check(chunk_gla, make_inputs(B=1, T=1000, H=2, K=128, V=128, decay=5.0), dtype=dtype)
