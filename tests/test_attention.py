@@ -439,3 +439,23 @@ def test_cuda_flash_half_precision_matches_fp32_math(dtype, kwargs):
             out = flash_attn(x)
 
     torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+@requires_cuda
+def test_cuda_compiled_forward_and_decode_step_fullgraph():
+    # the forward and a one-token cached step trace as single graphs (no graph breaks, no host syncs)
+    torch.manual_seed(0)
+    attn = perturb_(Attention(DIM, heads=HEADS, dim_head=DIM_HEAD, causal=True, kv_heads=2, flash=True))
+    attn = attn.cuda().eval()
+    x = torch.randn(2, 16, DIM, device='cuda')
+
+    def decode_step(x, cache):
+        return attn(x, cache=cache, return_intermediates=True)
+
+    with torch.no_grad():
+        expected = attn(x)
+        torch.testing.assert_close(torch.compile(attn, fullgraph=True)(x), expected, rtol=1e-4, atol=1e-4)
+
+        _, cache = attn(x[:, :15], return_intermediates=True)
+        out, _ = torch.compile(decode_step, fullgraph=True)(x[:, 15:], cache)
+        torch.testing.assert_close(out, expected[:, 15:], rtol=1e-4, atol=1e-4)
