@@ -168,3 +168,15 @@ def test_kernels_compile_for_hopper():
     script = os.path.join(os.path.dirname(__file__), "hopper_compile.py")
     res = subprocess.run([sys.executable, script, "simple_gla"], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+def test_bench_ops_smoke():
+    """benchmarks/bench_ops.py runs end to end (tiny shapes; on CPU through the interpreter)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    import bench_ops
+
+    rows = bench_ops.main(["--smoke", "--no-fla", "--ops", "sdpa,chunk_simple_gla,hgrn_scan,fused_recurrent_simple_gla"])
+    assert len(rows) == 4
+    for row in rows:
+        assert "error" not in row, row
+        assert row["fwd_ms"] > 0
