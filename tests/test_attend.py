@@ -309,3 +309,24 @@ def test_sdpa_unmasked_causal_uses_fused_kernel_on_gpu():
     out, _ = attend(q, k, v)
     ref, _ = Attend(causal=True)(q, k, v)
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("flash", (False, True))
+def test_no_host_device_sync_on_gpu(flash):
+    from x_transformers.positional import AlibiPositionalBias, RotaryEmbedding, apply_rotary_pos_emb
+
+    q, k, v = qkv(b=3, i=32, j=32, d=16, device="cuda")
+    mask = padding_mask(b=3, j=32, device="cuda")
+    attend = Attend(causal=True, flash=flash).cuda()
+    rotary, alibi = RotaryEmbedding(16, use_xpos=True).cuda(), AlibiPositionalBias(heads=4).cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        freqs, scale = rotary.forward_from_seq_len(32)
+        q_rot, k_rot = apply_rotary_pos_emb(q, freqs, scale), apply_rotary_pos_emb(k, freqs, scale**-1)
+        out, _ = attend(q_rot, k_rot, v, mask=mask, attn_bias=alibi(32, 32))
+        out, _ = attend(q_rot[..., -1:, :], k_rot, v, mask=mask)  # one-token decode step
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.shape == (3, 4, 1, 16)
