@@ -46,6 +46,15 @@ def first_leaf_and_state(outputs):
 
 
 class Attention(Module):
+    """Multi-head attention. `forward(x, ...)` returns `out`, or `(out, Intermediates)` with return_intermediates.
+
+    x (b, n, dim); context (b, m, dim_context) for cross attention; mask (b, n) bool, True = keep (in self attention
+    also the key mask); context_mask (b, m) bool; attn_mask (i, j), (h, i, j) or (b, h, i, j) bool, True = attend;
+    rotary_pos_emb / context_rotary_pos_emb: (freqs, xpos_scale) from RotaryEmbedding, covering every position so
+    far; mem (b, m, dim): Transformer-XL memories; cache: the Intermediates this layer returned on the previous call;
+    value_residual: the first layer's `Intermediates.values`.
+    """
+
     # inference keeps one concatenated copy of the fused projection weights (faster decoding, more memory);
     # set to False to trade that memory back for separate matmuls
     cache_fused_weights = True
@@ -355,6 +364,9 @@ class Attention(Module):
         needs_grad = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
 
         if needs_grad:
+            # training: concatenate every call so gradients reach each Linear; drop any inference copy
+            if not torch.compiler.is_compiling():
+                self._fused_weights.clear()
             weight = cat(weights)
         elif torch.compiler.is_compiling():
             # compiled inference: a per-call weight concatenation would cost more than the separate matmuls
