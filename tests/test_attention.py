@@ -324,6 +324,21 @@ def test_fully_masked_rows_are_zero_not_nan(flash):
     assert (out[1] == 0).all()
 
 
+def test_attn_mask_with_memory_kv():
+    # an (i, j) attention mask over the sequence leaves the learned memory slots attendable
+    torch.manual_seed(0)
+    attn = perturb_(Attention(DIM, heads=HEADS, dim_head=DIM_HEAD, num_mem_kv=2)).eval()
+    x = torch.randn(2, 5, DIM)
+    allow_all = torch.ones(5, 5, dtype=torch.bool)
+    causal = allow_all.tril()
+
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, attn_mask=allow_all), attn(x))
+        causal_attn = Attention(DIM, heads=HEADS, dim_head=DIM_HEAD, num_mem_kv=2, causal=True).eval()
+        causal_attn.load_state_dict(attn.state_dict())
+        torch.testing.assert_close(attn(x, attn_mask=causal), causal_attn(x))
+
+
 def test_output_masked_positions_are_zero():
     attn = Attention(DIM, heads=HEADS, dim_head=DIM_HEAD)
     mask = torch.tensor([[True, True, False], [True, True, True]])

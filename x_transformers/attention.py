@@ -719,6 +719,8 @@ class Attention(Module):
             if not (2 <= attn_mask.ndim <= 4):
                 raise ValueError(f'attn_mask must have 2 to 4 dimensions, got shape {tuple(attn_mask.shape)}')
             attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.ndim) + tuple(attn_mask.shape)).bool()
+            if num_mem_kv > 0 and attn_mask.shape[-1] == j:
+                attn_mask = pad_at_dim(attn_mask, (num_mem_kv, 0), value=True)
             keep_mask = attn_mask if not exists(keep_mask) else (keep_mask & attn_mask)
 
         if exists(self.max_attend_past):
