@@ -73,6 +73,7 @@ from x_transformers.positional import (
     PerRowDataDependentAlibi,
     RotaryEmbedding,
     apply_rotary_pos_emb,
+    rotate_half,
 )
 from x_transformers.residual import Residual, GRUGating, HyperConnection, Scale, LayerScale, AdaptiveLayerScale
 from x_transformers.token_shift import ShiftTokens, FoldAxially, shift
@@ -514,7 +515,8 @@ class AttentionLayers(Module):
             raise ValueError(f"`hybrid_pattern` must be a non-empty string of 'L' (mixer) and 'N' (softmax), got {hybrid_pattern!r}")
         if len(mixer_kwargs) > 0 and not exists(linear_attn):
             raise ValueError(f"`linear_attn_` kwargs given without `linear_attn`: {', '.join('linear_attn_' + k for k in mixer_kwargs)}")
-        if exists(linear_attn) and "a" in layer_types:
+        # explicit 'l' entries in `custom_layers` place the mixers themselves; otherwise 'a' blocks are converted
+        if exists(linear_attn) and "a" in layer_types and "l" not in layer_types:
             new_types, attn_index = [], 0
             for layer_type in layer_types:
                 if layer_type == "a":
@@ -759,15 +761,6 @@ class AttentionLayers(Module):
         # the mixers' mask: keep-mask over the whole sequence so far, its last columns aligned with x
         mixer_mask = default(mask, self_attn_kv_mask)
 
-        # hyper-connections - the batch carries `s` residual streams, each seeded with its own learned embedding
-        streams = self.num_residual_streams
-        is_multistream = streams > 1
-        if is_multistream:
-            x = einx.add("b n d, s d -> (b s) n d", x, self.stream_emb)
-            expand = maybe(partial(repeat, pattern="b ... -> (b s) ...", s=streams))
-            mask, self_attn_kv_mask, mixer_mask = map(expand, (mask, self_attn_kv_mask, mixer_mask))
-            context, context_mask = map(expand, (context, context_mask))
-
         layers_execute_order = default(layers_execute_order, self.layers_execute_order)
         layer_variables = [
             tuple(variable[i] for i in layers_execute_order)
@@ -784,6 +777,13 @@ class AttentionLayers(Module):
 
         if exists(inp_inject) and exists(self.learned_reinject_input_gate):
             inp_inject = inp_inject * self.learned_reinject_input_gate(x).sigmoid()
+
+        # hyper-connections - the batch carries `s` residual streams, each seeded with its own learned embedding;
+        # every block still sees a (b, n, d) input mixed from the streams, so masks and context stay as they are
+        streams = self.num_residual_streams
+        is_multistream = streams > 1
+        if is_multistream:
+            x = einx.add("b n d, s d -> (b s) n d", x, self.stream_emb)
 
         # resi-dual - the un-normed sum of all branch outputs, normed once at the end (arXiv 2304.14802)
         outer_residual = x * self.resi_dual_scale if self.resi_dual else None
