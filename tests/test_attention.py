@@ -79,6 +79,7 @@ CACHE_CONFIGS = {
         use_latent_q=True, dim_latent_q=16, use_latent_kv=True, dim_latent_kv=16, latent_rope_subheads=2
     ),
     'mla_no_rope': dict(use_latent_kv=True, dim_latent_kv=16),
+    'mla_all_keys_decoupled': dict(use_latent_kv=True, dim_latent_kv=16, latent_rope_subheads=HEADS),
     'hybrid_gru': dict(hybrid_fold_axial_dim=1, hybrid_module=nn.GRU(DIM, HEADS * DIM_HEAD, batch_first=True)),
     'hybrid_gru_folded': dict(
         hybrid_fold_axial_dim=3, hybrid_module=nn.GRU(DIM, HEADS * DIM_HEAD, batch_first=True)
@@ -95,7 +96,14 @@ CACHE_CONFIGS = {
     'flash_gqa': dict(flash=True, kv_heads=2),
 }
 
-ROTARY_CONFIGS = {'rotary': False, 'rotary_xpos': True, 'mla': False, 'flash_gqa': False}
+# config name -> whether its rotary embedding uses xpos
+ROTARY_CONFIGS = {
+    'rotary': False,
+    'rotary_xpos': True,
+    'mla': False,
+    'mla_all_keys_decoupled': False,
+    'flash_gqa': False,
+}
 
 
 def decode_in_chunks(attn, x, chunks, rotary=None):

@@ -10,6 +10,7 @@ and values of every position so far (before rotary, after qk-norm) - or for mult
 
 from __future__ import annotations
 
+import warnings
 from copy import deepcopy
 from functools import partial
 from typing import Callable
@@ -185,7 +186,12 @@ class Attention(Module):
         # query, key, value projections - kept as three modules for checkpoint compatibility, run as one matmul
 
         self.to_q = LinearNoBias(dim_q_input, q_dim)
-        self.to_k = LinearNoBias(dim_kv_input, k_dim)
+
+        # with every key head decoupled (latent_rope_subheads == kv_heads) to_k is empty, as upstream has it
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message='Initializing zero-element tensors')
+            self.to_k = LinearNoBias(dim_kv_input, k_dim)
+
         self.to_v = LinearNoBias(dim_kv_input, v_dim)
         self._fused_weights = {}
 
