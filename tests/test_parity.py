@@ -53,13 +53,17 @@ def test_required_fixtures_present():
     assert total < 2 * 1024 * 1024, f"parity fixtures take {total} bytes, budget is 2 MB"
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", NAMES)
-def test_parity(name):
-    fixture = torch.load(FIXTURES / f"{name}.pt", weights_only=False)
+def test_parity(name, device):
+    fixture = torch.load(FIXTURES / f"{name}.pt", weights_only=False, map_location=device)
     spec = fixture["spec"]
 
     torch.manual_seed(0)
-    model = build(spec).eval()
+    model = build(spec).to(device).eval()
 
     ours, theirs = model.state_dict(), fixture["state_dict"]
     assert set(ours) == set(theirs), f"state dict keys differ: only ours {sorted(set(ours) - set(theirs))}, only upstream {sorted(set(theirs) - set(ours))}"
@@ -68,6 +72,9 @@ def test_parity(name):
 
     model.load_state_dict(theirs, strict=True)
 
+    # fp32 everywhere: no TF32 on the GPU
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     with torch.no_grad():
         outputs = run(model, spec, fixture["inputs"])
 

@@ -558,3 +558,32 @@ def test_moe_wiring(dummy_moe):
 
     _, inter = lm()(tokens(), return_intermediates=True)
     assert inter.aux_loss is None
+
+
+# GPU: the same assembly under bf16 autocast with SDPA, and cached decoding (skipped without CUDA)
+
+CUDA_FLAGS = [
+    dict(attn_flash=True),
+    dict(attn_flash=True, rotary_pos_emb=True, attn_kv_heads=1),
+    dict(attn_flash=True, num_residual_streams=2, add_value_residual=True),
+    dict(residual_attn=True, macaron=True, sandwich_norm=True),
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("flags", CUDA_FLAGS, ids=[flag_id(f) for f in CUDA_FLAGS])
+def test_cuda_bf16_and_cache(flags):
+    torch.manual_seed(0)
+    model = lm(**flags).cuda()
+    x = tokens().cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = model(x)
+    assert torch.isfinite(logits).all()
+    logits.float().mean().backward()
+
+    model.eval()
+    with torch.no_grad():
+        _, cache = model(x[:, :-1], return_intermediates=True)
+        cached = model(x, cache=cache)[:, -1]
+        full = model(x)[:, -1]
+    torch.testing.assert_close(cached, full, rtol=1e-3, atol=1e-3)
