@@ -47,12 +47,19 @@ def batches(data, batch_size, seq_len, generator):
         yield torch.stack([data[s : s + seq_len + 1] for s in starts.tolist()])
 
 
+def device_name(device):
+    return torch.cuda.get_device_name() if str(device).startswith("cuda") else "cpu"
+
+
 def train_one(name, kwargs, args, train, val, device):
     torch.manual_seed(args.seed)
     model = TransformerWrapper(
         num_tokens=256,
         max_seq_len=args.seq_len,
-        attn_layers=Decoder(dim=args.dim, depth=args.depth, heads=args.heads, rotary_pos_emb=True, **kwargs),
+        attn_layers=Decoder(
+            dim=args.dim, depth=args.depth, heads=args.heads, attn_dim_head=args.dim // args.heads,  # same width as the mixers
+            rotary_pos_emb=True, **kwargs,
+        ),
     )
     wrapper = AutoregressiveWrapper(model).to(device)
     params = sum(p.numel() for p in model.parameters())
@@ -99,16 +106,22 @@ def main():
     parser.add_argument("--out", default="runs/mixers.json")
     parser.add_argument("--plot", default=None, help="PNG path for the validation curves")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--from-json", default=None, help="skip training: table and plot from an earlier --out")
     args = parser.parse_args()
 
-    train, val = load_bytes(Path(args.data))
-    results = {}
-    for name, kwargs in configs([m for m in args.mixers.split(",") if m]).items():
-        results[name] = train_one(name, kwargs, args, train, val, args.device)
-
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(args=vars(args), results=results), indent=2))
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        results = saved["results"]
+        for key in ("dim", "depth", "seq_len"):
+            setattr(args, key, saved["args"][key])
+    else:
+        train, val = load_bytes(Path(args.data))
+        results = {}
+        for name, kwargs in configs([m for m in args.mixers.split(",") if m]).items():
+            results[name] = train_one(name, kwargs, args, train, val, args.device)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(dict(args=vars(args), device=device_name(args.device), results=results), indent=2))
 
     print("\n| mixer | params | val loss | bpc | seconds |\n|---|---|---|---|---|")
     for name, r in sorted(results.items(), key=lambda kv: kv[1]["val_loss"]):
