@@ -239,7 +239,8 @@ def chunk_simple_gla_bwd(q, k, v, gc, scale, h0, do, dht, cu_seqlens, meta, BT=C
         )
         chunk_bwd_dqk_kernel[(NK, grid_t, B * H)](
             q, k, v, h, do, dh, gc, dq, dk, dg, cu_seqlens, chunk_indices, chunk_offsets, scale, T, NK=NK, **common,
-            num_warps=4, num_stages=2,
+            # five [BT, BT] / [BT, BK] fp32 blocks live at once: spread them over more threads
+            num_warps=8, num_stages=2,
         )
     if dg is not None:
         dg = dg.sum(-1) if NK > 1 else dg[..., 0]
