@@ -118,7 +118,7 @@ def hgrn_bwd_kernel(
 def _block_d(D: int, N: int) -> int:
     # fewer channels per program when there are few sequences, to keep the GPU's SMs busy
     BD = min(32, triton.next_power_of_2(D))
-    while BD > 16 and N * triton.cdiv(D, BD) < 256:
+    while BD > 8 and N * triton.cdiv(D, BD) < 256:
         BD //= 2
     return BD
 

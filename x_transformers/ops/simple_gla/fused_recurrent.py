@@ -55,7 +55,7 @@ def fused_recurrent_fwd_kernel(
     p_q = q + (bos * H + i_h) * K + o_k
     p_k = k + (bos * H + i_h) * K + o_k
     p_v = v + (bos * H + i_h) * V + o_v
-    p_o = o + ((i_k * NTOK + bos) * H + i_h) * V + o_v
+    p_o = o + ((i_k.to(tl.int64) * NTOK + bos) * H + i_h) * V + o_v
     for i_t in range(T):
         b_q = tl.load(p_q, mask=m_k, other=0).to(tl.float32) * scale
         b_k = tl.load(p_k, mask=m_k, other=0).to(tl.float32)
@@ -97,7 +97,7 @@ def fused_recurrent_bwd_dq_kernel(
     p_k = k + (bos * H + i_h) * K + o_k
     p_v = v + (bos * H + i_h) * V + o_v
     p_do = do + (bos * H + i_h) * V + o_v
-    p_dq = dq + ((i_v * NTOK + bos) * H + i_h) * K + o_k
+    p_dq = dq + ((i_v.to(tl.int64) * NTOK + bos) * H + i_h) * K + o_k
     for i_t in range(T):
         b_k = tl.load(p_k, mask=m_k, other=0).to(tl.float32)
         b_v = tl.load(p_v, mask=m_v, other=0).to(tl.float32)
@@ -139,8 +139,8 @@ def fused_recurrent_bwd_dkv_kernel(
     p_k = k + (last * H + i_h) * K + o_k
     p_v = v + (last * H + i_h) * V + o_v
     p_do = do + (last * H + i_h) * V + o_v
-    p_dk = dk + ((i_v * NTOK + last) * H + i_h) * K + o_k
-    p_dv = dv + ((i_k * NTOK + last) * H + i_h) * V + o_v
+    p_dk = dk + ((i_v.to(tl.int64) * NTOK + last) * H + i_h) * K + o_k
+    p_dv = dv + ((i_k.to(tl.int64) * NTOK + last) * H + i_h) * V + o_v
     for i_t in range(T):
         b_q = tl.load(p_q, mask=m_k, other=0).to(tl.float32) * scale
         b_k = tl.load(p_k, mask=m_k, other=0).to(tl.float32)
