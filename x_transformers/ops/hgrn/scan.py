@@ -15,6 +15,8 @@ import triton.language as tl
 from torch import Tensor
 
 from x_transformers.ops.common.interpreter_compat import patch
+from x_transformers.ops.common.utils import check_cu_seqlens, check_float, check_shape, use_triton
+from x_transformers.ops.hgrn.scan_torch import hgrn_scan_torch
 
 patch()
 
@@ -178,9 +180,6 @@ def hgrn_scan(
 ) -> tuple[Tensor, Tensor | None]:
     """Elementwise gated scan `h_t = exp(g_t) * h_{t-1} + x_t`. x, g: [B, T, D] (or [B, T, H, D], treated as
     D' = H * D channels); initial_state / final state: [N, D] (or [N, H, D]) fp32. Returns (h in x's dtype, ht)."""
-    from x_transformers.ops.common.utils import check_cu_seqlens, check_float, check_shape, use_triton
-    from x_transformers.ops.hgrn.scan_torch import hgrn_scan_torch
-
     where = "hgrn_scan"
     for name, t in (("x", x), ("g", g), ("initial_state", initial_state)):
         check_float(name, t, where)

@@ -16,6 +16,7 @@ from x_transformers.ops.common.chunk_index import prepare_chunk_indices, prepare
 from x_transformers.ops.common.cumsum import chunk_local_cumsum
 from x_transformers.ops.common.utils import check_cu_seqlens, check_float, check_shape, use_triton
 from x_transformers.ops.simple_gla.chunk_h import chunk_bwd_dh, chunk_fwd_h, tile
+from x_transformers.ops.simple_gla.chunk_torch import chunk_simple_gla_torch
 
 CHUNK_SIZE = 64
 
@@ -310,6 +311,4 @@ def chunk_simple_gla(
             q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous() if g is not None else None,
             scale, initial_state, output_final_state, cu_seqlens,
         )
-    from x_transformers.ops.simple_gla.chunk_torch import chunk_simple_gla_torch
-
     return chunk_simple_gla_torch(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch import Tensor
 
 
 def _chunk_one(q, k, v, g, scale, h0, chunk_size):

@@ -15,6 +15,8 @@ from torch import Tensor
 from x_transformers.ops.common.chunk_index import last_positions
 from x_transformers.ops.common.cumsum import reverse_cumsum
 from x_transformers.ops.common.utils import use_triton
+from x_transformers.ops.simple_gla.chunk import check_simple_gla_inputs
+from x_transformers.ops.simple_gla.naive import naive_simple_gla
 
 
 def _tile(n: int) -> int:
@@ -245,9 +247,6 @@ def fused_recurrent_simple_gla(
     cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Same contract and results as `chunk_simple_gla`, computed token by token (decoding, short inputs)."""
-    from x_transformers.ops.simple_gla.chunk import check_simple_gla_inputs
-    from x_transformers.ops.simple_gla.naive import naive_simple_gla
-
     check_simple_gla_inputs("fused_recurrent_simple_gla", q, k, v, g, initial_state, cu_seqlens)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if use_triton(q, k, v, g, initial_state):
