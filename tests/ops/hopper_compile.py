@@ -28,7 +28,8 @@ def compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
     signature, constexprs = {}, {}
     for i, name in enumerate(self.arg_names):
         value = bound[name]
-        if i in self.constexprs or value is None or isinstance(value, (bool, str)):
+        # like the runtime, which specialises integer arguments equal to 1 into constants
+        if i in self.constexprs or value is None or isinstance(value, (bool, str)) or (type(value) is int and value == 1):
             signature[name] = "constexpr"
             constexprs[name] = value
         elif isinstance(value, torch.Tensor):
@@ -82,11 +83,28 @@ def hgrn(dtype):
         torch.autograd.grad(h.float().sum() + ht.sum(), [x, g, h0])
 
 
-FAMILIES = {"simple_gla": simple_gla, "hgrn": hgrn}
+def single_token(dtype):
+    """T = 1 turns the length argument into a compile-time constant."""
+    from x_transformers.ops.hgrn.scan import HGRNScanFunction
+    from x_transformers.ops.simple_gla.chunk import ChunkSimpleGLAFunction
+    from x_transformers.ops.simple_gla.fused_recurrent import FusedRecurrentSimpleGLAFunction
+
+    q, k, v = (torch.randn(2, 1, 2, 64, dtype=dtype, requires_grad=True) for _ in range(3))
+    g = torch.randn(2, 1, 2, requires_grad=True)
+    h0 = torch.randn(2, 2, 64, 64, requires_grad=True)
+    for fn in (ChunkSimpleGLAFunction, FusedRecurrentSimpleGLAFunction):
+        o, ht = fn.apply(q, k, v, g, 0.1, h0, True, None)
+        torch.autograd.grad((o.float().sum() + ht.sum()), [q, k, v, g, h0])
+    x = torch.randn(2, 1, 64, dtype=dtype, requires_grad=True)
+    h, ht = HGRNScanFunction.apply(x, x.detach().clone().requires_grad_(), h0[:, 0, 0], True, None)
+    torch.autograd.grad(h.float().sum() + ht.sum(), [x])
+
+
+FAMILIES = {"simple_gla": simple_gla, "hgrn": hgrn, "single_token": single_token}
 
 if __name__ == "__main__":
     JITFunction.run = compile_instead_of_launch
     for family in sys.argv[1:] or FAMILIES:
-        for dtype in (torch.bfloat16, torch.float32):
+        for dtype in (torch.bfloat16, torch.float32)[: 1 if family == "single_token" else 2]:
             FAMILIES[family](dtype)
     print("all kernels compiled for sm_90")
