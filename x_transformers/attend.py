@@ -26,6 +26,9 @@ from torch.nn import Module
 
 from x_transformers.utils import at_most_one_of, default, exists, softclamp
 
+# F.scaled_dot_product_attention takes enable_gqa from torch 2.5
+SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+
 # b - batch, h - heads, i - query positions, j - key positions, d - head dimension
 
 
@@ -264,10 +267,7 @@ class Attend(Module):
         batch, heads, i, d = q.shape
         j = k.shape[-2]
 
-        # SDPA wants as many kv heads as query heads; its own GQA pairs heads in another order
-        if k.shape[1] != heads:
-            k, v = (t.repeat(1, heads // t.shape[1], 1, 1) for t in (k, v))
-
+        kv_heads = k.shape[1]
         causal = self.causal and i > 1
         scale = default(self.scale, d**-0.5)
 
@@ -298,6 +298,16 @@ class Attend(Module):
         if exists(attn_mask) and attn_mask.ndim == 4:
             attn_mask = attn_mask.expand(batch, heads, i, j)
 
+        # grouped query attention - SDPA's enable_gqa reads kv head h // groups, ours h % kv_heads, so the query
+        # heads are regrouped (a copy of q, not of every kv head); only where the fused kernel takes it natively
+        use_gqa = kv_heads != heads and self._sdpa_gqa_ok(q, attn_mask)
+        if use_gqa:
+            q = rearrange(q, "b (g h) i d -> b (h g) i d", h=kv_heads)
+        elif kv_heads != heads:
+            k, v = (t.repeat(1, heads // kv_heads, 1, 1) for t in (k, v))
+
+        gqa_kwargs = dict(enable_gqa=True) if use_gqa else dict()
+
         with self.sdp_context_manager():
             out = F.scaled_dot_product_attention(
                 q,
@@ -307,9 +317,22 @@ class Attend(Module):
                 dropout_p=self.dropout if self.training else 0.0,
                 is_causal=use_is_causal,
                 scale=scale,
+                **gqa_kwargs,
             )
 
+        if use_gqa:
+            out = rearrange(out, "b (h g) i d -> b (g h) i d", h=kv_heads)
+
         return out, row_is_masked, Intermediates()
+
+    def _sdpa_gqa_ok(self, q: Tensor, attn_mask: Tensor | None) -> bool:
+        # torch >= 2.5 has enable_gqa; on CUDA only the flash kernel (half precision, no mask) runs it without
+        # materializing the kv heads, every other backend would repeat them anyway, or fall back to math
+        if not SDPA_HAS_GQA or exists(attn_mask):
+            return False
+        if q.device.type != "cuda":
+            return True
+        return q.dtype in (torch.float16, torch.bfloat16) and torch.nn.attention.SDPBackend.FLASH_ATTENTION in self.sdpa_backends
 
     def forward(self, q, k, v, mask=None, attn_bias=None, prev_attn=None):
         """

@@ -267,6 +267,51 @@ class AutoregressiveWrapper(Module):
 
         return out[:, -max_seq_len:], cache, seq_start_pos
 
+    def _fast_decode_mode(
+        self, fast_decode, cache_kv, should_cache, amateur_model, net_kwargs, prompts, seq_len, restrict_to_max_seq_len
+    ):
+        """The fast decoding mode to use ('eager', 'graph', 'compile') or None for the plain path.
+
+        fast_decode: None - on CUDA when supported; True - always ('graph' on CUDA, 'eager' on CPU), raising if
+        not supported; a mode name - that mode, raising if not supported; False - never.
+        """
+        from x_transformers.fast_decode import MODES, supports
+
+        if fast_decode is False:
+            return None
+        if not (fast_decode is None or fast_decode is True or fast_decode in MODES):
+            raise ValueError(f"fast_decode must be None, True, False or one of {MODES}, got {fast_decode!r}")
+
+        is_cuda = prompts.device.type == "cuda"
+        ok, reason = supports(self.net)
+        has_attention = ok and "a" in self.net.attn_layers.layer_types
+        # the plain path slides a window once past max_seq_len, re-rotating cached keys; the static cache does not
+        last_len = prompts.shape[-1] + seq_len - 1 if has_attention else prompts.shape[-1]
+
+        blockers = dict(
+            cache_kv=not cache_kv,
+            amateur_model=exists(amateur_model),
+            network_kwargs=len(net_kwargs) > 0,
+            can_cache_kv=not should_cache,
+            restrict_to_max_seq_len=restrict_to_max_seq_len and last_len > self.max_seq_len,
+        )
+        blocker = next((name for name, on in blockers.items() if on), None)
+        if exists(blocker):
+            ok = False
+            reason = f"fast decoding does not support `{blocker}`" + (
+                f" ({', '.join(sorted(net_kwargs))})" if blocker == "network_kwargs" else ""
+            )
+            if blocker == "restrict_to_max_seq_len":
+                reason = "fast decoding cannot slide past max_seq_len; raise max_seq_len or pass restrict_to_max_seq_len=False"
+
+        if fast_decode is None:
+            return "graph" if (ok and is_cuda) else None
+        if not ok:
+            raise ValueError(reason)
+        if fast_decode is True:
+            return "graph" if is_cuda else "eager"
+        return fast_decode
+
     @torch.no_grad()
     @eval_decorator
     def generate(
@@ -282,6 +327,7 @@ class AutoregressiveWrapper(Module):
         filter_kwargs: dict = dict(),
         contrastive_decode_kwargs: dict | tuple[dict] = dict(beta=0.5, alpha=0.1),
         cache_kv=True,
+        fast_decode: bool | str | None = None,
         **kwargs,
     ):
         greedy = temperature == 0.0
@@ -292,6 +338,28 @@ class AutoregressiveWrapper(Module):
 
         should_cache = self._should_cache(cache_kv, kwargs)
         self._check_cache_window(prompt_len + seq_len - 1, should_cache, restrict_to_max_seq_len)
+
+        # fast decoding - static kv cache and a CUDA-graph step (x_transformers/fast_decode.py), same tokens
+        fast_mode = self._fast_decode_mode(
+            fast_decode, cache_kv, should_cache, amateur_model, kwargs, prompts, seq_len, restrict_to_max_seq_len
+        )
+        if exists(fast_mode):
+            from x_transformers.fast_decode import fast_decoder_for
+
+            decoder = fast_decoder_for(self, prompts.shape[0], prompt_len + seq_len, fast_mode)
+            out = decoder.generate(
+                prompts,
+                seq_len,
+                seq_start_pos=prompt_start_pos,
+                temperature=temperature,
+                filter_fn=filter_logits_fn,
+                filter_kwargs=filter_kwargs,
+                eos_token=eos_token,
+            )
+            if exists(eos_token):
+                out = mask_after_eos(torch.cat((prompts, out), dim=-1), eos_token, self.pad_value)[:, prompt_len:]
+            (out,) = unpack(out, packed_shape, "* n")
+            return out
 
         # contrastive decoding - one or more amateur models whose preferences are subtracted; filtering is off
         amateurs = []
