@@ -177,3 +177,31 @@ def test_cli_passes_mixer_flags_and_config(tmp_path):
         train_enwik8.decoder_kwargs(train_enwik8.parse_args(["--config", "[1, 2]"]))
     with pytest.raises(ValueError, match="unknown --dtype"):
         T.pick_dtype("fp8", torch.device("cpu"))
+
+
+def load_script(path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmarks_smoke(tmp_path, capsys):
+    """Both benchmark scripts at tiny CPU sizes: JSON and table out; the side-by-side path re-runs the measurement in
+    a subprocess (here with this same interpreter standing in for an upstream environment)."""
+    bench_train = load_script(ROOT / "benchmarks" / "bench_train.py")
+    results = bench_train.main(["--smoke", "--json", str(tmp_path / "train.json"),
+                                "--upstream-python", sys.executable])
+    assert [r["label"] for r in results] == ["ours", "upstream"]
+    assert all(r["tokens_per_s"] > 0 and r["config"]["seq_len"] == 64 for r in results)
+    # same seed and same code: the subprocess measured the same model
+    assert results[1]["final_loss"] == pytest.approx(results[0]["final_loss"], rel=1e-5)
+    assert "tokens_per_s ratio" in capsys.readouterr().out
+
+    bench_decode = load_script(ROOT / "benchmarks" / "bench_decode.py")
+    (result,) = bench_decode.main(["--smoke", "--json", str(tmp_path / "decode.json")])
+    assert result["output_shape"] == [2, 8] and result["tokens_per_s"] > 0
+    saved = __import__("json").loads((tmp_path / "decode.json").read_text())
+    assert saved["results"][0]["config"]["prompt_len"] == 16
