@@ -246,19 +246,22 @@ class FastDecoder:
         return buffer
 
     def _set_state(self, index: int, state):
+        # a tree of tensors and Nones (states a mixer does not keep)
         leaves, treedef = tree_flatten(state)
-        if not all(torch.is_tensor(t) for t in leaves):
+        if not all(t is None or torch.is_tensor(t) for t in leaves):
             raise TypeError(f"layer {index}: a mixer state must be a tree of tensors for fast decoding")
         old = self.states.get(index)
         fits = exists(old) and old[0] == treedef and all(
-            a.shape == b.shape and a.dtype == b.dtype for a, b in zip(old[1], leaves)
+            (a is None and b is None) or (exists(a) and exists(b) and a.shape == b.shape and a.dtype == b.dtype)
+            for a, b in zip(old[1], leaves)
         )
         if not fits:
-            self.states[index] = (treedef, [t.clone() for t in leaves])
+            self.states[index] = (treedef, [t.clone() if exists(t) else None for t in leaves])
             self.graph = None
             return
         for buffer, t in zip(old[1], leaves):
-            buffer.copy_(t)
+            if exists(buffer):
+                buffer.copy_(t)
 
     @torch.no_grad()
     def prefill(self, prompts: Tensor, seq_start_pos: Tensor | None = None) -> Tensor:
@@ -325,10 +328,13 @@ class FastDecoder:
         state = tree_unflatten(buffers, treedef)
         out, inter = mixer(x, cache=Intermediates(recurrent_state=state), return_intermediates=True)
         new_leaves, new_treedef = tree_flatten(inter.recurrent_state)
-        if new_treedef != treedef or any(a.shape != b.shape for a, b in zip(buffers, new_leaves)):
+        same = new_treedef == treedef and all(
+            (a is None) == (b is None) and (a is None or a.shape == b.shape) for a, b in zip(buffers, new_leaves)
+        )
+        if not same:
             raise RuntimeError(f"layer {index}: the mixer's state changed structure or shape between steps")
         for buffer, t in zip(buffers, new_leaves):
-            if t is not buffer:
+            if exists(buffer) and t is not buffer:
                 buffer.copy_(t)
         return out
 

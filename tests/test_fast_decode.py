@@ -1,0 +1,253 @@
+"""Fast decoding (x_transformers/fast_decode.py): the static-cache step against the plain cached path.
+
+On CPU the same static-cache step runs without CUDA graphs; the CUDA-graph and compiled modes are checked at the
+bottom when a GPU is present.
+"""
+
+import pytest
+import torch
+
+from x_transformers import AutoregressiveWrapper, Decoder, TransformerWrapper
+from x_transformers.attend import Attend
+from x_transformers.fast_decode import FastDecoder, supports
+
+NUM_TOKENS = 40
+
+CONFIGS = dict(
+    rotary=dict(rotary_pos_emb=True),
+    absolute=dict(),
+    layernorm_partial_rotary_gqa_qk_norm_glu=dict(
+        rotary_pos_emb=True, rotary_emb_dim=8, attn_kv_heads=2, attn_qk_norm=True, ff_glu=True
+    ),
+    rmsnorm_one_kv_head_relu_squared=dict(
+        use_rmsnorm=True, attn_one_kv_head=True, ff_relu_squared=True, attn_dim_head=8, ff_mult=2
+    ),
+    swish_tied=dict(rotary_pos_emb=True, ff_swish=True, ff_glu=True, tie_embedding=True),
+    hybrid_gated_deltanet=dict(linear_attn="gated_deltanet", hybrid_pattern="LN", rotary_pos_emb=True),
+    mixers_only_gla=dict(linear_attn="gla"),
+)
+
+
+def build(max_seq_len=64, tie_embedding=False, **kwargs):
+    net = TransformerWrapper(
+        num_tokens=NUM_TOKENS,
+        max_seq_len=max_seq_len,
+        tie_embedding=tie_embedding,
+        attn_layers=Decoder(dim=32, depth=2, heads=4, **kwargs),
+    )
+    return AutoregressiveWrapper(net).eval()
+
+
+def plain_and_fast_logits(model, prompts, tokens, seq_start_pos=None):
+    """Logits for the prompt's last position, then for each of `tokens` (b, t) fed one at a time."""
+    net = model.net
+    decoder = FastDecoder(net, prompts.shape[0], 64)
+
+    with torch.no_grad():
+        logits, cache = net(prompts, return_intermediates=True, seq_start_pos=seq_start_pos)
+        plain = [logits[:, -1]]
+        fast = [decoder.prefill(prompts, seq_start_pos)]
+
+        seq = prompts
+        for token in tokens.unbind(dim=1):
+            seq = torch.cat((seq, token[:, None]), dim=1)
+            logits, cache = net(seq, return_intermediates=True, cache=cache, seq_start_pos=seq_start_pos)
+            plain.append(logits[:, -1])
+
+            decoder.tokens.copy_(token[:, None])
+            fast.append(decoder.forward_step())
+            decoder.pos.add_(1)
+
+    return torch.stack(plain, dim=1), torch.stack(fast, dim=1)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_and_greedy_match_plain_path(name):
+    torch.manual_seed(0)
+    model = build(**CONFIGS[name])
+    assert supports(model.net) == (True, "")
+
+    prompts = torch.randint(0, NUM_TOKENS, (2, 5))
+    tokens = torch.randint(0, NUM_TOKENS, (2, 6))
+    plain, fast = plain_and_fast_logits(model, prompts, tokens)
+    torch.testing.assert_close(fast, plain, atol=1e-4, rtol=0)
+
+    plain_out = model.generate(prompts, 12, temperature=0.0, fast_decode=False)
+    fast_out = model.generate(prompts, 12, temperature=0.0, fast_decode=True)
+    assert torch.equal(fast_out, plain_out)
+
+
+@pytest.mark.parametrize("name", ["rotary", "absolute", "hybrid_gated_deltanet"])
+def test_left_padded_prompts(name):
+    torch.manual_seed(1)
+    model = build(**CONFIGS[name])
+    prompts = [torch.randint(0, NUM_TOKENS, (n,)) for n in (2, 6, 4)]
+
+    plain_out = model.generate(prompts, 10, temperature=0.0, fast_decode=False)
+    fast_out = model.generate(prompts, 10, temperature=0.0, fast_decode=True)
+    assert torch.equal(fast_out, plain_out)
+
+    # logits too, with the start positions the wrapper derives
+    padded, _, start = model._prepare_prompts(prompts, None)
+    plain, fast = plain_and_fast_logits(model, padded, torch.randint(0, NUM_TOKENS, (3, 4)), start)
+    torch.testing.assert_close(fast, plain, atol=1e-4, rtol=0)
+
+
+def test_eos_stops_and_pads_like_plain_path():
+    torch.manual_seed(2)
+    model = build(**CONFIGS["rotary"])
+    prompts = torch.randint(0, NUM_TOKENS, (3, 4))
+    # an eos token the greedy decode is sure to hit: the first token it emits for row 0
+    eos = int(model.generate(prompts, 1, temperature=0.0, fast_decode=False)[0, 0])
+
+    plain_out = model.generate(prompts, 40, temperature=0.0, eos_token=eos, fast_decode=False)
+    fast_out = model.generate(prompts, 40, temperature=0.0, eos_token=eos, fast_decode=True)
+    assert torch.equal(fast_out, plain_out)
+
+
+def test_sampling_respects_filters_and_reuses_the_decoder():
+    torch.manual_seed(3)
+    model = build(**CONFIGS["rotary"])
+    prompts = torch.randint(0, NUM_TOKENS, (4, 3))
+
+    out = model.generate(prompts, 16, temperature=1.0, filter_logits_fn="top_k", filter_kwargs=dict(k=1), fast_decode=True)
+    decoder = model._fast_decoder
+    # top-1 sampling is greedy
+    assert torch.equal(out, model.generate(prompts, 16, temperature=0.0, fast_decode=False))
+
+    out = model.generate(prompts, 16, temperature=0.7, filter_logits_fn="min_p", fast_decode=True)
+    assert out.shape == (4, 16) and out.min() >= 0 and out.max() < NUM_TOKENS
+    assert model._fast_decoder is decoder
+    # the decoder is a plain attribute: the state dict is unchanged
+    assert not any("fast" in key for key in model.state_dict())
+
+
+def test_continues_past_max_seq_len_without_window():
+    torch.manual_seed(4)
+    model = build(max_seq_len=8, **CONFIGS["rotary"])
+    prompts = torch.randint(0, NUM_TOKENS, (2, 6))
+    kwargs = dict(temperature=0.0, restrict_to_max_seq_len=False)
+    assert torch.equal(
+        model.generate(prompts, 10, fast_decode=True, **kwargs), model.generate(prompts, 10, fast_decode=False, **kwargs)
+    )
+    # the plain path would slide its window and re-rotate cached keys: the static cache does not, so it refuses
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model.generate(prompts, 10, temperature=0.0, fast_decode=True)
+    assert model.generate(prompts, 10, temperature=0.0).shape == (2, 10)
+
+
+@pytest.mark.parametrize(
+    "kwargs, flag",
+    [
+        (dict(alibi_pos_bias=True), "alibi_pos_bias"),
+        (dict(rotary_xpos=True), "rotary_xpos"),
+        (dict(shift_tokens=1, rotary_pos_emb=True), "shift_tokens"),
+        (dict(attn_num_mem_kv=2), "attn_num_mem_kv"),
+        (dict(sandwich_norm=True), "sandwich_norm"),
+        (dict(gate_residual=True), "gate_residual"),
+        (dict(attn_pre_talking_heads=True), "attn_pre_talking_heads"),
+        (dict(pre_norm=False), "pre_norm"),
+    ],
+)
+def test_unsupported_flags_fall_back_or_raise(kwargs, flag):
+    torch.manual_seed(5)
+    model = build(**kwargs)
+    ok, reason = supports(model.net)
+    assert not ok and flag in reason
+
+    prompts = torch.randint(0, NUM_TOKENS, (2, 3))
+    with pytest.raises(ValueError, match=flag):
+        model.generate(prompts, 4, temperature=0.0, fast_decode=True)
+
+    # auto falls back to the plain path, same tokens
+    assert torch.equal(
+        model.generate(prompts, 4, temperature=0.0, fast_decode=None),
+        model.generate(prompts, 4, temperature=0.0, fast_decode=False),
+    )
+
+
+def test_generate_level_fallbacks_and_errors():
+    torch.manual_seed(6)
+    model = build(**CONFIGS["rotary"])
+    prompts = torch.randint(0, NUM_TOKENS, (2, 3))
+
+    with pytest.raises(ValueError, match="cache_kv"):
+        model.generate(prompts, 4, cache_kv=False, fast_decode=True)
+    with pytest.raises(ValueError, match="amateur_model"):
+        model.generate(prompts, 4, amateur_model=build(**CONFIGS["rotary"]), fast_decode=True)
+    with pytest.raises(ValueError, match="must be None, True, False"):
+        model.generate(prompts, 4, fast_decode="fastest")
+    # CUDA graphs need CUDA
+    with pytest.raises(ValueError, match="needs CUDA"):
+        model.generate(prompts, 4, fast_decode="graph")
+
+    # auto is CUDA only: on CPU the plain path runs and no decoder is built
+    model.generate(prompts, 4)
+    assert "_fast_decoder" not in model.__dict__
+
+
+def test_not_a_transformer_wrapper():
+    ok, reason = supports(torch.nn.Linear(2, 2))
+    assert not ok and "TransformerWrapper" in reason
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_sdpa_gqa_matches_math_path(causal):
+    # the SDPA path regroups query heads for enable_gqa: query head h must still read kv head h % kv_heads
+    torch.manual_seed(7)
+    q, k, v = torch.randn(2, 8, 5, 16), torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16)
+    flash, _ = Attend(flash=True, causal=causal)(q, k, v)
+    math, _ = Attend(flash=False, causal=causal)(q, k, v)
+    torch.testing.assert_close(flash, math, atol=1e-5, rtol=0)
+
+
+# GPU: the CUDA graph and compiled steps
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["graph", "compile"])
+@pytest.mark.parametrize("name", ["layernorm_partial_rotary_gqa_qk_norm_glu", "hybrid_gated_deltanet"])
+def test_cuda_graph_matches_plain_path(mode, name):
+    torch.manual_seed(8)
+    model = build(max_seq_len=256, **CONFIGS[name]).cuda()
+    prompts = torch.randint(0, NUM_TOKENS, (4, 7), device="cuda")
+
+    plain_out = model.generate(prompts, 60, temperature=0.0, fast_decode=False)
+    for _ in range(2):  # the second call replays the captured graph
+        assert torch.equal(model.generate(prompts, 60, temperature=0.0, fast_decode=mode), plain_out)
+    assert model.generate(prompts, 60, temperature=0.0).shape == plain_out.shape  # auto takes the fast path
+    assert model._fast_decoder.graph is not None
+
+
+@cuda
+def test_cuda_graph_replay_has_no_host_sync():
+    torch.manual_seed(9)
+    model = build(max_seq_len=256, **CONFIGS["rotary"]).cuda()
+    prompts = torch.randint(0, NUM_TOKENS, (2, 5), device="cuda")
+    model.generate(prompts, 20, temperature=1.0, fast_decode="graph")
+
+    decoder = model._fast_decoder
+    decoder.prefill(prompts)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        decoder.run_steps(20)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@cuda
+def test_cuda_graph_sees_weight_updates():
+    torch.manual_seed(10)
+    model = build(max_seq_len=256, **CONFIGS["rotary"]).cuda()
+    prompts = torch.randint(0, NUM_TOKENS, (2, 5), device="cuda")
+    model.generate(prompts, 20, temperature=0.0, fast_decode="graph")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    assert torch.equal(
+        model.generate(prompts, 20, temperature=0.0, fast_decode="graph"),
+        model.generate(prompts, 20, temperature=0.0, fast_decode=False),
+    )
