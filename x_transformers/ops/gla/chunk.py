@@ -7,6 +7,7 @@ Pipeline (chunks of BT = 64, sub-chunks of BC = 16, all decay arithmetic in fp32
             -> intra dq, dk from dA (chunk_intra.py) -> inter dq, dk and dg (reverse in-chunk cumsum of q dq - k dk,
             plus the gradient through each chunk's total decay).
 Triton for CUDA tensors or under TRITON_INTERPRET=1, the chunked torch path (chunk_torch.py) otherwise.
+Offsets inside one sequence are int32 (T * H * max(K, V, 64) < 2**31 per sequence), sequence starts int64.
 """
 
 from __future__ import annotations
