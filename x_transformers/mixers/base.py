@@ -53,17 +53,19 @@ class ShortConvolution(Module):
         self.conv = nn.Conv1d(dim, dim, size, groups=dim, bias=False)
 
     def forward(self, x: Tensor, cache: Tensor | None = None):
-        # x: (b, n, d), cache: (b, d, size - 1) of the inputs before x
-        x = rearrange(x, "b n d -> b d n")
+        # x: (b, n, d), cache: (b, size - 1, d) of the inputs before x
         if exists(cache):
-            x = torch.cat((cache.to(x.dtype), x), dim=-1)
+            x = torch.cat((cache.to(x.dtype), x), dim=1)
         else:
-            x = F.pad(x, (self.size - 1, 0))
-        new_cache = x[..., x.shape[-1] - (self.size - 1):]
-        out = self.conv(x)
+            x = F.pad(x, (0, 0, self.size - 1, 0))
+        n = x.shape[1] - (self.size - 1)
+        new_cache = x[:, n:]
+        # a sum of `size` shifted products: depthwise Conv1d kernels are slow on CPU and in bf16 on GPU
+        weight = rearrange(self.conv.weight, "d 1 k -> k d").to(x.dtype)
+        out = sum(x[:, i : i + n] * weight[i] for i in range(self.size))
         if self.activation:
             out = F.silu(out)
-        return rearrange(out, "b d n -> b n d"), new_cache
+        return out, new_cache
 
 
 class QKVProjection(Module):
