@@ -1,0 +1,135 @@
+"""Decoding tokens/s with fast decoding off (plain cached path) and on (static cache + CUDA graph), as JSON and a table.
+
+    python benchmarks/bench_fast_decode.py                     # GPU: softmax anchor + gated_deltanet at 1k / 32k context
+    python benchmarks/bench_fast_decode.py --modes off,graph,compile --json out/fast_decode.json
+    python benchmarks/bench_fast_decode.py --smoke             # tiny CPU run: checks the script and token equality
+
+Cases: `softmax` is TransformerWrapper(num_tokens=256) over Decoder(dim=512, depth=6, heads=8, rotary_pos_emb=True),
+batch 8, prompt 128, 512 new tokens; `gdn-1k` / `gdn-32k` the same stack with every block a gated_deltanet mixer,
+256 new tokens after a 1k / 32k token prompt. Weights are cast to --dtype (bf16 by default); greedy decoding, so every
+mode must emit the same tokens (checked, `tokens_match_off`). Timing: CUDA events around whole `generate` calls
+(prefill included), best of --repeats after --warmup calls (the first fast call captures the graph).
+"""
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+CASES = dict(
+    softmax=dict(decoder=dict(dim=512, depth=6, heads=8, rotary_pos_emb=True), prompt_len=128, new_tokens=512),
+    **{
+        f"gdn-{name}": dict(
+            decoder=dict(dim=512, depth=6, heads=8, linear_attn="gated_deltanet"), prompt_len=length, new_tokens=256
+        )
+        for name, length in (("1k", 1024), ("32k", 32768))
+    },
+)
+
+SMOKE = dict(decoder=dict(dim=32, depth=2, heads=4, rotary_pos_emb=True), prompt_len=8, new_tokens=16)
+
+
+def timed(fn, device):
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        end.record()
+        end.synchronize()
+        return out, start.elapsed_time(end) / 1e3
+    begin = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - begin
+
+
+@torch.no_grad()
+def measure(case: dict, modes, batch, dtype, device, warmup, repeats, seed=0):
+    from x_transformers import AutoregressiveWrapper, Decoder, TransformerWrapper
+
+    torch.manual_seed(seed)
+    prompt_len, new_tokens = case["prompt_len"], case["new_tokens"]
+    net = TransformerWrapper(num_tokens=256, max_seq_len=prompt_len + new_tokens, attn_layers=Decoder(**case["decoder"]))
+    model = AutoregressiveWrapper(net).to(device=device, dtype=dtype).eval()
+    prompts = torch.randint(0, 256, (batch, prompt_len), device=device)
+
+    results, reference = [], None
+    for mode in modes:
+        fast_decode = False if mode == "off" else mode
+
+        def generate():
+            return model.generate(prompts, new_tokens, temperature=0.0, cache_kv=True, fast_decode=fast_decode)
+
+        for _ in range(warmup):
+            generate()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        seconds = []
+        for _ in range(repeats):
+            out, elapsed = timed(generate, device)
+            seconds.append(elapsed)
+        reference = out if reference is None else reference
+        best = min(seconds)
+        results.append(dict(
+            mode=mode,
+            tokens_per_s=batch * new_tokens / best,
+            ms_per_step=best / new_tokens * 1e3,
+            seconds=seconds,
+            peak_memory_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+            tokens_match_off=bool(torch.equal(out, reference)),
+        ))
+    return results
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma separated, of {', '.join(CASES)}")
+    p.add_argument("--modes", default="off,graph", help="comma separated, of off, eager, graph, compile")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--smoke", action="store_true", help="tiny model on CPU, modes off and eager")
+    args = p.parse_args(argv)
+
+    if args.smoke:
+        device, dtype, modes = torch.device("cpu"), torch.float32, ["off", "eager"]
+        cases, args.batch, args.warmup, args.repeats = dict(smoke=SMOKE), 2, 1, 1
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("needs a CUDA GPU (or pass --smoke)")
+        device, modes = torch.device("cuda"), args.modes.split(",")
+        dtype = dict(bf16=torch.bfloat16, fp32=torch.float32)[args.dtype]
+        cases = {name: CASES[name] for name in args.cases.split(",")}
+
+    report = dict(
+        benchmark="fast_decode",
+        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        torch=torch.__version__,
+        dtype=str(dtype).removeprefix("torch."),
+        batch=args.batch,
+        cases=[],
+    )
+    for name, case in cases.items():
+        results = measure(case, modes, args.batch, dtype, device, args.warmup, args.repeats)
+        report["cases"].append(dict(case=name, **case, results=results))
+
+    print(json.dumps(report, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+    print(f"\n{'case':10} {'mode':8} {'tokens/s':>10} {'ms/step':>8} {'speedup':>8} {'same':>5}")
+    for case in report["cases"]:
+        base = case["results"][0]["tokens_per_s"]
+        for r in case["results"]:
+            print(
+                f"{case['case']:10} {r['mode']:8} {r['tokens_per_s']:10.0f} {r['ms_per_step']:8.3f} "
+                f"{r['tokens_per_s'] / base:7.2f}x {str(r['tokens_match_off']):>5}"
+            )
+
+
+if __name__ == "__main__":
+    main()
