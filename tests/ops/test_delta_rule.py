@@ -194,6 +194,8 @@ GPU_CASES = {
     "T1000_D64": (2, 1000, 4, 64, 64, None),
     "T2048_D128": (2, 2048, 4, 128, 128, None),
     "varlen_K100_V273": (1, 2048, 4, 100, 273, [0, 0, 300, 300, 1111, 2048]),
+    # keys wider than 256: chunk_delta_rule runs the token-by-token kernels
+    "K273_V100": (1, 300, 2, 273, 100, None),
 }
 
 

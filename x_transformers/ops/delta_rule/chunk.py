@@ -22,6 +22,7 @@ import triton.language as tl
 from x_transformers.ops.common.delta_utils import check_delta_inputs, chunk_indices, patch_interpreter_index
 from x_transformers.ops.common.utils import interpreting, use_triton
 from x_transformers.ops.delta_rule.chunk_torch import chunk_delta_rule_torch
+from x_transformers.ops.delta_rule.fused_recurrent import fused_recurrent_delta_rule
 
 if interpreting():
     patch_interpreter_index()
@@ -456,13 +457,17 @@ def chunk_delta_rule(
 
     q, k `[B, T, H, K]`; v `[B, T, H, V]`; beta, g `[B, T, H]` (g is a log-space gate, None = no decay);
     initial_state `[N, H, K, V]`; cu_seqlens `[N+1]` offsets of packed sequences (B = 1). Returns
-    `(o [B, T, H, V] in v's dtype, final state [N, H, K, V] fp32 or None)`.
+    `(o [B, T, H, V] in v's dtype, final state [N, H, K, V] fp32 or None)`. Keys wider than 256 run the token-by-token
+    kernels.
     """
     where = "chunk_delta_rule"
     B, T, H, K, V, N = check_delta_inputs(where, q, k, v, beta, g, initial_state, cu_seqlens)
     scale = K**-0.5 if scale is None else scale
     if not use_triton(q, k, v, beta, g, initial_state) or T == 0:
         return chunk_delta_rule_torch(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens)
+    if K > 256:
+        # the chunk kernels hold all K columns of a chunk in one block, which no longer fits in shared memory
+        return fused_recurrent_delta_rule(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens)
     q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
     g = g.contiguous() if g is not None else None
     initial_state = initial_state.contiguous() if initial_state is not None else None
