@@ -285,18 +285,21 @@ class AutoregressiveWrapper(Module):
         is_cuda = prompts.device.type == "cuda"
         ok, reason = supports(self.net)
         has_attention = ok and "a" in self.net.attn_layers.layer_types
-        # the plain path slides a window once past max_seq_len, re-rotating cached keys; the static cache does not
-        last_len = prompts.shape[-1] + seq_len - 1 if has_attention else prompts.shape[-1]
+        # the plain path slides a window once past max_seq_len, re-rotating cached keys; the static cache does not.
+        # An absolute positional embedding has no positions past max_seq_len at all
+        has_abs_pos = getattr(self.net, "checks_max_seq_len", False)
+        last_len = prompts.shape[-1] + seq_len - 1 if (has_attention or has_abs_pos) else prompts.shape[-1]
+        past_max_len = last_len > self.max_seq_len and (restrict_to_max_seq_len or has_abs_pos)
 
         blockers = dict(
             cache_kv=not cache_kv,
             amateur_model=exists(amateur_model),
             network_kwargs=len(net_kwargs) > 0,
             can_cache_kv=not should_cache,
-            restrict_to_max_seq_len=restrict_to_max_seq_len and last_len > self.max_seq_len,
+            restrict_to_max_seq_len=past_max_len,
         )
         blocker = next((name for name, on in blockers.items() if on), None)
-        if exists(blocker):
+        if ok and exists(blocker):
             ok = False
             reason = f"fast decoding does not support `{blocker}`" + (
                 f" ({', '.join(sorted(net_kwargs))})" if blocker == "network_kwargs" else ""

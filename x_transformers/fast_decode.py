@@ -229,11 +229,17 @@ class FastDecoder:
         if not exists(rot):
             return t
         cos, sin = rot
-        rot_heads, rot_dim, dtype = min(attn.rotate_num_heads, t.shape[1]), cos.shape[-1], t.dtype
-        rest, t = t[:, : t.shape[1] - rot_heads], t[:, t.shape[1] - rot_heads :]
+        heads, dim_head, dtype = t.shape[1], t.shape[-1], t.dtype
+        rot_heads, rot_dim = min(attn.rotate_num_heads, heads), cos.shape[-1]
+        # concatenations only where something passes through unrotated: each is a kernel in the step
+        rest, t = t[:, : heads - rot_heads], t[:, heads - rot_heads :]
         t, t_pass = t[..., :rot_dim], t[..., rot_dim:]
-        t = torch.cat((t * cos + rotate_half(t) * sin, t_pass), dim=-1)
-        return torch.cat((rest, t), dim=1).type(dtype)
+        t = t * cos + rotate_half(t) * sin
+        if rot_dim < dim_head:
+            t = torch.cat((t, t_pass.type_as(t)), dim=-1)
+        if rot_heads < heads:
+            t = torch.cat((rest.type_as(t), t), dim=1)
+        return t.type(dtype)
 
     def _store(self, index: int, name: str, shape, dtype) -> Tensor:
         # reuse the buffer (and so a captured graph) when it still fits, otherwise start over
@@ -401,6 +407,7 @@ class FastDecoder:
                 self.step_fn()
         torch.cuda.current_stream().wait_stream(stream)
 
+    @torch.no_grad()
     def run_steps(self, num_steps: int, eos_token=None):
         """`num_steps` decoding steps, replaying the CUDA graph where there is one; stops early (checking every
         EOS_CHECK_EVERY steps) once every row has emitted `eos_token`."""
