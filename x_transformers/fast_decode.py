@@ -206,6 +206,7 @@ class FastDecoder:
         # per layer index: (keys, values) buffers for attention, (treedef, state leaves) for mixers
         self.kv: dict[int, tuple[Tensor, Tensor]] = {}
         self.states: dict[int, tuple] = {}
+        self.rotary_table: dict[str, Tensor] = {}
 
         self.sampler = None
         self.graph = None
@@ -215,13 +216,27 @@ class FastDecoder:
 
     # prefill - the model's own forward over the prompt, its caches copied into the static buffers
 
-    def _rotary(self, positions: Tensor):
+    def _fill_rotary_table(self):
+        # cos / sin of every buffer position, once per prefill: the step only gathers its row
         rotary = self.layers.rotary_pos_emb
         if not exists(rotary):
+            return
+        freqs, _ = rotary(self.key_pos)  # (1, max_len, rot_dim)
+        freqs = rearrange(freqs, "1 n d -> 1 1 n d")
+        for name, table in (("cos", freqs.cos()), ("sin", freqs.sin())):
+            old = self.rotary_table.get(name)
+            if old is None or old.shape != table.shape or old.dtype != table.dtype:
+                self.rotary_table[name] = table
+                self.graph = None
+            else:
+                old.copy_(table)
+
+    def _rotary(self, positions: Tensor | slice):
+        if not self.rotary_table:
             return None
-        freqs, _ = rotary(positions)  # (1, n, rot_dim)
-        freqs = freqs[:, None]
-        return freqs.cos(), freqs.sin()
+        if isinstance(positions, slice):
+            return tuple(self.rotary_table[name][:, :, positions] for name in ("cos", "sin"))
+        return tuple(self.rotary_table[name].index_select(2, positions) for name in ("cos", "sin"))
 
     @staticmethod
     def _rotate(t: Tensor, attn: Attention, rot) -> Tensor:
@@ -280,7 +295,8 @@ class FastDecoder:
 
         logits, cache = self.net(prompts, return_intermediates=True, seq_start_pos=seq_start_pos)
         inters = iter(cache.attn_intermediates)
-        rot = self._rotary(torch.arange(n, device=self.device))
+        self._fill_rotary_table()
+        rot = self._rotary(slice(0, n))
 
         for index, (layer_type, (_, block, _)) in enumerate(zip(self.layers.layer_types, self.layers.layers)):
             if layer_type == "a":
