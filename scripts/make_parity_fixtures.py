@@ -103,6 +103,12 @@ CONFIGS = {
     "mixture_of_softmax": lm(wrapper_kwargs=dict(mixture_of_softmax=True, mixture_of_softmax_k=2)),
     "reinject_recycling": lm(reinject_input=True, learned_reinject_input_gate=True, wrapper_kwargs=dict(recycling=True), inputs=("tokens", "recycle_steps")),
     "memory_tokens_interspersed": lm(wrapper_kwargs=dict(num_memory_tokens=1, memory_tokens_interspersed_every=4)),
+    # forward conventions: Transformer-XL memories, left padding, prepended embeddings, custom positions, z-loss
+    "xl_mems_rotary": lm(rotary_pos_emb=True, wrapper_kwargs=dict(max_mem_len=4), inputs=("tokens", "mems")),
+    "seq_start_pos": lm(inputs=("tokens", "seq_start_pos")),
+    "prepend_embeds": lm("Encoder", inputs=("tokens", "mask", "prepend_embeds")),
+    "custom_alibi_pos": lm(alibi_pos_bias=True, inputs=("tokens", "pos")),
+    "attn_z_loss_sum_embeds": lm(inputs=("tokens", "sum_embeds", "return_attn_z_loss")),
 }
 
 
@@ -126,6 +132,18 @@ def make_inputs(spec, gen):
             out["condition"] = torch.randn(b, 8, generator=gen)
         elif name == "recycle_steps":
             out["recycle_steps"] = 3
+        elif name == "mems":
+            out["mems"] = [torch.randn(b, 4, DIM, generator=gen) for _ in range(2)]
+        elif name == "seq_start_pos":
+            out["seq_start_pos"] = torch.tensor([0, 3])
+        elif name == "prepend_embeds":
+            out["prepend_embeds"] = torch.randn(b, 3, DIM, generator=gen)
+        elif name == "pos":
+            out["pos"] = torch.stack((torch.arange(n), torch.arange(n) + 3))
+        elif name == "sum_embeds":
+            out["sum_embeds"] = torch.randn(b, n, DIM, generator=gen)
+        elif name == "return_attn_z_loss":
+            out["return_attn_z_loss"] = True
     return out
 
 
@@ -156,7 +174,10 @@ def run(model, spec, inputs):
         kwargs = {k: v for k, v in inputs.items() if k != "x"}
         return dict(out=model(inputs["x"], **kwargs))
     logits, inter = model(**inputs, return_intermediates=True)
-    return dict(logits=logits, last_hidden=inter.last_hidden)
+    out = dict(logits=logits, last_hidden=inter.last_hidden)
+    if inputs.get("return_attn_z_loss"):
+        out.update(attn_z_loss=inter.attn_z_loss)
+    return out
 
 
 def make_fixture(name, spec, seed):
