@@ -371,6 +371,8 @@ def chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_st
     indices, offsets, NT_total, NT_grid = _varlen_meta(cu_seqlens, B, T, BT)
     prec, varlen = _precision(q.dtype), cu_seqlens is not None
     f32 = dict(device=q.device, dtype=torch.float32)
+    # wide key blocks: more warps to hold them without spilling registers
+    warps = 8 if BK >= 128 else 4
 
     gc = torch.zeros(B, T, H, **f32)
     A = torch.empty(B, T, H, BT, **f32)
@@ -379,7 +381,7 @@ def chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_st
     grid_bh = B * H if cu_seqlens is None else H
     wy_fwd_kernel[(NT_grid, grid_bh)](
         k, v, beta, g, gc, A, w, u, cu_seqlens, indices, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-        USE_G=g is not None, IS_VARLEN=varlen, PREC=prec, num_stages=1,
+        USE_G=g is not None, IS_VARLEN=varlen, PREC=prec, num_stages=1, num_warps=warps,
     )
     h = torch.empty(NT_total, H, K, V, **f32)
     d = torch.empty(B, T, H, V, **f32)
@@ -387,12 +389,12 @@ def chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_st
     state_fwd_kernel[(NV, N * H)](
         k, w, u, gc, h, d, initial_state, ht, cu_seqlens, offsets, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
         USE_G=g is not None, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
-        IS_VARLEN=varlen, PREC=prec, num_stages=1,
+        IS_VARLEN=varlen, PREC=prec, num_stages=1, num_warps=warps,
     )
     o = torch.empty_like(v)
     output_fwd_kernel[(NV, NT_grid, grid_bh)](
         q, k, d, gc, h, o, cu_seqlens, indices, offsets, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-        USE_G=g is not None, IS_VARLEN=varlen, PREC=prec,
+        USE_G=g is not None, IS_VARLEN=varlen, PREC=prec, num_warps=warps,
     )
     return o, ht, (gc, A, w, h, d)
 
@@ -406,6 +408,8 @@ def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, sav
     indices, offsets, NT_total, NT_grid = _varlen_meta(cu_seqlens, B, T, BT)
     prec, varlen = _precision(q.dtype), cu_seqlens is not None
     f32 = dict(device=q.device, dtype=torch.float32)
+    # wide key blocks: more warps to hold them without spilling registers
+    warps = 8 if BK >= 128 else 4
     gc, A, w, h, d = saved
 
     dh = torch.empty(NT_total, H, K, V, **f32)
@@ -414,7 +418,7 @@ def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, sav
     state_bwd_kernel[(NV, N * H)](
         q, k, w, gc, do, dh, dd, dht, dh0, cu_seqlens, offsets, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
         USE_INITIAL_STATE=initial_state is not None, USE_FINAL_STATE_GRADIENT=dht is not None,
-        IS_VARLEN=varlen, PREC=prec, num_stages=1,
+        IS_VARLEN=varlen, PREC=prec, num_stages=1, num_warps=warps,
     )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbeta = torch.empty(B, T, H, **f32)
@@ -423,7 +427,7 @@ def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, sav
     chunk_bwd_kernel[(NT_grid, B * H if cu_seqlens is None else H)](
         q, k, v, beta, gc, A, h, d, dh, dd, do, dq, dk, dv, dbeta, dg, cu_seqlens, indices, offsets, scale, T,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=min(BV, 32), USE_G=g is not None, IS_VARLEN=varlen, PREC=prec,
-        num_warps=8 if BK >= 128 else 4, num_stages=1,
+        num_warps=warps, num_stages=1,
     )
     return dq, dk, dv, dbeta, dg, dh0
 
