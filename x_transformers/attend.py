@@ -332,7 +332,8 @@ class Attend(Module):
             return False
         if q.device.type != "cuda":
             return True
-        return q.dtype in (torch.float16, torch.bfloat16) and torch.nn.attention.SDPBackend.FLASH_ATTENTION in self.sdpa_backends
+        flash_allowed = torch.nn.attention.SDPBackend.FLASH_ATTENTION in self.sdpa_backends
+        return flash_allowed and q.dtype in (torch.float16, torch.bfloat16)
 
     def forward(self, q, k, v, mask=None, attn_bias=None, prev_attn=None):
         """

@@ -305,7 +305,10 @@ class AutoregressiveWrapper(Module):
                 f" ({', '.join(sorted(net_kwargs))})" if blocker == "network_kwargs" else ""
             )
             if blocker == "restrict_to_max_seq_len":
-                reason = "fast decoding cannot slide past max_seq_len; raise max_seq_len or pass restrict_to_max_seq_len=False"
+                reason = (
+                    "fast decoding cannot slide past max_seq_len; raise max_seq_len "
+                    "(or, with rotary positions, pass restrict_to_max_seq_len=False)"
+                )
 
         if fast_decode is None:
             return "graph" if (ok and is_cuda) else None

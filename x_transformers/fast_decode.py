@@ -53,10 +53,8 @@ LENGTH_MULTIPLE = 128
 def _attention_unsupported(attn: Attention) -> str | None:
     attend = attn.attend
     is_softmax = isinstance(attend.attn_fn, partial) and attend.attn_fn.func is F.softmax
-    talking_heads = any(
-        exists(conv)
-        for conv in (attend.pre_softmax_talking_heads, attend.post_softmax_talking_heads, attend.pre_scale_post_talking_heads)
-    )
+    convs = (attend.pre_softmax_talking_heads, attend.post_softmax_talking_heads, attend.pre_scale_post_talking_heads)
+    talking_heads = any(exists(conv) for conv in convs)
     flags = dict(
         attn_sigmoid_hard_sparse_topk_or_custom_attn_fn=not is_softmax,
         attn_pre_talking_heads_or_post_talking_heads=talking_heads,
@@ -108,9 +106,7 @@ def supports(net) -> tuple[bool, str]:
         embed_num_tokens=exists(net.embeds),
         squeeze_out_last_dim=net.squeeze_out_last_dim,
         logits_dim=not exists(net.to_logits),
-        scaled_sinu_pos_emb_or_custom_pos_emb=not isinstance(
-            net.pos_emb, (always, AbsolutePositionalEmbedding, ScaledSinusoidalEmbedding)
-        ),
+        pos_emb=not isinstance(net.pos_emb, (always, AbsolutePositionalEmbedding, ScaledSinusoidalEmbedding)),
     )
     layer_flags = dict(
         causal=not layers.causal,
@@ -126,10 +122,9 @@ def supports(net) -> tuple[bool, str]:
         residual_attn=layers.residual_attn,
         alibi_pos_bias_or_rel_pos_bias_or_dynamic_pos_bias=exists(layers.rel_pos),
         rotary_xpos=exists(layers.rotary_pos_emb) and exists(layers.rotary_pos_emb.scale),
-        layers_execute_order_or_weight_tie_layers=tuple(layers.layers_execute_order) != tuple(range(len(layers.layers))),
+        layers_execute_order_or_weight_tie_layers=list(layers.layers_execute_order) != list(range(len(layers.layers))),
         ff_num_experts=layers.has_moe,
     )
-    # the scaled sinusoid is fine, the check above only rules out foreign positional embeddings
     for name, on in {**wrapper_flags, **layer_flags}.items():
         if on:
             return False, f"`{name}` is not supported by fast decoding"
@@ -145,7 +140,8 @@ def supports(net) -> tuple[bool, str]:
                 "not supported by fast decoding"
             )
         if type(residual_fn) is not Residual:
-            return False, f"`{type(residual_fn).__name__}` residuals (e.g. gate_residual) are not supported by fast decoding"
+            name = type(residual_fn).__name__
+            return False, f"`{name}` residuals (gate_residual, hyper-connections) are not supported by fast decoding"
         if layer_type == "a":
             flag = _attention_unsupported(block)
             if exists(flag):
@@ -212,7 +208,6 @@ class FastDecoder:
         self.graph = None
         self.graph_key = None
         self.step_fn = self.decode_step
-        self.keep_alive = []
 
     # prefill - the model's own forward over the prompt, its caches copied into the static buffers
 
@@ -337,8 +332,7 @@ class FastDecoder:
 
         # grouped kv heads - query head h reads kv head h % kv_heads: fold the groups into the query length, so
         # every kv head is read once and never copied
-        batch, heads, kv_heads = q.shape[0], q.shape[1], k_buffer.shape[1]
-        q = rearrange(q, "b (g h) 1 d -> b h g d", h=kv_heads).to(k_buffer.dtype)
+        q = rearrange(q, "b (g h) 1 d -> b h g d", h=k_buffer.shape[1]).to(k_buffer.dtype)
         scale = attn.attend.scale if exists(attn.attend.scale) else q.shape[-1] ** -0.5
         out = F.scaled_dot_product_attention(q, k_buffer, v_buffer, attn_mask=keep, scale=scale)
         out = rearrange(out, "b h g d -> b 1 (g h d)")
@@ -441,7 +435,10 @@ class FastDecoder:
             else:
                 self.graph = self._capture_step()
                 self.graph_key = key
-                self.graph.replay()
+                if exists(self.graph):
+                    self.graph.replay()
+                else:
+                    self.decode_step()
 
             if exists(eos_token) and (step + 1) % EOS_CHECK_EVERY == 0 and bool(self.done.all()):
                 break
@@ -452,13 +449,18 @@ class FastDecoder:
         autocast_dtype = torch.get_autocast_dtype("cuda") if autocast_on else None
 
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            # autocast may not cache casted weights inside a capture
-            if autocast_on:
-                with torch.autocast("cuda", dtype=autocast_dtype, cache_enabled=False):
+        try:
+            with torch.cuda.graph(graph):
+                # autocast may not cache casted weights inside a capture
+                if autocast_on:
+                    with torch.autocast("cuda", dtype=autocast_dtype, cache_enabled=False):
+                        step_fn()
+                else:
                     step_fn()
-            else:
-                step_fn()
+        except Exception as error:  # noqa: BLE001 - e.g. a custom filter_logits_fn that syncs with the host
+            logger.warning(f"the decode step could not be captured in a CUDA graph, decoding eagerly: {error}")
+            self.mode, self.step_fn = "eager", self.decode_step
+            return None
         return graph
 
     # generation
