@@ -71,7 +71,10 @@ def test_enwik8_runs_learns_and_resumes_exactly(tmp_path):
 
 
 def test_ctrl_c_leaves_loadable_checkpoint(tmp_path):
-    cmd = [sys.executable, str(ROOT / "train_enwik8.py"), *TINY, "--num-batches", "100000", "--out-dir", str(tmp_path)]
+    # on a hybrid linear-attention model, so the mixer flags are exercised end to end as well
+    mixer = ["--linear-attn", "gated_deltanet", "--hybrid-pattern", "LN", "--depth", "2"]
+    cmd = [sys.executable, str(ROOT / "train_enwik8.py"), *TINY, *mixer, "--num-batches", "100000",
+           "--out-dir", str(tmp_path)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 90
@@ -90,6 +93,7 @@ def test_ctrl_c_leaves_loadable_checkpoint(tmp_path):
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert ckpt["step"] >= 3 and ckpt["step"] == len(read_metrics(tmp_path))
     assert set(ckpt) >= {"model", "optimizer", "rng", "args"}
+    assert ckpt["args"]["linear_attn"] == "gated_deltanet" and ckpt["args"]["hybrid_pattern"] == "LN"
 
 
 def test_copy_task_learns(tmp_path):
