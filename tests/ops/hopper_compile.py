@@ -70,9 +70,10 @@ def simple_gla(dtype):
 
 
 def hgrn(dtype):
+    from x_transformers.ops.hgrn import scan
     from x_transformers.ops.hgrn.scan import HGRNScanFunction
 
-    for varlen in (False, True):
+    for varlen, scan.CHUNKED in ((False, False), (True, False), (False, True), (True, True)):
         T, D = 300, 96
         cu = torch.tensor([0, 100, 100, T]) if varlen else None
         N = 3 if varlen else 1

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from x_transformers.ops.common.chunk_index import prepare_chunk_indices, prepare_chunk_offsets
 from x_transformers.ops.common.interpreter_compat import patch
 from x_transformers.ops.common.utils import check_cu_seqlens, check_float, check_shape, use_triton
 from x_transformers.ops.hgrn.scan_torch import hgrn_scan_torch
@@ -117,6 +118,96 @@ def hgrn_bwd_kernel(
         tl.store(dh0 + i_n.to(tl.int64) * D + o_d, b_dh * tl.exp(b_g0), mask=m_d)
 
 
+@triton.jit
+def _chunk_of(i_t, i_b, T, cu_seqlens, chunk_indices, chunk_offsets, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    # -> (sequence, chunk within it, first token, sequence length, its chunk count, its first chunk)
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
+        boc = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        i_n = i_b.to(tl.int64)
+        bos = i_n * T
+        boc = i_n * tl.cdiv(T, BT)
+    return i_n, i_t, bos, T, tl.cdiv(T, BT), boc
+
+
+@triton.jit
+def hgrn_chunk_fwd_kernel(
+    x, g, h, h0, sa, sy, states, cu_seqlens, chunk_indices, chunk_offsets, T,
+    D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+    OUTPUT: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """grid (cdiv(D, BD), NT, B): one chunk per program, for long sequences with few channels. Pass 1
+    (OUTPUT=False) writes each chunk's summary: its summed gate `sa` and its zero-carry scan at the end `sy`
+    ([NT_total, D] fp32). A scan over the summaries gives `states` (the state after every chunk); pass 2
+    (OUTPUT=True) rescans each chunk from the state before it and writes h."""
+    i_d, i_t, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_t, bos, T, NT, boc = _chunk_of(i_t, i_b, T, cu_seqlens, chunk_indices, chunk_offsets, BT, IS_VARLEN)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    o_r = tl.arange(0, BT)
+    o_t = i_t * BT + o_r
+    m = (o_t < T)[:, None] & m_d[None, :]
+    offs = (bos + o_t)[:, None] * D + o_d[None, :]
+    b_x = tl.load(x + offs, mask=m, other=0).to(tl.float32)
+    b_g = tl.load(g + offs, mask=m, other=0).to(tl.float32)
+    b_a, b_y = tl.associative_scan((b_g, b_x), axis=0, combine_fn=_combine)
+    if OUTPUT:
+        b_c = tl.load(states + (boc + i_t - 1) * D + o_d, mask=m_d & (i_t > 0), other=0)
+        if USE_INITIAL_STATE:
+            b_c += tl.load(h0 + i_n * D + o_d, mask=m_d & (i_t == 0), other=0).to(tl.float32)
+        b_y += tl.exp(b_a) * b_c[None, :]
+        tl.store(h + offs, b_y.to(h.dtype.element_ty), mask=m)
+    else:
+        m_end = (o_r == BT - 1)[:, None]
+        tl.store(sa + (boc + i_t) * D + o_d, tl.sum(tl.where(m_end, b_a, 0), axis=0), mask=m_d)
+        tl.store(sy + (boc + i_t) * D + o_d, tl.sum(tl.where(m_end, b_y, 0), axis=0), mask=m_d)
+
+
+@triton.jit
+def hgrn_chunk_bwd_kernel(
+    g, h, h0, do, dht, dx, dg, dh0, sa, sy, states, cu_seqlens, chunk_indices, chunk_offsets, T,
+    D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, OUTPUT: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """grid (cdiv(D, BD), NT, B): the backward of `hgrn_chunk_fwd_kernel`, each chunk read back to front.
+    `states` holds the state gradient at the first token of every chunk (from a reverse scan over summaries)."""
+    i_d, i_t, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_t, bos, T, NT, boc = _chunk_of(i_t, i_b, T, cu_seqlens, chunk_indices, chunk_offsets, BT, IS_VARLEN)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    o_r = tl.arange(0, BT)
+    # row r holds token i_t * BT + BT - 1 - r; rows past the sequence end come first and carry nothing
+    o_t = i_t * BT + BT - 1 - o_r
+    m_t = o_t < T
+    m = m_t[:, None] & m_d[None, :]
+    offs = (bos + o_t)[:, None] * D + o_d[None, :]
+    b_do = tl.load(do + offs, mask=m, other=0).to(tl.float32)
+    b_gn = tl.load(g + offs + D, mask=(o_t + 1 < T)[:, None] & m, other=0).to(tl.float32)
+    b_a, b_y = tl.associative_scan((b_gn, b_do), axis=0, combine_fn=_combine)
+    m_first = (o_r == BT - 1)[:, None]
+    if OUTPUT:
+        b_c = tl.load(states + (boc + i_t + 1) * D + o_d, mask=m_d & (i_t + 1 < NT), other=0)
+        if USE_FINAL_STATE_GRADIENT:
+            b_c += tl.load(dht + i_n * D + o_d, mask=m_d & (i_t + 1 == NT), other=0).to(tl.float32)
+        b_y += tl.exp(b_a) * b_c[None, :]
+        tl.store(dx + offs, b_y.to(dx.dtype.element_ty), mask=m)
+        b_g = tl.load(g + offs, mask=m, other=0).to(tl.float32)
+        b_hp = tl.load(h + offs - D, mask=(o_t > 0)[:, None] & m, other=0).to(tl.float32)
+        if USE_INITIAL_STATE:
+            b_h0 = tl.load(h0 + i_n * D + o_d, mask=m_d, other=0).to(tl.float32)
+            b_hp = tl.where((o_t == 0)[:, None], b_h0[None, :], b_hp)
+            b_dh = tl.sum(tl.where(m_first, b_y * tl.exp(b_g), 0), axis=0)
+            tl.store(dh0 + i_n * D + o_d, b_dh, mask=m_d & (i_t == 0))
+        tl.store(dg + offs, (b_y * tl.exp(b_g) * b_hp).to(dg.dtype.element_ty), mask=m)
+    else:
+        tl.store(sa + (boc + i_t) * D + o_d, tl.sum(tl.where(m_first, b_a, 0), axis=0), mask=m_d)
+        tl.store(sy + (boc + i_t) * D + o_d, tl.sum(tl.where(m_first, b_y, 0), axis=0), mask=m_d)
+
+
 def _block_d(D: int, N: int) -> int:
     # fewer channels per program when there are few sequences, to keep the GPU's SMs busy
     BD = min(32, triton.next_power_of_2(D))
@@ -125,17 +216,30 @@ def _block_d(D: int, N: int) -> int:
     return BD
 
 
-def hgrn_fwd(x, g, h0, output_final_state, cu_seqlens):
+def hgrn_fwd(x, g, h0, output_final_state, cu_seqlens, chunked=None):
     B, T, D = x.shape
     N = B if cu_seqlens is None else len(cu_seqlens) - 1
     h = torch.empty_like(x)
     ht = x.new_empty(N, D, dtype=torch.float32) if output_final_state else None
     BD = _block_d(D, N)
-    if N > 0:
+    if N == 0:
+        return h, ht
+    if not (_chunked(N, T, D, BD) if chunked is None else chunked):
         hgrn_fwd_kernel[(triton.cdiv(D, BD), N)](
             x, g, h, h0, ht, cu_seqlens, T, D=D, BT=BT, BD=BD,
             USE_INITIAL_STATE=h0 is not None, STORE_FINAL_STATE=output_final_state, IS_VARLEN=cu_seqlens is not None,
         )
+        return h, ht
+    meta = _chunk_meta(B, T, cu_seqlens)
+    # chunks give the parallelism here: wider channel blocks for coalesced rows
+    BD = min(32, triton.next_power_of_2(D))
+    sa, sy = (x.new_empty(meta["num_chunks"], D, dtype=torch.float32) for _ in range(2))
+    flags = dict(D=D, BT=BT, BD=BD, USE_INITIAL_STATE=h0 is not None, IS_VARLEN=cu_seqlens is not None)
+    args = (cu_seqlens, meta["indices"], meta["offsets"], T)
+    hgrn_chunk_fwd_kernel[meta["grid"](D, BD)](x, g, h, h0, sa, sy, None, *args, OUTPUT=False, **flags)
+    # the state after every chunk: the same scan, one step per chunk
+    states, ht = hgrn_fwd(meta["pack"](sy), meta["pack"](sa), h0, output_final_state, meta["summary_cu"], False)
+    hgrn_chunk_fwd_kernel[meta["grid"](D, BD)](x, g, h, h0, None, None, states, *args, OUTPUT=True, **flags)
     return h, ht
 
 
@@ -145,13 +249,70 @@ def hgrn_bwd(g, h, h0, do, dht, cu_seqlens):
     dx, dg = torch.empty_like(h), torch.empty_like(g)
     dh0 = g.new_empty(N, D, dtype=torch.float32) if h0 is not None else None
     BD = _block_d(D, N)
-    if N > 0:
+    if N == 0:
+        return dx, dg, dh0
+    if not _chunked(N, T, D, BD):
         hgrn_bwd_kernel[(triton.cdiv(D, BD), N)](
             g, h, h0, do, dht, dx, dg, dh0, cu_seqlens, T, D=D, BT=BT, BD=BD,
             USE_INITIAL_STATE=h0 is not None, USE_FINAL_STATE_GRADIENT=dht is not None,
             IS_VARLEN=cu_seqlens is not None,
         )
+        return dx, dg, dh0
+    meta = _chunk_meta(B, T, cu_seqlens)
+    BD = min(32, triton.next_power_of_2(D))
+    if dh0 is not None:
+        # empty sequences own no chunk: their initial-state gradient is the final-state one
+        dh0.copy_(dht) if dht is not None else dh0.zero_()
+    sa, sy = (g.new_empty(meta["num_chunks"], D, dtype=torch.float32) for _ in range(2))
+    flags = dict(D=D, BT=BT, BD=BD, USE_INITIAL_STATE=h0 is not None, USE_FINAL_STATE_GRADIENT=dht is not None,
+                 IS_VARLEN=cu_seqlens is not None)
+    args = (cu_seqlens, meta["indices"], meta["offsets"], T)
+    hgrn_chunk_bwd_kernel[meta["grid"](D, BD)](
+        g, h, h0, do, dht, dx, dg, dh0, sa, sy, None, *args, OUTPUT=False, **flags
+    )
+    # gradient at the first token of every chunk: a scan over the summaries from the last chunk back, run as a
+    # forward scan over the reversed summaries (sequences and their order reversed)
+    rev_cu = meta["summary_cu"]
+    if rev_cu is not None:
+        rev_cu = (rev_cu[-1] - rev_cu.flip(0)).contiguous()
+    rev_dht = dht.flip(0).contiguous() if (dht is not None and cu_seqlens is not None) else dht
+    states, _ = hgrn_fwd(
+        meta["pack"](sy).flip(1).contiguous(), meta["pack"](sa).flip(1).contiguous(), rev_dht, False, rev_cu, False
+    )
+    states = states.flip(1).contiguous()
+    hgrn_chunk_bwd_kernel[meta["grid"](D, BD)](
+        g, h, h0, do, dht, dx, dg, dh0, None, None, states, *args, OUTPUT=True, **flags
+    )
     return dx, dg, dh0
+
+
+# below this many programs (sequences x channel blocks) the one-program-per-sequence kernels leave the GPU idle, and
+# long sequences go chunk-parallel instead (summaries, a short scan over them, then every chunk again)
+CHUNKED_BELOW_PROGRAMS = 512
+CHUNKED = None  # tests force one path or the other
+
+
+def _chunked(N, T, D, BD):
+    if CHUNKED is not None:
+        return CHUNKED
+    return N * triton.cdiv(D, BD) < CHUNKED_BELOW_PROGRAMS and T >= 8 * BT
+
+
+def _chunk_meta(B, T, cu_seqlens):
+    if cu_seqlens is None:
+        NT = triton.cdiv(T, BT)
+        return dict(
+            num_chunks=B * NT, indices=None, offsets=None, summary_cu=None,
+            grid=lambda D, BD: (triton.cdiv(D, BD), NT, B),
+            pack=lambda s: s.view(B, NT, -1),
+        )
+    indices = prepare_chunk_indices(cu_seqlens, BT)
+    offsets = prepare_chunk_offsets(cu_seqlens, BT)
+    return dict(
+        num_chunks=len(indices), indices=indices, offsets=offsets, summary_cu=offsets.long(),
+        grid=lambda D, BD: (triton.cdiv(D, BD), len(indices), 1),
+        pack=lambda s: s.view(1, len(indices), -1),
+    )
 
 
 class HGRNScanFunction(torch.autograd.Function):
