@@ -5,6 +5,10 @@ recurrence is a parallel `tl.associative_scan` over pairs (log gate, value), com
 only ever `exp` of a sum of gates (never of a negated one). The carry from the previous block enters as
 `exp(cumulative gate) * carry`. The backward pass is the same scan run from the end with the gates shifted by one:
 `dh_t = do_t + exp(g_{t+1}) dh_{t+1}`, then `dx_t = dh_t` and `dg_t = dh_t * exp(g_t) * h_{t-1}`.
+
+Long sequences with few channels leave that one-program-per-sequence walk with too few programs; they go
+chunk-parallel instead: every chunk's summary (summed gate, zero-carry scan at its end), the same walk over the
+summaries (the state at every chunk boundary), then every chunk rescanned from its incoming state.
 """
 
 from __future__ import annotations
