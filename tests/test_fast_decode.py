@@ -251,3 +251,20 @@ def test_cuda_graph_sees_weight_updates():
         model.generate(prompts, 20, temperature=0.0, fast_decode="graph"),
         model.generate(prompts, 20, temperature=0.0, fast_decode=False),
     )
+
+
+@cuda
+def test_sdpa_gqa_flash_matches_math_path_with_grads():
+    # bf16 on CUDA takes the flash kernel with enable_gqa; outputs and gradients as the math path's
+    torch.manual_seed(11)
+    q = torch.randn(2, 8, 64, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(2, 2, 64, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    grads = []
+    for flash in (True, False):
+        out, _ = Attend(flash=flash, causal=True)(q, k, v)
+        out.float().square().sum().backward()
+        grads.append((out.detach().float(), *(t.grad.float().clone() for t in (q, k, v))))
+        for t in (q, k, v):
+            t.grad = None
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
