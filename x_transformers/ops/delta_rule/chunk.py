@@ -82,14 +82,26 @@ def wy_fwd_kernel(
     m_lower = o_i[:, None] > o_i[None, :]
     b_L = tl.dot(b_k, tl.trans(b_k), input_precision=PREC) * b_beta[:, None]
     b_L *= tl.exp(tl.where(m_lower, b_gc[:, None] - b_gc[None, :], 0.0))
-    # forward substitution, one row at a time: row i of (I + L)^-1 - I is -L_i - sum_{j<i} L_ij row_j
-    b_A = tl.where(m_lower, -b_L, 0.0)
-    for i in range(1, BT):
-        m_i = o_i == i
-        b_a = tl.sum(tl.where(m_i[:, None], b_A, 0.0), 0)
-        b_a += tl.sum(b_a[:, None] * b_A, 0)
-        b_A = tl.where(m_i[:, None], b_a[None, :], b_A)
-    b_A += tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
+    # (I + L)^-1 in two steps. First the 16 x 16 diagonal blocks, by forward substitution: row r of
+    # (I + L_blk)^-1 - I is -L_r - sum_{j<r} L_rj row_j. Rows r, r+16, ... touch disjoint columns, so one pass
+    # handles the same row of every block at once.
+    m_block = (o_i[:, None] // 16) == (o_i[None, :] // 16)
+    m_eye = o_i[:, None] == o_i[None, :]
+    b_D = tl.where(m_lower & m_block, -b_L, 0.0)
+    for r in range(1, 16):
+        m_r = (o_i % 16) == r
+        b_a = tl.sum(tl.where(m_r[:, None], b_D, 0.0), 0)
+        b_a += tl.sum(b_a[:, None] * b_D, 0)
+        b_D = tl.where(m_r[:, None] & m_block, b_a[None, :], b_D)
+    b_D += tl.where(m_eye, 1.0, 0.0)
+    # then I + L = (I + L_blk)(I + N) with N = D L_off strictly block-lower; with at most 4 blocks N^4 = 0, so
+    # A = (I + N)^-1 D = (I - N)(I + N^2) D (the same products a blockwise substitution forms)
+    b_N = tl.dot(b_D, tl.where(m_lower & ~m_block, b_L, 0.0), input_precision=PREC)
+    b_A = tl.where(m_eye, 1.0, 0.0) - b_N
+    b_A = tl.dot(b_A, tl.where(m_eye, 1.0, 0.0) + tl.dot(b_N, b_N, input_precision=PREC), input_precision=PREC)
+    b_A = tl.dot(b_A, b_D, input_precision=PREC)
+    # exact zeros above the diagonal (the products above leave rounding dust there)
+    b_A = tl.where(m_lower | m_eye, b_A, 0.0)
     p_A = tl.make_block_ptr(A + (bos * H + i_h) * BT, (T, BT), (H * BT, 1), (i_t * BT, 0), (BT, BT), (1, 0))
     tl.store(p_A, b_A, boundary_check=(0, 1))
 
