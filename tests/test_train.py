@@ -207,5 +207,6 @@ def test_benchmarks_smoke(tmp_path, capsys):
     bench_decode = load_script(ROOT / "benchmarks" / "bench_decode.py")
     (result,) = bench_decode.main(["--smoke", "--json", str(tmp_path / "decode.json")])
     assert result["output_shape"] == [2, 8] and result["tokens_per_s"] > 0
+    assert result["greedy_match_with_plain_path"] in (None, 1.0)
     saved = __import__("json").loads((tmp_path / "decode.json").read_text())
     assert saved["results"][0]["config"]["prompt_len"] == 16
