@@ -1,8 +1,9 @@
 """Chunked (gated) delta rule in Triton: forward and backward kernels, autograd glue, public entry point.
 
-Per chunk of BT steps (64, or 32 for fp32 and K > 128) (G = cumulative log-gate inside the chunk, S0 = state entering the chunk):
+Per chunk of BT steps (64; 32 for fp32 or K > 128), with G the cumulative log-gate inside the chunk and S0 the state
+entering it:
 
-    A = (I + strict_tril(diag(beta) K K^T * exp(G_i - G_j)))^-1       (forward substitution)
+    A = (I + strict_tril(diag(beta) K K^T * exp(G_i - G_j)))^-1       (blockwise forward substitution)
     w = A (beta exp(G) k),  u = A (beta v)                            (WY representation)
     d = u - w S0                                                       (the corrected values, "v_new")
     o = scale (exp(G) q S0 + (q k^T * exp(G_i - G_j))_causal d)

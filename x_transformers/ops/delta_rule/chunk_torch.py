@@ -46,7 +46,8 @@ def _chunk_one(q, k, v, beta, g, scale, h0, chunk_size):
         delta = u[:, :, n] - w[:, :, n] @ state
         inters.append((q[:, :, n] * gc[:, :, n, :, None].exp()) @ state)
         deltas.append(delta)
-        state = state * gc[:, :, n, -1, None, None].exp() + (k[:, :, n] * to_end[:, :, n, :, None]).transpose(-1, -2) @ delta
+        k_to_end = k[:, :, n] * to_end[:, :, n, :, None]
+        state = state * gc[:, :, n, -1, None, None].exp() + k_to_end.transpose(-1, -2) @ delta
     delta, inter = torch.stack(deltas, 2), torch.stack(inters, 2)
     scores = torch.einsum("bhnik,bhnjk->bhnij", q, k) * decay
     o = scale * (inter + scores @ delta)

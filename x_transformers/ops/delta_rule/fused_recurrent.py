@@ -71,13 +71,15 @@ def fused_recurrent_fwd_kernel(
 
 @triton.jit
 def fused_recurrent_bwd_kernel(
-    q, k, v, beta, g, h0, do, dht, dq, dk, dv, dbeta, dg, dh0, ckpt, scratch, cu_seqlens, offsets, scale, T, BT, n_qk, n_beta,
+    q, k, v, beta, g, h0, do, dht, dq, dk, dv, dbeta, dg, dh0, ckpt, scratch, cu_seqlens, offsets, scale, T, BT,
+    n_qk, n_beta,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     """grid (NV, N*H). do [B,T,H,V], dht [N,H,K,V] -> dv [B,T,H,V], dh0 [N,H,K,V] and per value tile
-    dq, dk [NV,B,T,H,K], dbeta, dg [NV,B,T,H] (n_qk = B*T*H*K, n_beta = B*T*H). ckpt [NT_total,H,K,V] and scratch [NV*N*H, BT, BK, BV] are fp32
+    dq, dk [NV,B,T,H,K], dbeta, dg [NV,B,T,H] (n_qk = B*T*H*K, n_beta = B*T*H).
+    ckpt [NT_total,H,K,V] and scratch [NV*N*H, BT, BK, BV] are fp32
     workspaces."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     NV = tl.num_programs(0)

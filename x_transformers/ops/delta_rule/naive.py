@@ -1,4 +1,4 @@
-"""Token-by-token fp32 reference for the (gated) delta rule, written for clarity; the tests compare every kernel with it.
+"""Token-by-token fp32 reference for the (gated) delta rule, written for clarity; every kernel is tested against it.
 
     S' = exp(g_t) S_{t-1}
     S_t = S' + beta_t k_t^T (v_t - k_t S')
