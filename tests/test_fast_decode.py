@@ -186,6 +186,56 @@ def test_generate_level_fallbacks_and_errors():
     assert "_fast_decoder" not in model.__dict__
 
 
+def test_graph_bookkeeping_with_a_stand_in_graph():
+    # the CUDA-graph control flow on CPU: warm-up steps, one capture, replays; recapture on new weights / sampler
+    from x_transformers.fast_decode import WARMUP_STEPS, fast_decoder_for
+
+    class StandInGraph:
+        def __init__(self, fn):
+            self.fn, self.replays = fn, 0
+
+        def replay(self):
+            self.replays += 1
+            self.fn()
+
+    torch.manual_seed(12)
+    model = build(**CONFIGS["rotary"])
+    prompts = torch.randint(0, NUM_TOKENS, (3, 5))
+    decoder = fast_decoder_for(model, 3, 5 + 30, "eager")
+    decoder.mode = "graph"
+    calls = dict(warm=0, capture=0)
+
+    def warm_step():
+        calls["warm"] += 1
+        decoder.decode_step()
+
+    def capture_step():
+        calls["capture"] += 1
+        return StandInGraph(decoder.decode_step)
+
+    decoder._warm_step, decoder._capture_step = warm_step, capture_step
+
+    def both(**kwargs):
+        plain = model.generate(prompts, 30, temperature=0.0, fast_decode=False, **kwargs)
+        fast = model.generate(prompts, 30, temperature=0.0, fast_decode="eager", **kwargs)
+        assert model._fast_decoder is decoder and torch.equal(fast, plain)
+        return plain
+
+    both()
+    assert calls == dict(warm=WARMUP_STEPS, capture=1) and decoder.graph.replays == 29 - WARMUP_STEPS
+    both()
+    assert calls["capture"] == 1 and decoder.graph.replays == 2 * 29 - WARMUP_STEPS
+
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(1.01)
+    plain = both()
+    assert calls["capture"] == 2
+
+    both(eos_token=int(plain[0, 3]))
+    assert calls["capture"] == 3
+
+
 def test_not_a_transformer_wrapper():
     ok, reason = supports(torch.nn.Linear(2, 2))
     assert not ok and "TransformerWrapper" in reason
