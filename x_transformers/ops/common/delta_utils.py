@@ -36,22 +36,3 @@ def chunk_indices(cu_seqlens: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
     within = torch.arange(len(seq), device=cu_seqlens.device) - offsets[seq]
     return torch.stack([seq, within], 1).to(torch.int32).contiguous(), offsets.to(torch.int32).contiguous()
 
-
-def patch_interpreter_index():
-    """Triton 3.6's interpreter turns scalar tensors into Python ints (e.g. `range(NT)` over a runtime bound) with
-    `int()` of a one-element array, which numpy >= 2.4 refuses; index through `.item()` instead. Only touches the
-    interpreter, and only once."""
-    try:
-        from triton.runtime import interpreter
-    except ImportError:
-        return
-    if getattr(interpreter, "_x_transformers_index_patch", False):
-        return
-    original = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patched
-    interpreter._x_transformers_index_patch = True

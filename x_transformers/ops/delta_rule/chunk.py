@@ -20,13 +20,14 @@ import torch
 import triton
 import triton.language as tl
 
-from x_transformers.ops.common.delta_utils import check_delta_inputs, chunk_indices, patch_interpreter_index
+from x_transformers.ops.common.delta_utils import check_delta_inputs, chunk_indices
+from x_transformers.ops.common.interpreter_compat import patch as patch_interpreter
 from x_transformers.ops.common.utils import interpreting, use_triton
 from x_transformers.ops.delta_rule.chunk_torch import chunk_delta_rule_torch
 from x_transformers.ops.delta_rule.fused_recurrent import fused_recurrent_delta_rule
 
 if interpreting():
-    patch_interpreter_index()
+    patch_interpreter()
 
 def _chunk_size(dtype, K):
     # 64-step chunks for half precision; fp32 (three-pass tf32 products) and wide keys need more shared memory per

@@ -14,12 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
-from x_transformers.ops.common.delta_utils import check_delta_inputs, chunk_indices, patch_interpreter_index
+from x_transformers.ops.common.delta_utils import check_delta_inputs, chunk_indices
+from x_transformers.ops.common.interpreter_compat import patch as patch_interpreter
 from x_transformers.ops.common.utils import interpreting, use_triton
 from x_transformers.ops.delta_rule.naive import naive_delta_rule
 
 if interpreting():
-    patch_interpreter_index()
+    patch_interpreter()
 
 
 @triton.jit
