@@ -7,7 +7,8 @@
 Cases: `softmax` is TransformerWrapper(num_tokens=256) over Decoder(dim=512, depth=6, heads=8, rotary_pos_emb=True),
 batch 8, prompt 128, 512 new tokens; `gdn-1k` / `gdn-32k` the same stack with every block a gated_deltanet mixer,
 256 new tokens after a 1k / 32k token prompt. bf16 autocast by default (--precision); greedy decoding, so every
-mode must emit the same tokens (checked, `tokens_match_off`). Timing: CUDA events around whole `generate` calls,
+mode must emit the same tokens (`tokens_match_off`, the fraction equal to the plain path's: run --precision fp32 for
+the exact check, bf16 kernels may flip near-ties). Timing: CUDA events around whole `generate` calls,
 best of --repeats after --warmup calls (the first fast call captures the graph): `tokens_per_s` includes the prefill
 (the issue's anchor), `decode_tokens_per_s` / `ms_per_step` subtract a `generate(..., 1)` call (prefill alone), which
 is what must not depend on the context length for the linear mixers.
@@ -87,7 +88,9 @@ def measure(case: dict, modes, batch, precision, device, warmup, repeats, seed=0
             prefill_seconds=prefill,
             seconds=seconds,
             peak_memory_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-            tokens_match_off=bool(torch.equal(out, reference)),
+            # fraction of greedy tokens equal to the plain path's: 1.0 in fp32; in bf16 any two kernel choices may
+            # flip a near-tie argmax somewhere, after which a row's continuation differs
+            tokens_match_off=(out == reference).float().mean().item() if out.shape == reference.shape else 0.0,
         ))
     return results
 
@@ -137,7 +140,7 @@ def main(argv=None):
         for r in case["results"]:
             print(
                 f"{case['case']:10} {r['mode']:8} {r['tokens_per_s']:10.0f} {r['decode_tokens_per_s']:11.0f} "
-                f"{r['ms_per_step']:8.3f} {r['tokens_per_s'] / base:7.2f}x {str(r['tokens_match_off']):>5}"
+                f"{r['ms_per_step']:8.3f} {r['tokens_per_s'] / base:7.2f}x {r['tokens_match_off']:5.3f}"
             )
 
 

@@ -208,6 +208,7 @@ class FastDecoder:
         self.graph = None
         self.graph_key = None
         self.step_fn = self.decode_step
+        self.keep_alive = []
 
     # prefill - the model's own forward over the prompt, its caches copied into the static buffers
 
@@ -314,7 +315,8 @@ class FastDecoder:
     # the one-token step - fixed shapes, static buffers, no host sync
 
     def _attend(self, index: int, attn: Attention, x: Tensor, keep: Tensor | None, rot) -> Tensor:
-        q, k, v = (proj(x) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        # the model's own fused projection: one matmul, and the very arithmetic of the plain path
+        q, k, v = attn.fused_linear(x, ("to_q", "to_k", "to_v"))
         q = rearrange(q, "b n (h d) -> b h n d", h=attn.heads)
         k = rearrange(k, "b n (h d) -> b h n d", d=attn.dim_head)
         v = rearrange(v, "b n (h d) -> b h n d", d=attn.value_dim_head)
@@ -461,6 +463,14 @@ class FastDecoder:
             logger.warning(f"the decode step could not be captured in a CUDA graph, decoding eagerly: {error}")
             self.mode, self.step_fn = "eager", self.decode_step
             return None
+
+        # the graph reads the attention layers' concatenated qkv weights by address: hold them, so that a training
+        # forward dropping that inference copy cannot free memory the graph still reads (a weight update changes
+        # the weights' versions, and a new graph is captured)
+        self.keep_alive = [
+            entry[1] for _, block, _ in self.layers.layers if isinstance(block, Attention)
+            for entry in block._fused_weights.values()
+        ]
         return graph
 
     # generation
