@@ -8,7 +8,6 @@ Small enough to reach 100% copy accuracy on a laptop CPU within the default run 
 """
 
 import argparse
-import contextlib
 import json
 import time
 from pathlib import Path
@@ -116,7 +115,8 @@ def main(argv=None):
     if args.resume:
         start = T.resume(ckpt_path, model, optimizer, generators, dist_info)
         logger.info(f"resumed from {ckpt_path} at step {start}")
-    metrics = T.Metrics(out / "metrics.csv", METRICS, resume_step=start if args.resume else None, enabled=dist_info.is_main)
+    resume_step = start if args.resume else None
+    metrics = T.Metrics(out / "metrics.csv", METRICS, resume_step=resume_step, enabled=dist_info.is_main)
 
     def save(step):
         T.checkpoint(ckpt_path, model, optimizer, step, vars(args), generators, dist_info)
@@ -130,20 +130,20 @@ def main(argv=None):
         for step in bar:
             t0 = time.perf_counter()
             model.train()
-            loss_sum = 0.0
+            loss_sum = torch.zeros((), device=device)
             for micro in range(args.grad_accum):
                 src, tgt, mask = make_batch(args, args.batch_size, data_gen, device)
-                sync = micro == args.grad_accum - 1 or not hasattr(model, "no_sync")
-                with (contextlib.nullcontext() if sync else model.no_sync()), T.autocast(device, dtype):
-                    loss = train_model(src, tgt, mask=mask)
-                (loss / args.grad_accum).backward()
-                loss_sum += loss.item()
+                with T.gradient_sync(model, micro == args.grad_accum - 1):
+                    with T.autocast(device, dtype):
+                        loss = train_model(src, tgt, mask=mask)
+                    (loss / args.grad_accum).backward()
+                loss_sum += loss.detach()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
             done = step + 1
-            train_loss = T.all_reduce_mean(loss_sum / args.grad_accum, dist_info, device)
+            train_loss = T.all_reduce_mean(loss_sum.item() / args.grad_accum, dist_info, device)
             step_time = time.perf_counter() - t0
             train_time, train_tokens = train_time + step_time, train_tokens + tokens_per_step
             bar.set_postfix(loss=f"{train_loss:.3f}", acc=seq_acc, tok_s=f"{train_tokens / train_time:,.0f}")

@@ -7,7 +7,6 @@
 """
 
 import argparse
-import contextlib
 import json
 import time
 from pathlib import Path
@@ -80,12 +79,11 @@ def load_corpus(args):
     else:
         path = BUNDLED
         logger.info(f"{ENWIK8} not found: training on the bundled Shakespeare corpus ({path.name}, see data/README.md)")
-    if path == BUNDLED or args.data is not None and args.train_bytes >= path.stat().st_size:
-        # small corpora: 90% / 10% split instead of the enwik8 byte counts
-        data = T.load_bytes(path)
-        return path, *T.split_bytes(data)
     data = T.load_bytes(path, max_bytes=args.train_bytes + args.val_bytes)
-    return path, *T.split_bytes(data, train_bytes=args.train_bytes)
+    if len(data) > args.train_bytes:
+        return path, *T.split_bytes(data, train_bytes=args.train_bytes)
+    # corpora smaller than the enwik8 split: first 90% to train, the rest to validate
+    return path, *T.split_bytes(data, val_fraction=0.1)
 
 
 def main(argv=None):
@@ -108,7 +106,8 @@ def main(argv=None):
     model = TransformerWrapper(num_tokens=256, max_seq_len=args.seq_len, attn_layers=Decoder(**decoder_kwargs(args)))
     model = AutoregressiveWrapper(model).to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info(f"model: {n_params / 1e6:.2f}M parameters, device {device}, autocast {dtype}, world {dist_info.world_size}")
+    logger.info(f"model: {n_params / 1e6:.2f}M parameters, device {device}, autocast {dtype}, "
+                f"world {dist_info.world_size}")
 
     model = T.wrap_model(model, dist_info, device, fsdp=args.fsdp)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -121,7 +120,8 @@ def main(argv=None):
     if args.resume:
         start = T.resume(ckpt_path, model, optimizer, generators, dist_info)
         logger.info(f"resumed from {ckpt_path} at step {start}")
-    metrics = T.Metrics(out / "metrics.csv", METRICS, resume_step=start if args.resume else None, enabled=dist_info.is_main)
+    resume_step = start if args.resume else None
+    metrics = T.Metrics(out / "metrics.csv", METRICS, resume_step=resume_step, enabled=dist_info.is_main)
 
     def save(step):
         T.checkpoint(ckpt_path, model, optimizer, step, vars(args), generators, dist_info)
@@ -135,21 +135,21 @@ def main(argv=None):
         for step in bar:
             t0 = time.perf_counter()
             model.train()
-            loss_sum = 0.0
+            loss_sum = torch.zeros((), device=device)
             for micro in range(args.grad_accum):
-                x = T.random_crops(train_data, args.batch_size, args.seq_len + 1, data_gen).to(device, non_blocking=True)
-                # DDP all-reduces gradients only on the last micro-batch of the step
-                sync = micro == args.grad_accum - 1 or not hasattr(model, "no_sync")
-                with (contextlib.nullcontext() if sync else model.no_sync()), T.autocast(device, dtype):
-                    loss = train_model(x)
-                (loss / args.grad_accum).backward()
-                loss_sum += loss.item()
+                x = T.random_crops(train_data, args.batch_size, args.seq_len + 1, data_gen).to(device)
+                # gradients are reduced across ranks only on the last micro-batch of the step
+                with T.gradient_sync(model, micro == args.grad_accum - 1):
+                    with T.autocast(device, dtype):
+                        loss = train_model(x)
+                    (loss / args.grad_accum).backward()
+                loss_sum += loss.detach()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
             done = step + 1
-            train_loss = T.all_reduce_mean(loss_sum / args.grad_accum, dist_info, device)
+            train_loss = T.all_reduce_mean(loss_sum.item() / args.grad_accum, dist_info, device)
             step_time = time.perf_counter() - t0
             tokens_per_s = tokens_per_step / step_time
             train_time, train_tokens = train_time + step_time, train_tokens + tokens_per_step

@@ -123,7 +123,8 @@ def environment(device, xt) -> dict:
 
 def measure(args) -> dict:
     device, dtype, xt = setup(args)
-    model = xt.TransformerWrapper(num_tokens=256, max_seq_len=args.seq_len, attn_layers=xt.Decoder(**decoder_kwargs(args)))
+    decoder = xt.Decoder(**decoder_kwargs(args))
+    model = xt.TransformerWrapper(num_tokens=256, max_seq_len=args.seq_len, attn_layers=decoder)
     model = xt.AutoregressiveWrapper(model).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     step_model = torch.compile(model) if args.compile else model

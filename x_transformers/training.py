@@ -118,6 +118,16 @@ def wrap_model(model: nn.Module, dist_info: Dist, device: torch.device, fsdp: bo
     return model
 
 
+def gradient_sync(model: nn.Module, sync: bool):
+    """Context for one micro-batch's backward: gradients are reduced across ranks only when `sync` (the last
+    micro-batch of an accumulation step), under DDP (`no_sync`) and FSDP2 (`set_requires_gradient_sync`) alike."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+    elif hasattr(model, "no_sync") and not sync:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
 def find_layer_blocks(model: nn.Module) -> list[nn.Module]:
     """The attention / feedforward blocks of every AttentionLayers inside `model`. Each entry of its `layers` is a
     ModuleList (norms, block, residual); fully_shard needs modules with a forward, so the entry's own children with
@@ -180,7 +190,10 @@ def load_bytes(path: str | Path, max_bytes: int | None = None) -> torch.Tensor:
 
 def split_bytes(data: torch.Tensor, train_bytes: int | None = None, val_fraction: float = 0.1):
     """First `train_bytes` (or the first 1 - val_fraction) for training, the rest for validation."""
-    n_train = train_bytes if train_bytes is not None and train_bytes < len(data) else int(len(data) * (1 - val_fraction))
+    if train_bytes is not None and train_bytes < len(data):
+        n_train = train_bytes
+    else:
+        n_train = int(len(data) * (1 - val_fraction))
     return data[:n_train], data[n_train:]
 
 
