@@ -52,3 +52,51 @@ def check_cu_seqlens(cu_seqlens: Tensor | None, batch: int, total: int, where: s
         raise ValueError(f"{where}: with `cu_seqlens` the batch size must be 1 (packed sequences), got {batch}")
     if cu_seqlens.ndim != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{where}: `cu_seqlens` must be a 1-D int32/int64 tensor of offsets, got {cu_seqlens.dtype}")
+    # offsets index the packed time axis: anything else would read out of bounds inside the kernels
+    if cu_seqlens.numel() < 2 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total:
+        raise ValueError(f"{where}: `cu_seqlens` must start at 0 and end at T={total}, got {cu_seqlens.tolist()}")
+    if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+        raise ValueError(f"{where}: `cu_seqlens` must be non-decreasing, got {cu_seqlens.tolist()}")
+
+
+def num_seqs(batch: int, cu_seqlens: Tensor | None) -> int:
+    """N, the number of independent sequences: the batch, or the packed segments of `cu_seqlens`."""
+    return batch if cu_seqlens is None else cu_seqlens.numel() - 1
+
+
+def default_scale(q: Tensor, scale: float | None) -> float:
+    """The attention scale, 1 / sqrt(K) unless given."""
+    return q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+
+def check_linear_attn_inputs(where, q, k, v, g, initial_state, cu_seqlens, *, g_per_channel: bool):
+    """Validate a `[B, T, H, *]` linear-attention call (simple_gla, gla); returns (B, T, H, K, V, N).
+
+    g is the log decay: [B, T, H] and optional (simple_gla), or [B, T, H, K] and required (`g_per_channel`, gla)."""
+    for name, t in (("q", q), ("k", k), ("v", v)) + ((("g", g),) if g_per_channel else ()):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{where}: `{name}` must be a tensor, got {type(t).__name__}")
+    for name, t in (("q", q), ("k", k), ("v", v), ("g", g), ("initial_state", initial_state)):
+        check_float(name, t, where)
+    if q.ndim != 4:
+        raise ValueError(f"{where}: `q` must have shape (B, T, H, K), got {tuple(q.shape)}")
+    B, T, H, K = q.shape
+    check_shape("k", k, (B, T, H, K), where)
+    check_shape("v", v, (B, T, H, None), where)
+    check_shape("g", g, (B, T, H, K) if g_per_channel else (B, T, H), where)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{where}: `q`, `k`, `v` must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_cu_seqlens(cu_seqlens, B, T, where)
+    N, V = num_seqs(B, cu_seqlens), v.shape[-1]
+    check_shape("initial_state", initial_state, (N, H, K, V), where)
+    return B, T, H, K, V, N
+
+
+def empty_input_result(out_like: Tensor, state_shape: tuple, initial_state: Tensor | None, output_final_state: bool):
+    """(output, final state) for T = 0, where no kernel can be launched: nothing decays, the state passes through."""
+    o = out_like.new_zeros(out_like.shape)
+    if not output_final_state:
+        return o, None
+    if initial_state is None:
+        return o, out_like.new_zeros(state_shape, dtype=torch.float32)
+    return o, initial_state.float().reshape(state_shape)

@@ -16,9 +16,11 @@ import torch
 import triton
 import triton.language as tl
 
-from x_transformers.ops.common.gla_utils import check_gla_inputs, empty_input_result, prepare_chunk_indices
+from x_transformers.ops.common.chunk_index import prepare_chunk_indices, prepare_chunk_offsets
 from x_transformers.ops.common.interpreter_compat import patch as patch_interpreter
-from x_transformers.ops.common.utils import interpreting, use_triton
+from x_transformers.ops.common.utils import (
+    check_linear_attn_inputs, default_scale, empty_input_result, interpreting, use_triton,
+)
 from x_transformers.ops.gla.chunk_intra import chunk_gla_bwd_intra_kernel, chunk_gla_fwd_intra_kernel
 from x_transformers.ops.gla.chunk_state import chunk_gla_bwd_dh_kernel, chunk_gla_cumsum_kernel, chunk_gla_fwd_h_kernel
 from x_transformers.ops.gla.chunk_torch import chunk_gla_torch
@@ -449,10 +451,10 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
     cu_seqlens: [N + 1] offsets of packed sequences (B = 1). Returns (o [B, T, H, V] in v's dtype, final state
     [N, H, K, V] fp32 or None).
     """
-    N = check_gla_inputs(q, k, v, g, initial_state, cu_seqlens, "chunk_gla")
-    if q.shape[1] == 0:
-        return empty_input_result(q, v, initial_state, output_final_state, N)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    B, T, H, K, V, N = check_linear_attn_inputs("chunk_gla", q, k, v, g, initial_state, cu_seqlens, g_per_channel=True)
+    if T == 0:
+        return empty_input_result(v, (N, H, K, V), initial_state, output_final_state)
+    scale = default_scale(q, scale)
     if not use_triton(q, k, v, g, initial_state):
         return chunk_gla_torch(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
 
@@ -464,7 +466,7 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
     chunk_indices = chunk_offsets = None
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int64).contiguous()
-        chunk_indices, chunk_offsets = prepare_chunk_indices(cu_seqlens, BT)
+        chunk_indices, chunk_offsets = prepare_chunk_indices(cu_seqlens, BT), prepare_chunk_offsets(cu_seqlens, BT)
     return ChunkGLAFunction.apply(
         q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk_indices, chunk_offsets
     )

@@ -13,9 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
-from x_transformers.ops.common.gla_utils import check_gla_inputs, empty_input_result
 from x_transformers.ops.common.interpreter_compat import patch as patch_interpreter
-from x_transformers.ops.common.utils import interpreting, use_triton
+from x_transformers.ops.common.utils import (
+    check_linear_attn_inputs, default_scale, empty_input_result, interpreting, use_triton,
+)
 from x_transformers.ops.gla.naive import naive_recurrent_gla
 
 
@@ -316,10 +317,12 @@ class FusedRecurrentGLAFunction(torch.autograd.Function):
 
 def fused_recurrent_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
     """Token-by-token gated linear attention with per-key-channel decay; same contract as `chunk_gla`."""
-    N = check_gla_inputs(q, k, v, g, initial_state, cu_seqlens, "fused_recurrent_gla")
-    if q.shape[1] == 0:
-        return empty_input_result(q, v, initial_state, output_final_state, N)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    B, T, H, K, V, N = check_linear_attn_inputs(
+        "fused_recurrent_gla", q, k, v, g, initial_state, cu_seqlens, g_per_channel=True
+    )
+    if T == 0:
+        return empty_input_result(v, (N, H, K, V), initial_state, output_final_state)
+    scale = default_scale(q, scale)
     if not use_triton(q, k, v, g, initial_state):
         return naive_recurrent_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
 

@@ -20,7 +20,9 @@ from torch import Tensor
 
 from x_transformers.ops.common.chunk_index import prepare_chunk_indices, prepare_chunk_offsets
 from x_transformers.ops.common.interpreter_compat import patch
-from x_transformers.ops.common.utils import check_cu_seqlens, check_float, check_shape, use_triton
+from x_transformers.ops.common.utils import (
+    check_cu_seqlens, check_float, check_shape, empty_input_result, num_seqs, use_triton,
+)
 from x_transformers.ops.hgrn.scan_torch import hgrn_scan_torch
 
 patch()
@@ -352,11 +354,13 @@ def hgrn_scan(
         raise ValueError(f"{where}: `x` must have shape (B, T, D) or (B, T, H, D), got {tuple(x.shape)}")
     check_shape("g", g, tuple(x.shape), where)
     check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1], where)
-    N = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    N = num_seqs(x.shape[0], cu_seqlens)
     state_shape = (N, *x.shape[2:])
     check_shape("initial_state", initial_state, state_shape, where)
 
     B, T = x.shape[:2]
+    if T == 0:
+        return empty_input_result(x, state_shape, initial_state, output_final_state)
     x3, g3 = x.reshape(B, T, -1), g.reshape(B, T, -1)
     h0 = initial_state.reshape(N, -1) if initial_state is not None else None
     if use_triton(x, g, initial_state):

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from x_transformers.ops.common.chunk_index import prepare_chunk_indices, prepare_chunk_offsets
 from x_transformers.ops.common.cumsum import chunk_local_cumsum
-from x_transformers.ops.common.utils import check_cu_seqlens, check_float, check_shape, use_triton
+from x_transformers.ops.common.utils import check_linear_attn_inputs, default_scale, empty_input_result, use_triton
 from x_transformers.ops.simple_gla.chunk_h import chunk_bwd_dh, chunk_fwd_h, tile
 from x_transformers.ops.simple_gla.chunk_torch import chunk_simple_gla_torch
 
@@ -273,25 +273,6 @@ class ChunkSimpleGLAFunction(torch.autograd.Function):
         return dq, dk, dv, dg, None, dh0, None, None
 
 
-def check_simple_gla_inputs(where, q, k, v, g, initial_state, cu_seqlens):
-    """Validate `[B, T, H, *]` inputs; returns (B, T, H, K, V, N) with N the number of sequences."""
-    for name, t in (("q", q), ("k", k), ("v", v), ("g", g), ("initial_state", initial_state)):
-        check_float(name, t, where)
-    if q.ndim != 4:
-        raise ValueError(f"{where}: `q` must have shape (B, T, H, K), got {tuple(q.shape)}")
-    B, T, H, K = q.shape
-    check_shape("k", k, (B, T, H, K), where)
-    check_shape("v", v, (B, T, H, None), where)
-    check_shape("g", g, (B, T, H), where)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"{where}: `q`, `k`, `v` must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    check_cu_seqlens(cu_seqlens, B, T, where)
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    V = v.shape[-1]
-    check_shape("initial_state", initial_state, (N, H, K, V), where)
-    return B, T, H, K, V, N
-
-
 def chunk_simple_gla(
     q: Tensor,
     k: Tensor,
@@ -304,8 +285,12 @@ def chunk_simple_gla(
 ) -> tuple[Tensor, Tensor | None]:
     """Scalar-decay linear attention, chunked. q, k: [B, T, H, K]; v: [B, T, H, V]; g: [B, T, H] log decay per step
     (None = plain linear attention); initial_state / final state: [N, H, K, V] fp32. Returns (o in v's dtype, ht)."""
-    check_simple_gla_inputs("chunk_simple_gla", q, k, v, g, initial_state, cu_seqlens)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    B, T, H, K, V, N = check_linear_attn_inputs(
+        "chunk_simple_gla", q, k, v, g, initial_state, cu_seqlens, g_per_channel=False
+    )
+    if T == 0:
+        return empty_input_result(v, (N, H, K, V), initial_state, output_final_state)
+    scale = default_scale(q, scale)
     if use_triton(q, k, v, g, initial_state):
         return ChunkSimpleGLAFunction.apply(
             q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous() if g is not None else None,

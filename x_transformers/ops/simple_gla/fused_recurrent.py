@@ -14,8 +14,7 @@ from torch import Tensor
 
 from x_transformers.ops.common.chunk_index import last_positions
 from x_transformers.ops.common.cumsum import reverse_cumsum
-from x_transformers.ops.common.utils import use_triton
-from x_transformers.ops.simple_gla.chunk import check_simple_gla_inputs
+from x_transformers.ops.common.utils import check_linear_attn_inputs, default_scale, empty_input_result, use_triton
 from x_transformers.ops.simple_gla.naive import naive_simple_gla
 
 
@@ -247,8 +246,12 @@ def fused_recurrent_simple_gla(
     cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Same contract and results as `chunk_simple_gla`, computed token by token (decoding, short inputs)."""
-    check_simple_gla_inputs("fused_recurrent_simple_gla", q, k, v, g, initial_state, cu_seqlens)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    B, T, H, K, V, N = check_linear_attn_inputs(
+        "fused_recurrent_simple_gla", q, k, v, g, initial_state, cu_seqlens, g_per_channel=False
+    )
+    if T == 0:
+        return empty_input_result(v, (N, H, K, V), initial_state, output_final_state)
+    scale = default_scale(q, scale)
     if use_triton(q, k, v, g, initial_state):
         return FusedRecurrentSimpleGLAFunction.apply(
             q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous() if g is not None else None,
