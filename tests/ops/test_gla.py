@@ -4,31 +4,18 @@ On CPU the Triton kernels run under TRITON_INTERPRET=1 at tiny shapes; on a CUDA
 real shapes in fp32 and bf16: `pytest tests/ops/test_gla.py -x -q`.
 """
 
-import os
-
 import pytest
 import torch
-
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    # must be set before triton is imported (tests/ops/conftest.py does the same)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import torch.nn.functional as F
 
 from x_transformers.ops import chunk_gla, fused_recurrent_gla
 from x_transformers.ops.common.utils import use_triton
 from x_transformers.ops.gla import naive_recurrent_gla
 from x_transformers.ops.gla.chunk_torch import chunk_gla_torch
 
+CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 NAMES = ("o", "final_state", "dq", "dk", "dv", "dg", "dh0")
 TOL = {torch.float32: 5e-3, torch.bfloat16: 2e-2}
-
-
-def rel_rms(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp(min=1e-12)).item()
 
 
 def make_inputs(B, T, H, K, V, *, decay=1.0, h0=True, num_seqs=None, seed=0):
@@ -46,39 +33,30 @@ def chunk_torch(q, k, v, g, scale=None, **kwargs):
     return chunk_gla_torch(q, k, v, g, q.shape[-1] ** -0.5 if scale is None else scale, **kwargs)
 
 
-def run(fn, inputs, dtype, cu_seqlens=None, final_state=True, **kwargs):
-    """Forward + backward of `fn` on leaf copies of `inputs` (cast to dtype, the state stays fp32)."""
-    leaves = [
-        None if x is None else (x if i == 4 else x.to(dtype)).detach().clone().requires_grad_()
-        for i, x in enumerate(inputs)
-    ]
-    q, k, v, g, h0 = leaves
-    o, ht = fn(q, k, v, g, initial_state=h0, output_final_state=final_state, cu_seqlens=cu_seqlens, **kwargs)
-    assert o.dtype == dtype and o.shape == v.shape
-    gen = torch.Generator().manual_seed(1)
-    loss = (o.float() * torch.randn(o.shape, generator=gen).to(o.device)).sum()
-    if final_state:
-        assert ht.dtype == torch.float32
-        loss = loss + (ht * torch.randn(ht.shape, generator=gen).to(ht.device)).sum()
-    else:
-        assert ht is None
-    loss.backward()
-    return [o, ht] + [None if x is None else x.grad for x in leaves]
+@pytest.fixture
+def check(kernel_check):
+    """check(fn, inputs, dtype, tol, **kwargs): forward + backward of `fn` against the reference fed the same
+    (dtype-rounded) values in fp32."""
 
+    def run(fn, inputs, dtype, cu_seqlens=None, final_state=True, **kwargs):
+        # q, k, v, g cast to dtype, the state stays fp32
+        q, k, v, g, h0 = leaves = kernel_check.grad_leaves(inputs, dtype, cast=(0, 1, 2, 3))
+        o, ht = fn(q, k, v, g, initial_state=h0, output_final_state=final_state, cu_seqlens=cu_seqlens, **kwargs)
+        assert o.dtype == dtype and o.shape == v.shape
+        if final_state:
+            assert ht.dtype == torch.float32
+        else:
+            assert ht is None
+        kernel_check.backward_random(o, ht)
+        return [o, ht] + [None if x is None else x.grad for x in leaves]
 
-def check(fn, inputs, dtype=torch.float32, tol=None, **kwargs):
-    """Compare `fn` with the reference fed the same (dtype-rounded) values in fp32."""
-    rounded = [None if x is None else (x if i == 4 else x.to(dtype).float()) for i, x in enumerate(inputs)]
-    ref = run(naive_recurrent_gla, rounded, torch.float32, **kwargs)
-    out = run(fn, inputs, dtype, **kwargs)
-    tol = TOL[dtype] if tol is None else tol
-    for name, a, b in zip(NAMES, out, ref):
-        if b is None:
-            assert a is None, name
-            continue
-        assert torch.isfinite(a).all(), f"{name}: non-finite values"
-        err = rel_rms(a, b)
-        assert err < tol, f"{name}: relative RMS error {err:.2e} >= {tol:.0e}"
+    def check(fn, inputs, dtype=torch.float32, tol=None, **kwargs):
+        rounded = [None if x is None else (x if i == 4 else x.to(dtype).float()) for i, x in enumerate(inputs)]
+        ref = run(naive_recurrent_gla, rounded, torch.float32, **kwargs)
+        out = run(fn, inputs, dtype, **kwargs)
+        kernel_check.assert_all_close(NAMES, out, ref, TOL[dtype] if tol is None else tol, f"{fn.__name__} {dtype}")
+
+    return check
 
 
 PATHS = {"chunk": chunk_gla, "fused_recurrent": fused_recurrent_gla, "chunk_torch": chunk_torch}
@@ -99,28 +77,28 @@ CPU_CASES = {
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", CPU_CASES)
-def test_against_naive(path, case):
+def test_against_naive(path, case, check):
     check(PATHS[path], make_inputs(**CPU_CASES[case]))
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_varlen_empty_and_uneven(path):
+def test_varlen_empty_and_uneven(path, check):
     cu_seqlens = torch.tensor([0, 0, 17, 17, 50, 85], device=DEVICE)
     inputs = make_inputs(B=1, T=85, H=2, K=16, V=20, num_seqs=5, decay=3.0)
     check(PATHS[path], inputs, cu_seqlens=cu_seqlens)
 
 
 @pytest.mark.parametrize("path", ["chunk", "fused_recurrent"])
-def test_bf16(path):
+def test_bf16(path, check):
     check(PATHS[path], make_inputs(B=1, T=70, H=2, K=32, V=32), dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_no_state_and_custom_scale(path):
+def test_no_state_and_custom_scale(path, check):
     check(PATHS[path], make_inputs(B=1, T=40, H=1, K=16, V=16, h0=False), final_state=False, scale=0.3)
 
 
-def test_long_sequence_no_overflow():
+def test_long_sequence_no_overflow(rel_rms_fn):
     # strong and weak channels mixed over many chunks: nothing may overflow, chunk and fused paths agree
     q, k, v, g, h0 = make_inputs(B=1, T=300, H=1, K=16, V=16, decay=20.0)
     g = g * (torch.arange(16, device=DEVICE) % 2)  # half the channels never decay
@@ -129,22 +107,22 @@ def test_long_sequence_no_overflow():
     o_t, s_t = chunk_torch(q, k, v, g, initial_state=h0, output_final_state=True)
     for a in (o_c, s_c, o_r, s_r, o_t, s_t):
         assert torch.isfinite(a).all()
-    assert rel_rms(o_c, o_r) < 1e-4 and rel_rms(s_c, s_r) < 1e-4
-    assert rel_rms(o_t, o_r) < 1e-4 and rel_rms(s_t, s_r) < 1e-4
+    assert rel_rms_fn(o_c, o_r) < 1e-4 and rel_rms_fn(s_c, s_r) < 1e-4
+    assert rel_rms_fn(o_t, o_r) < 1e-4 and rel_rms_fn(s_t, s_r) < 1e-4
 
 
-def test_torch_path_long_sequence():
+def test_torch_path_long_sequence(check):
     # the CPU path on a longer input against the reference, gradients included
     check(chunk_torch, make_inputs(B=1, T=260, H=1, K=24, V=16, decay=5.0))
 
 
-def test_torch_dispatch(monkeypatch):
+def test_torch_dispatch(monkeypatch, rel_rms_fn):
     # CPU tensors outside the interpreter take the chunked torch path, with the same results
     q, k, v, g, h0 = (x.cpu() for x in make_inputs(B=1, T=30, H=1, K=16, V=16))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     o, s = chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True)
     o_ref, s_ref = naive_recurrent_gla(q, k, v, g, initial_state=h0, output_final_state=True)
-    assert rel_rms(o, o_ref) < 1e-5 and rel_rms(s, s_ref) < 1e-5
+    assert rel_rms_fn(o, o_ref) < 1e-5 and rel_rms_fn(s, s_ref) < 1e-5
 
 
 @pytest.mark.parametrize("fn", [chunk_gla, fused_recurrent_gla])
@@ -176,14 +154,14 @@ GPU_CASES = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("path", ["chunk", "fused_recurrent"])
 @pytest.mark.parametrize("case", GPU_CASES)
-def test_gpu_real_shapes(case, path, dtype):
+def test_gpu_real_shapes(case, path, dtype, check):
     check(PATHS[path], make_inputs(**GPU_CASES[case]), dtype=dtype)
 
 
 @pytest.mark.skipif(not CUDA, reason="real shapes need a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("path", ["chunk", "fused_recurrent"])
-def test_gpu_varlen(path, dtype):
+def test_gpu_varlen(path, dtype, check):
     cu_seqlens = torch.tensor([0, 0, 300, 301, 1500, 1500, 2100], device=DEVICE)
     inputs = make_inputs(B=1, T=2100, H=4, K=64, V=64, num_seqs=6, decay=5.0)
     check(PATHS[path], inputs, dtype=dtype, cu_seqlens=cu_seqlens)
@@ -199,7 +177,7 @@ def test_empty_input(fn):
 @pytest.mark.skipif(not CUDA, reason="compiled kernels need a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("num_warps", [4, 8])
-def test_gpu_launch_configs(num_warps, dtype, monkeypatch):
+def test_gpu_launch_configs(num_warps, dtype, monkeypatch, check):
     # Hopper codegen has miscompiled some warp counts for similar kernels: check both we might launch with
     from x_transformers.ops.gla import chunk as chunk_module
 

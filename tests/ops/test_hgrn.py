@@ -23,11 +23,6 @@ TOL = {torch.float32: 5e-3, torch.bfloat16: 2e-2}
 PATHS = {"triton": hgrn_scan, "chunked": hgrn_scan, "torch": hgrn_scan_torch}
 
 
-def rel_rms(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp(min=1e-12)).item()
-
-
 def make_inputs(B, T, D, *, decay=1.0, h0=True, num_seqs=None, heads=None, seed=0):
     gen = torch.Generator().manual_seed(seed)
     shape = (B, T, D) if heads is None else (B, T, heads, D)
@@ -38,39 +33,32 @@ def make_inputs(B, T, D, *, decay=1.0, h0=True, num_seqs=None, heads=None, seed=
     return [t.to(DEVICE) if t is not None else None for t in (x, g, h)]
 
 
-def run(fn, inputs, dtype, cu_seqlens=None, final_state=True):
-    leaves = [
-        None if t is None else (t.to(dtype) if i < 2 else t).detach().clone().requires_grad_()
-        for i, t in enumerate(inputs)
-    ]
-    x, g, h0 = leaves
-    h, ht = fn(x, g, h0, final_state, cu_seqlens)
-    assert h.shape == x.shape
-    gen = torch.Generator().manual_seed(1)
-    loss = (h.float() * torch.randn(h.shape, generator=gen).to(h.device)).sum()
-    if final_state:
-        assert ht.dtype == torch.float32
-        loss = loss + (ht * torch.randn(ht.shape, generator=gen).to(ht.device)).sum()
-    loss.backward()
-    # an input that does not reach the loss (g at T = 1 without a state) has gradient None: zero
-    return h, ht, *(None if t is None else t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves)
+@pytest.fixture
+def check(kernel_check):
+    """check(path, inputs, ...): forward + backward of one path against the fp32 token-by-token reference."""
 
+    def run(fn, inputs, dtype, cu_seqlens, final_state):
+        # x, g cast to dtype; the state stays fp32
+        x, g, h0 = leaves = kernel_check.grad_leaves(inputs, dtype, cast=(0, 1))
+        h, ht = fn(x, g, h0, final_state, cu_seqlens)
+        assert h.shape == x.shape
+        if final_state:
+            assert ht.dtype == torch.float32
+        kernel_check.backward_random(h, ht)
+        # an input that does not reach the loss (g at T = 1 without a state) has gradient None: zero
+        return h, ht, *(None if t is None else t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves)
 
-def check(path, inputs, dtype=torch.float32, cu_seqlens=None, final_state=True):
-    hgrn_scan_module.CHUNKED = {"triton": False, "chunked": True}.get(path)
-    try:
-        out = run(PATHS[path], inputs, dtype, cu_seqlens, final_state)
-    finally:
-        hgrn_scan_module.CHUNKED = None
-    ref = run(naive_hgrn_any, inputs, torch.float32, cu_seqlens, final_state)
-    assert out[0].dtype == dtype
-    for name, a, b in zip(NAMES, out, ref):
-        if b is None:
-            assert a is None, name
-            continue
-        assert torch.isfinite(a).all(), f"{path}: {name} has NaN/inf"
-        err = rel_rms(a, b)
-        assert err < TOL[dtype], f"{path} {dtype}: {name} rel rms {err:.2e}"
+    def check(path, inputs, dtype=torch.float32, cu_seqlens=None, final_state=True):
+        hgrn_scan_module.CHUNKED = {"triton": False, "chunked": True}.get(path)
+        try:
+            out = run(PATHS[path], inputs, dtype, cu_seqlens, final_state)
+        finally:
+            hgrn_scan_module.CHUNKED = None
+        ref = run(naive_hgrn_any, inputs, torch.float32, cu_seqlens, final_state)
+        assert out[0].dtype == dtype
+        kernel_check.assert_all_close(NAMES, out, ref, TOL[dtype], f"{path} {dtype}")
+
+    return check
 
 
 def naive_hgrn_any(x, g, h0, final_state, cu_seqlens):
@@ -86,42 +74,42 @@ T_SMALL = 100 if not CUDA else 3000  # several blocks of 64, not a multiple of 6
 
 
 @pytest.mark.parametrize("path", ["triton", "chunked", "torch"])
-def test_matches_reference(path):
+def test_matches_reference(path, check):
     check(path, make_inputs(2, T_SMALL, 40))
 
 
 @pytest.mark.parametrize("path", ["triton", "chunked", "torch"])
-def test_single_token_no_initial_state(path):
+def test_single_token_no_initial_state(path, check):
     check(path, make_inputs(2, 1, 16, h0=False))
     check(path, make_inputs(2, 1, 16, h0=False), final_state=False)
 
 
 @pytest.mark.parametrize("path", ["triton", "chunked", "torch"])
-def test_heads_layout(path):
+def test_heads_layout(path, check):
     """[B, T, H, D] inputs are scanned as H * D channels; states keep the [N, H, D] shape."""
     check(path, make_inputs(1, 70, 8, heads=3))
 
 
 @pytest.mark.parametrize("path", ["triton", "chunked", "torch"])
-def test_varlen_empty_and_uneven(path):
+def test_varlen_empty_and_uneven(path, check):
     bounds = [0, 10, 10, 75, 140, 140]
     cu = torch.tensor(bounds, dtype=torch.int64, device=DEVICE)
     check(path, make_inputs(1, bounds[-1], 24, num_seqs=len(bounds) - 1), cu_seqlens=cu)
 
 
 @pytest.mark.parametrize("path", ["triton", "chunked", "torch"])
-def test_strong_decay(path):
+def test_strong_decay(path, check):
     check(path, make_inputs(2, 100, 16, decay=20.0))
 
 
 @pytest.mark.parametrize("path", ["triton", "torch"])
-def test_long_sequence(path):
+def test_long_sequence(path, check):
     T = 1000 if not CUDA else 20000
     check(path, make_inputs(1, T, 16, decay=0.01))
 
 
 @pytest.mark.parametrize("path", ["triton", "chunked"])
-def test_bf16(path):
+def test_bf16(path, check):
     check(path, make_inputs(2, 100, 32), dtype=torch.bfloat16)
 
 
@@ -137,12 +125,25 @@ def test_bad_inputs_raise_clearly():
         hgrn_scan(x.long(), g)
     with pytest.raises(ValueError, match=r"\(B, T, D\)"):
         hgrn_scan(x[0], g[0])
+    with pytest.raises(ValueError, match="start at 0 and end at T=9"):
+        hgrn_scan(x[:1], g[:1], cu_seqlens=torch.tensor([0, 4, 8], device=DEVICE))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        hgrn_scan(x[:1], g[:1], cu_seqlens=torch.tensor([0, 6, 4, 9], device=DEVICE))
+
+
+@pytest.mark.parametrize("heads", [None, 3])
+def test_empty_input(heads):
+    x, g, h0 = make_inputs(2, 0, 8, heads=heads)
+    h, s = hgrn_scan(x, g, initial_state=h0, output_final_state=True)
+    assert h.shape == x.shape and torch.equal(s, h0)
+    _, s = hgrn_scan(x, g, output_final_state=True)
+    assert s.shape == h0.shape and not s.any()
 
 
 @pytest.mark.skipif(not CUDA, reason="real shapes need a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("path", ["triton", "chunked"])
-def test_gpu_real_shapes(dtype, path):
+def test_gpu_real_shapes(dtype, path, check):
     check(path, make_inputs(2, 4096, 16, heads=64), dtype=dtype)
     cu = torch.tensor([0, 0, 333, 1000, 1001, 2048], device=DEVICE)
     check(path, make_inputs(1, 2048, 1024, decay=20.0, num_seqs=5), dtype=dtype, cu_seqlens=cu)

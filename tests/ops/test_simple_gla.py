@@ -20,11 +20,6 @@ NAMES = ("o", "final_state", "dq", "dk", "dv", "dg", "dh0")
 TOL = {torch.float32: 5e-3, torch.bfloat16: 2e-2}
 
 
-def rel_rms(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp(min=1e-12)).item()
-
-
 PATHS = {"chunk": chunk_simple_gla, "fused_recurrent": fused_recurrent_simple_gla, "torch": chunk_simple_gla_torch}
 
 
@@ -37,35 +32,27 @@ def make_inputs(B, T, H, K, V, *, gate=True, decay=1.0, h0=True, num_seqs=None, 
     return [x.to(DEVICE) if x is not None else None for x in (q, k, v, g, h)]
 
 
-def run(fn, inputs, dtype, cu_seqlens=None, final_state=True):
-    """Forward + backward on leaf copies of `inputs` (q, k, v cast to dtype; gates and state stay fp32)."""
-    leaves = [
-        None if x is None else (x.to(dtype) if i < 3 else x).detach().clone().requires_grad_()
-        for i, x in enumerate(inputs)
-    ]
-    q, k, v, g, h0 = leaves
-    o, ht = fn(q, k, v, g, initial_state=h0, output_final_state=final_state, cu_seqlens=cu_seqlens)
-    assert o.shape == v.shape
-    gen = torch.Generator().manual_seed(1)
-    loss = (o.float() * torch.randn(o.shape, generator=gen).to(o.device)).sum()
-    if final_state:
-        assert ht.dtype == torch.float32
-        loss = loss + (ht * torch.randn(ht.shape, generator=gen).to(ht.device)).sum()
-    loss.backward()
-    return o, ht, *(x.grad if x is not None else None for x in leaves)
+@pytest.fixture
+def check(kernel_check):
+    """check(path, inputs, ...): forward + backward of one path against the fp32 token-by-token reference."""
 
+    def run(fn, inputs, dtype, cu_seqlens, final_state):
+        # q, k, v cast to dtype; gates and state stay fp32
+        q, k, v, g, h0 = leaves = kernel_check.grad_leaves(inputs, dtype, cast=(0, 1, 2))
+        o, ht = fn(q, k, v, g, initial_state=h0, output_final_state=final_state, cu_seqlens=cu_seqlens)
+        assert o.shape == v.shape
+        if final_state:
+            assert ht.dtype == torch.float32
+        kernel_check.backward_random(o, ht)
+        return o, ht, *(x.grad if x is not None else None for x in leaves)
 
-def check(path, inputs, dtype=torch.float32, cu_seqlens=None, final_state=True):
-    out = run(PATHS[path], inputs, dtype, cu_seqlens, final_state)
-    ref = run(naive_simple_gla, inputs, torch.float32, cu_seqlens, final_state)
-    assert out[0].dtype == dtype
-    for name, a, b in zip(NAMES, out, ref):
-        if b is None:
-            assert a is None, name
-            continue
-        assert torch.isfinite(a).all(), f"{path}: {name} has NaN/inf"
-        err = rel_rms(a, b)
-        assert err < TOL[dtype], f"{path} {dtype}: {name} rel rms {err:.2e}"
+    def check(path, inputs, dtype=torch.float32, cu_seqlens=None, final_state=True):
+        out = run(PATHS[path], inputs, dtype, cu_seqlens, final_state)
+        ref = run(naive_simple_gla, inputs, torch.float32, cu_seqlens, final_state)
+        assert out[0].dtype == dtype
+        kernel_check.assert_all_close(NAMES, out, ref, TOL[dtype], f"{path} {dtype}")
+
+    return check
 
 
 # Triton paths under the interpreter are slow, token-by-token ones especially: keep CPU shapes tiny
@@ -74,18 +61,18 @@ T_STEP = 19 if not CUDA else 1000
 
 
 @pytest.mark.parametrize("path", ["chunk", "torch", "fused_recurrent"])
-def test_matches_reference(path):
+def test_matches_reference(path, check):
     T = T_STEP if path == "fused_recurrent" else T_CHUNK
     check(path, make_inputs(2, T, 2, 20, 24))
 
 
 @pytest.mark.parametrize("path", ["chunk", "torch", "fused_recurrent"])
-def test_single_token(path):
+def test_single_token(path, check):
     check(path, make_inputs(2, 1, 2, 16, 16))
 
 
 @pytest.mark.parametrize("path", ["chunk", "torch", "fused_recurrent"])
-def test_no_gate_no_initial_state(path):
+def test_no_gate_no_initial_state(path, check):
     """g=None is plain (causal) linear attention."""
     T = T_STEP if path == "fused_recurrent" else T_CHUNK
     check(path, make_inputs(1, T, 2, 32, 16, gate=False, h0=False))
@@ -93,21 +80,21 @@ def test_no_gate_no_initial_state(path):
 
 
 @pytest.mark.parametrize("path", ["chunk", "torch", "fused_recurrent"])
-def test_varlen_empty_and_uneven(path):
+def test_varlen_empty_and_uneven(path, check):
     bounds = [0, 5, 5, 13, 20] if path == "fused_recurrent" else [0, 10, 10, 75, 100, 100]
     cu = torch.tensor(bounds, dtype=torch.int64, device=DEVICE)
     check(path, make_inputs(1, bounds[-1], 2, 16, 32, num_seqs=len(bounds) - 1), cu_seqlens=cu)
 
 
 @pytest.mark.parametrize("path", ["chunk", "torch", "fused_recurrent"])
-def test_strong_decay(path):
+def test_strong_decay(path, check):
     """g down to -20 per step: decays of exp(-1280) inside one chunk, no overflow, no NaN."""
     T = T_STEP if path == "fused_recurrent" else T_CHUNK
     check(path, make_inputs(2, T, 2, 16, 16, decay=20.0))
 
 
 @pytest.mark.parametrize("path", ["chunk", "torch"])
-def test_long_sequence(path):
+def test_long_sequence(path, check):
     T = 1000 if not CUDA else 8192
     check(path, make_inputs(1, T, 1, 16, 16, decay=0.05), final_state=True)
     o, ht = PATHS[path](*make_inputs(1, T, 1, 16, 16, gate=False, h0=False)[:3], output_final_state=True)
@@ -115,19 +102,19 @@ def test_long_sequence(path):
 
 
 @pytest.mark.parametrize("path", ["chunk", "fused_recurrent"])
-def test_bf16(path):
+def test_bf16(path, check):
     T = T_STEP if path == "fused_recurrent" else T_CHUNK
     check(path, make_inputs(2, T, 2, 32, 32), dtype=torch.bfloat16)
 
 
-def test_dispatch_and_defaults():
+def test_dispatch_and_defaults(rel_rms_fn):
     q, k, v, g, h0 = make_inputs(1, 9, 2, 16, 8)
     o1, _ = chunk_simple_gla(q, k, v, g, scale=16**-0.5)
     o2, ht = chunk_simple_gla(q, k, v, g)
     assert ht is None and torch.equal(o1, o2)
     # the public function and the torch path agree whichever one dispatch picked
     o3, _ = chunk_simple_gla_torch(q, k, v, g)
-    assert rel_rms(o2, o3) < 1e-5
+    assert rel_rms_fn(o2, o3) < 1e-5
 
 
 def test_bad_inputs_raise_clearly():
@@ -144,19 +131,32 @@ def test_bad_inputs_raise_clearly():
         chunk_simple_gla(q, k, v, g, cu_seqlens=torch.tensor([0, 4, 9], device=DEVICE))
     with pytest.raises(TypeError, match="floating point"):
         chunk_simple_gla(q.long(), k, v, g)
+    q1, k1, v1, g1 = (x[:1] for x in (q, k, v, g))
+    for fn in (chunk_simple_gla, fused_recurrent_simple_gla):
+        with pytest.raises(ValueError, match="start at 0 and end at T=9"):
+            fn(q1, k1, v1, g1, cu_seqlens=torch.tensor([0, 4, 8], device=DEVICE))
+        with pytest.raises(ValueError, match="non-decreasing"):
+            fn(q1, k1, v1, g1, cu_seqlens=torch.tensor([0, 6, 4, 9], device=DEVICE))
+
+
+@pytest.mark.parametrize("fn", [chunk_simple_gla, fused_recurrent_simple_gla])
+def test_empty_input(fn):
+    q, k, v, g, h0 = make_inputs(2, 0, 2, 16, 8)
+    o, s = fn(q, k, v, g, initial_state=h0, output_final_state=True)
+    assert o.shape == v.shape and torch.equal(s, h0)
 
 
 @pytest.mark.skipif(not CUDA, reason="real shapes need a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T,KV", [(1000, 64), (2048, 128), (1000, 100)])
-def test_gpu_real_shapes(dtype, T, KV):
+def test_gpu_real_shapes(dtype, T, KV, check):
     check("chunk", make_inputs(2, T, 4, KV, KV), dtype=dtype)
     check("fused_recurrent", make_inputs(1, min(T, 512), 4, KV, KV), dtype=dtype)
 
 
 @pytest.mark.skipif(not CUDA, reason="real shapes need a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_varlen_strong_decay(dtype):
+def test_gpu_varlen_strong_decay(dtype, check):
     cu = torch.tensor([0, 0, 333, 1000, 1001, 2048], device=DEVICE)
     check("chunk", make_inputs(1, 2048, 4, 64, 64, decay=20.0, num_seqs=5), dtype=dtype, cu_seqlens=cu)
 
