@@ -163,7 +163,7 @@ def main(argv=None):
             if evaluate:
                 if dist_info.is_main:
                     T.plot_metrics(out / "metrics.csv", out / "loss.png", {"train_loss": "train loss"},
-                                   title="copy task", ylabel="cross-entropy")
+                                   title="copy task", ylabel="cross-entropy", logy=True)
                 save(done)
             if reached:
                 logger.info(f"reached {seq_acc:.0%} sequence accuracy at step {done}")

@@ -342,7 +342,7 @@ def _fmt(value):
     return value
 
 
-def plot_metrics(csv_path: str | Path, png_path: str | Path, curves: dict[str, str], title: str = "", ylabel="loss"):
+def plot_metrics(csv_path, png_path, curves: dict[str, str], title: str = "", ylabel: str = "loss", logy: bool = False):
     """Plot the CSV columns named by `curves` ({column: label}) against step; empty cells are skipped."""
     import matplotlib
 
@@ -359,6 +359,8 @@ def plot_metrics(csv_path: str | Path, png_path: str | Path, curves: dict[str, s
             ax.plot(steps, values, label=label, marker="o" if len(points) < 30 else None, markersize=3)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
