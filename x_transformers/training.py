@@ -343,8 +343,15 @@ def _fmt(value):
 
 
 def plot_metrics(csv_path, png_path, curves: dict[str, str], title: str = "", ylabel: str = "loss", logy: bool = False):
-    """Plot the CSV columns named by `curves` ({column: label}) against step; empty cells are skipped."""
-    import matplotlib
+    """Plot the CSV columns named by `curves` ({column: label}) against step; empty cells are skipped. Without
+    matplotlib it warns once and returns False: a missing plotting library should not stop a training run."""
+    try:
+        import matplotlib
+    except ImportError:
+        if not getattr(plot_metrics, "warned", False):
+            logger.warning("matplotlib is not installed, so no loss plot: pip install matplotlib")
+            plot_metrics.warned = True
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -369,6 +376,7 @@ def plot_metrics(csv_path, png_path, curves: dict[str, str], title: str = "", yl
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, png_path)
+    return True
 
 
 # Ctrl-C
