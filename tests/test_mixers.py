@@ -106,6 +106,6 @@ def test_errors_name_the_problem():
 
 def test_mixer_kwargs_reach_the_mixer():
     mixer = make_mixer("gated_deltanet", dim=DIM, heads=HEADS, expand_v=2.0, conv_size=2)
-    assert mixer.qkv.to_v.out_features == 2 * DIM
-    assert mixer.qkv.convs[0].size == 2
+    assert mixer.qkv.splits == [DIM, DIM, 2 * DIM]
+    assert mixer.qkv.conv.size == 2
     assert isinstance(Intermediates(recurrent_state=(1,)).recurrent_state, tuple)

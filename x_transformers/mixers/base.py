@@ -69,28 +69,24 @@ class ShortConvolution(Module):
 
 
 class QKVProjection(Module):
-    """Query / key / value projections split into heads, each with an optional short causal convolution."""
+    """Query / key / value projections (one matmul) split into heads, with an optional short causal convolution."""
 
     def __init__(self, dim: int, heads: int, dim_k: int, dim_v: int, use_short_conv=False, conv_size=4, with_q=True):
         super().__init__()
         self.heads = heads
-        dims = (dim_k, dim_k, dim_v) if with_q else (dim_k, dim_v)
-        self.to_q = nn.Linear(dim, heads * dim_k, bias=False) if with_q else None
-        self.to_k = nn.Linear(dim, heads * dim_k, bias=False)
-        self.to_v = nn.Linear(dim, heads * dim_v, bias=False)
-        self.convs = nn.ModuleList([ShortConvolution(heads * d, conv_size) for d in dims]) if use_short_conv else None
+        self.splits = [heads * d for d in ((dim_k, dim_k, dim_v) if with_q else (dim_k, dim_v))]
+        self.with_q = with_q
+        self.to_qkv = nn.Linear(dim, sum(self.splits), bias=False)
+        self.conv = ShortConvolution(sum(self.splits), conv_size) if use_short_conv else None
 
-    def forward(self, x: Tensor, conv_state: tuple | None = None):
-        """Returns (q, k, v) as (b, n, h, d) (q is None without `with_q`) and the new conv states."""
-        projs = [proj(x) for proj in (self.to_q, self.to_k, self.to_v) if exists(proj)]
+    def forward(self, x: Tensor, conv_state: Tensor | None = None):
+        """Returns (q, k, v) as (b, n, h, d) (q is None without `with_q`) and the new conv state."""
+        qkv = self.to_qkv(x)
         new_conv_state = None
-        if exists(self.convs):
-            conv_state = conv_state if exists(conv_state) else (None,) * len(projs)
-            outs = [conv(t, cache=c) for conv, t, c in zip(self.convs, projs, conv_state)]
-            projs = [o for o, _ in outs]
-            new_conv_state = tuple(c for _, c in outs)
-        projs = [rearrange(t, "b n (h d) -> b n h d", h=self.heads) for t in projs]
-        if not exists(self.to_q):
+        if exists(self.conv):
+            qkv, new_conv_state = self.conv(qkv, cache=conv_state)
+        projs = [rearrange(t, "b n (h d) -> b n h d", h=self.heads) for t in qkv.split(self.splits, dim=-1)]
+        if not self.with_q:
             projs = [None, *projs]
         return (*projs, new_conv_state)
 

@@ -32,7 +32,7 @@ class DeltaNet(Mixer):
     def mix(self, x, mask, state, want_state):
         x = masked_fill_zero(x, mask)
         q, k, v, conv_state = self.qkv(x, pick_state(state, 1))
-        if not self.qkv.convs:
+        if self.qkv.conv is None:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         beta = self.to_beta(x).float().sigmoid()
