@@ -142,6 +142,7 @@ def main(argv=None):
                 f"{case['case']:10} {r['mode']:8} {r['tokens_per_s']:10.0f} {r['decode_tokens_per_s']:11.0f} "
                 f"{r['ms_per_step']:8.3f} {r['tokens_per_s'] / base:7.2f}x {r['tokens_match_off']:5.3f}"
             )
+    return report
 
 
 if __name__ == "__main__":

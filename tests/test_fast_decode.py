@@ -323,3 +323,19 @@ def test_sdpa_gqa_flash_matches_math_path_with_grads():
             t.grad = None
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
+
+
+def test_benchmark_smoke(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_fast_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_fast_decode", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    report = bench.main(["--smoke", "--json", str(tmp_path / "fast_decode.json")])
+    (case,) = report["cases"]
+    assert [r["mode"] for r in case["results"]] == ["off", "eager"]
+    assert all(r["tokens_per_s"] > 0 and r["tokens_match_off"] == 1.0 for r in case["results"])
+    assert (tmp_path / "fast_decode.json").exists()
