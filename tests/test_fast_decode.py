@@ -339,3 +339,32 @@ def test_benchmark_smoke(tmp_path):
     assert [r["mode"] for r in case["results"]] == ["off", "eager"]
     assert all(r["tokens_per_s"] > 0 and r["tokens_match_off"] == 1.0 for r in case["results"])
     assert (tmp_path / "fast_decode.json").exists()
+
+
+def test_auto_mode_falls_back_to_plain_path_when_fast_path_fails(monkeypatch):
+    from x_transformers.fast_decode import FastDecoder
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("broken on purpose")
+
+    # pretend auto mode picked the fast path (as on CUDA), and make it fail
+    monkeypatch.setattr(FastDecoder, "generate", broken)
+    monkeypatch.setattr(
+        AutoregressiveWrapper,
+        "_fast_decode_mode",
+        lambda self, fast_decode, *args: None
+        if fast_decode is False or self.__dict__.get("_fast_decode_failed")
+        else "eager",
+    )
+    torch.manual_seed(13)
+    model = build(**CONFIGS["rotary"])
+    prompts = torch.randint(0, NUM_TOKENS, (2, 4))
+
+    expected = model.generate(prompts, 6, temperature=0.0, fast_decode=False)
+    assert torch.equal(model.generate(prompts, 6, temperature=0.0), expected)
+    assert model._fast_decode_failed
+
+    # asked for explicitly, the error surfaces
+    del model.__dict__["_fast_decode_failed"]
+    with pytest.raises(RuntimeError, match="broken on purpose"):
+        model.generate(prompts, 6, temperature=0.0, fast_decode=True)

@@ -13,6 +13,8 @@ from torch import Tensor, tensor
 from torch.nn import Module
 from torch.nn.utils.rnn import pad_sequence
 
+from loguru import logger
+
 from x_transformers.utils import exists, default, identity, cast_tuple, pad_at_dim
 from x_transformers.utils import log as safe_log
 
@@ -311,7 +313,8 @@ class AutoregressiveWrapper(Module):
                 )
 
         if fast_decode is None:
-            return "graph" if (ok and is_cuda) else None
+            auto_ok = ok and is_cuda and not self.__dict__.get("_fast_decode_failed", False)
+            return "graph" if auto_ok else None
         if not ok:
             raise ValueError(reason)
         if fast_decode is True:
@@ -352,20 +355,30 @@ class AutoregressiveWrapper(Module):
         if exists(fast_mode):
             from x_transformers.fast_decode import fast_decoder_for
 
-            decoder = fast_decoder_for(self, prompts.shape[0], prompt_len + seq_len, fast_mode)
-            out = decoder.generate(
-                prompts,
-                seq_len,
-                seq_start_pos=prompt_start_pos,
-                temperature=temperature,
-                filter_fn=filter_logits_fn,
-                filter_kwargs=filter_kwargs,
-                eos_token=eos_token,
-            )
-            if exists(eos_token):
-                out = mask_after_eos(torch.cat((prompts, out), dim=-1), eos_token, self.pad_value)[:, prompt_len:]
-            (out,) = unpack(out, packed_shape, "* n")
-            return out
+            try:
+                decoder = fast_decoder_for(self, prompts.shape[0], prompt_len + seq_len, fast_mode)
+                out = decoder.generate(
+                    prompts,
+                    seq_len,
+                    seq_start_pos=prompt_start_pos,
+                    temperature=temperature,
+                    filter_fn=filter_logits_fn,
+                    filter_kwargs=filter_kwargs,
+                    eos_token=eos_token,
+                )
+            except Exception as error:
+                # asked for explicitly: the error is the answer; chosen automatically: decode on the plain path,
+                # and do not try again on this wrapper
+                if exists(fast_decode):
+                    raise
+                logger.warning(f"fast decoding failed, decoding on the plain path from now on: {error!r}")
+                self.__dict__.pop("_fast_decoder", None)
+                self.__dict__["_fast_decode_failed"] = True
+            else:
+                if exists(eos_token):
+                    out = mask_after_eos(torch.cat((prompts, out), dim=-1), eos_token, self.pad_value)[:, prompt_len:]
+                (out,) = unpack(out, packed_shape, "* n")
+                return out
 
         # contrastive decoding - one or more amateur models whose preferences are subtracted; filtering is off
         amateurs = []
