@@ -17,6 +17,7 @@ it does not cover fall back to the plain path: `supports(net)` says which and wh
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from functools import partial
 from typing import Callable
 
@@ -402,11 +403,19 @@ class FastDecoder:
     def _weights_version(self):
         return sum(p._version for p in self.net.parameters())
 
+    @staticmethod
+    def _autocast():
+        # a CUDA graph may not capture autocast's cache of casted weights; warm-up steps run under the same
+        # settings as the capture, so that a compiled step is not recompiled inside it
+        if not torch.is_autocast_enabled("cuda"):
+            return nullcontext()
+        return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+
     def _warm_step(self):
         # real decoding steps, on a side stream as capture wants; compile mode compiles here
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream), self._autocast():
             if self.mode == "compile" and self.step_fn is self.decode_step:
                 self.step_fn = torch.compile(self.decode_step, fullgraph=True, dynamic=False)
             try:
@@ -446,19 +455,10 @@ class FastDecoder:
                 break
 
     def _capture_step(self):
-        step_fn = self.step_fn
-        autocast_on = torch.is_autocast_enabled("cuda")
-        autocast_dtype = torch.get_autocast_dtype("cuda") if autocast_on else None
-
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
-                # autocast may not cache casted weights inside a capture
-                if autocast_on:
-                    with torch.autocast("cuda", dtype=autocast_dtype, cache_enabled=False):
-                        step_fn()
-                else:
-                    step_fn()
+            with torch.cuda.graph(graph), self._autocast():
+                self.step_fn()
         except Exception as error:  # noqa: BLE001 - e.g. a custom filter_logits_fn that syncs with the host
             logger.warning(f"the decode step could not be captured in a CUDA graph, decoding eagerly: {error}")
             self.mode, self.step_fn = "eager", self.decode_step
