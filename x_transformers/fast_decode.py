@@ -469,7 +469,7 @@ class FastDecoder:
         # the weights' versions, and a new graph is captured)
         self.keep_alive = [
             entry[1] for _, block, _ in self.layers.layers if isinstance(block, Attention)
-            for entry in block._fused_weights.values()
+            for entry in getattr(block, "_fused_weights", {}).values()
         ]
         return graph
 
