@@ -16,11 +16,12 @@ setup(
         "loguru",
         "packaging>=21.0",
         "tqdm",
+        "matplotlib",
     ],
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest", "triton>=3.0", "matplotlib"],
-        "examples": ["tqdm", "matplotlib"],
+        "examples": ["tqdm", "matplotlib"],  # kept for upstream users' install commands
     },
     classifiers=[
         "Intended Audience :: Developers",

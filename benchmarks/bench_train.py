@@ -164,9 +164,12 @@ def run_upstream(args, argv, script=HERE) -> dict:
     """Re-run this script with the upstream x_transformers: another interpreter, or this one with a different path.
     The subprocess starts in an empty folder so the repository's own package is not on its path."""
     python = args.upstream_python or sys.executable
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # keep the caller's other path entries (site folders with dependencies), minus this repository
+    repo = HERE.parent.parent
+    kept = [e for e in os.environ.get("PYTHONPATH", "").split(os.pathsep) if e and Path(e).resolve() != repo]
     if args.upstream_path:
-        env["PYTHONPATH"] = str(Path(args.upstream_path).resolve())
+        kept.insert(0, str(Path(args.upstream_path).resolve()))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(kept)}
     skip = {"--upstream-python", "--upstream-path", "--json", "--label"}
     passed, it = [], iter(argv)
     for a in it:
