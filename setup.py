@@ -19,8 +19,8 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "triton": ["triton>=3.0"],
-        "test": ["pytest", "triton>=3.0", "matplotlib"],
+        "triton": ["triton>=3.3"],
+        "test": ["pytest", "triton>=3.3,<3.7", "matplotlib"],  # the interpreter tests are checked with 3.6
         "examples": ["tqdm", "matplotlib"],  # kept for upstream users' install commands
     },
     classifiers=[
