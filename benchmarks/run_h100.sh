@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU checks and measurements quoted in the issue notes, in one pass (about 9 minutes on an H100):
+# kernel tests at real shapes (gradients included), training and decoding throughput (ours vs the upstream
+# release when UPSTREAM points at a folder holding its `x_transformers` package), the op benchmark, and a profile.
+#   OUT=out/h100 UPSTREAM=.upstream bash benchmarks/run_h100.sh
+set -uo pipefail
+OUT=${OUT:-out/h100}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+UP=()
+[ -n "${UPSTREAM:-}" ] && UP=(--upstream-path "$UPSTREAM")
+
+step() {  # step NAME SECONDS CMD...: run with a time limit, keep the whole log, show the summary lines
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name ($(date +%T))"
+    timeout "$limit" "$@" 2>&1 | tee -a "$OUT/all.log" | grep -E "^\||passed|failed|FAILED|Error|tokens/s|^step" | head -60
+}
+
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/all.log"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/all.log"
+step kernels 280 python3 -m pytest -q -p no:cacheprovider tests/ops -k gpu
+step train_flash 75 python3 benchmarks/bench_train.py "${UP[@]}" --config '{"attn_flash": true}' --json "$OUT/train_flash.json"
+step train_default 75 python3 benchmarks/bench_train.py "${UP[@]}" --json "$OUT/train_default.json"
+step decode 80 python3 benchmarks/bench_fast_decode.py --json "$OUT/fast_decode.json"
+step ops 110 python3 benchmarks/bench_ops.py --seqlens 1024,4096,16384 --no-fla \
+    --ops sdpa,chunk_simple_gla,chunk_gla,chunk_gated_delta_rule,hgrn_scan --out "$OUT/ops.json"
+step profile_gdn 40 python3 benchmarks/profile_train.py --linear-attn gated_deltanet --seq-len 8192 --batch 2 \
+    --top 15 --out "$OUT/profile_gdn.json"
+echo "=== done ($(date +%T))"
