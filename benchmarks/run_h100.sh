@@ -27,4 +27,7 @@ step ops 110 python3 benchmarks/bench_ops.py --seqlens 1024,4096,16384 --no-fla 
     --ops sdpa,chunk_simple_gla,chunk_gla,chunk_gated_delta_rule,hgrn_scan --out "$OUT/ops.json"
 step profile_gdn 40 python3 benchmarks/profile_train.py --linear-attn gated_deltanet --seq-len 8192 --batch 2 \
     --top 15 --out "$OUT/profile_gdn.json"
+step enwik8 70 torchrun --nproc_per_node 1 train_enwik8.py --num-batches 120 --validate-every 60 \
+    --generate-every 120 --generate-length 64 --out-dir /tmp/enwik8_gpu
+cp /tmp/enwik8_gpu/metrics.csv "$OUT/enwik8_metrics.csv" 2>/dev/null
 echo "=== done ($(date +%T))"
