@@ -109,3 +109,34 @@ def test_mixer_kwargs_reach_the_mixer():
     assert mixer.qkv.splits == [DIM, DIM, 2 * DIM]
     assert mixer.qkv.conv.size == 2
     assert isinstance(Intermediates(recurrent_state=(1,)).recurrent_state, tuple)
+
+
+def block_kinds(decoder):
+    return [type(layer[1]).__name__ for layer in decoder.layers]
+
+
+def test_hybrid_layouts_build_the_right_layers():
+    from x_transformers import Decoder, Encoder
+
+    d = Decoder(dim=DIM, depth=8, heads=HEADS, linear_attn="gated_deltanet", hybrid_pattern="LLLN")
+    mixers = [kind for kind in block_kinds(d) if kind != "FeedForward"]
+    assert mixers == ["GatedDeltaNet"] * 3 + ["Attention"] + ["GatedDeltaNet"] * 3 + ["Attention"]
+
+    d = Decoder(dim=DIM, depth=6, heads=HEADS, linear_attn="mamba2", softmax_attn_layers=(1, 4))
+    mixers = [kind for kind in block_kinds(d) if kind != "FeedForward"]
+    assert [i for i, kind in enumerate(mixers) if kind == "Attention"] == [1, 4]
+    assert set(mixers) == {"Mamba2", "Attention"}
+
+    d = Decoder(dim=DIM, depth=2, heads=HEADS, linear_attn="gla", custom_layers=("l", "f", "a", "f"))
+    assert block_kinds(d) == ["GLA", "FeedForward", "Attention", "FeedForward"]
+
+    # softmax layers keep their attn_ features; mixer kwargs reach only the mixers
+    d = Decoder(dim=DIM, depth=2, heads=HEADS, linear_attn="gla", hybrid_pattern="LN", attn_kv_heads=1,
+                linear_attn_expand_k=1.0)
+    assert d.layers[0][1].dim_k == DIM // HEADS
+    assert d.layers[2][1].kv_heads == 1
+
+    with pytest.raises(ValueError, match="no bidirectional form"):
+        Encoder(dim=DIM, depth=1, heads=HEADS, linear_attn="gated_deltanet")
+    with pytest.raises(ValueError, match="linear_attn"):
+        Decoder(dim=DIM, depth=2, heads=HEADS, hybrid_pattern="LN")
