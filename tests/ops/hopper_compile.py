@@ -1,12 +1,16 @@
 """Compile this repo's Triton kernels for Hopper (sm_90) on a machine without a GPU, to catch errors that the
 interpreter cannot see (dot shapes, dtypes, layouts). Launches are intercepted: each kernel is compiled to a cubin with
 the argument types of the call instead of being run. Run as `python tests/ops/hopper_compile.py <family> ...` with
-TRITON_INTERPRET unset; prints one line per compiled kernel and exits non-zero on the first failure."""
+TRITON_INTERPRET unset; prints one line per compiled kernel (shared memory in bytes, registers per thread and stack
+bytes, i.e. register spills, from cuobjdump) and exits non-zero on the first failure."""
 
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 import torch
 
@@ -20,6 +24,18 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32", torch.int64: "i64"}
 seen = set()
+
+
+def register_stats(kernel):
+    """Registers and spill bytes of the compiled cubin (the runtime reports them only on a GPU)."""
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        log = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True).stdout
+    regs, stack = re.search(r"REG:(\d+)", log), re.search(r"STACK:(\d+)", log)
+    return f"regs={regs[1] if regs else '?'} stack={stack[1] if stack else '?'}"
 
 
 def compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
@@ -46,7 +62,7 @@ def compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
     seen.add(key)
     kernel = triton.compile(ASTSource(self, signature, constexprs), target=TARGET, options=options)
     flags = {k: v for k, v in constexprs.items() if v is not None}
-    print(f"ok {self.__name__} shared={kernel.metadata.shared} {flags}", flush=True)
+    print(f"ok {self.__name__} shared={kernel.metadata.shared} {register_stats(kernel)} {flags}", flush=True)
     return None
 
 
@@ -101,7 +117,27 @@ def single_token(dtype):
     torch.autograd.grad(h.float().sum() + ht.sum(), [x])
 
 
-FAMILIES = {"simple_gla": simple_gla, "hgrn": hgrn, "single_token": single_token}
+def delta_rule(dtype):
+    from x_transformers.ops.delta_rule.chunk import ChunkDeltaRuleFunction
+    from x_transformers.ops.delta_rule.fused_recurrent import FusedRecurrentDeltaRuleFunction
+
+    for K, V, H, varlen in ((64, 64, 2, False), (128, 128, 2, False), (64, 64, 16, True), (100, 64, 2, True)):
+        T = 300
+        cu = torch.tensor([0, 100, 100, T]) if varlen else None
+        N = 3 if varlen else 1
+        q, k = (torch.randn(1, T, H, K, dtype=dtype, requires_grad=True) for _ in range(2))
+        v = torch.randn(1, T, H, V, dtype=dtype, requires_grad=True)
+        beta = torch.rand(1, T, H, dtype=dtype, requires_grad=True)
+        g = torch.randn(1, T, H, requires_grad=True)
+        h0 = torch.randn(N, H, K, V, requires_grad=True)
+        for fn in (ChunkDeltaRuleFunction, FusedRecurrentDeltaRuleFunction):
+            for gate in (g, None):
+                o, ht = fn.apply(q, k, v, beta, gate, K**-0.5, h0, True, cu)
+                # the intercepted launches leave garbage in the outputs; only the backward launches matter here
+                torch.autograd.grad(o.float().sum() + ht.sum(), [q, k, v, beta, h0])
+
+
+FAMILIES = {"simple_gla": simple_gla, "hgrn": hgrn, "single_token": single_token, "delta_rule": delta_rule}
 
 if __name__ == "__main__":
     JITFunction.run = compile_instead_of_launch
