@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from x_transformers.ops.common.bounds import chunk_bounds
 from x_transformers.ops.common.chunk_index import prepare_chunk_indices, prepare_chunk_offsets
 from x_transformers.ops.common.interpreter_compat import patch as patch_interpreter
 from x_transformers.ops.common.utils import (
@@ -57,15 +58,7 @@ def chunk_gla_fwd_o_kernel(
     """o = scale * (q exp(gc)) h + A v for one chunk and one V tile. Grid (cdiv(V, BV), NT, B * H)."""
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    i_tg = i_t.to(tl.int64)
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
-    else:
-        bos = i_b.to(tl.int64) * T
-        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+    i_t, i_tg, bos, T = chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
 
     o_t = i_t * BT + tl.arange(0, BT)
     m_t = o_t < T
@@ -121,13 +114,7 @@ def chunk_gla_bwd_dA_kernel(
     """dA = scale * do v^T, causal inside the chunk. Grid (NT, B * H)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
-    else:
-        bos = i_b.to(tl.int64) * T
+    i_t, _, bos, T = chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
 
     o_t = i_t * BT + tl.arange(0, BT)
     m_t = o_t < T
@@ -170,15 +157,7 @@ def chunk_gla_bwd_dv_kernel(
     """dv = A^T do + (k exp(gc_last - gc)) dh for one chunk and one V tile. Grid (cdiv(V, BV), NT, B * H)."""
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    i_tg = i_t.to(tl.int64)
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
-    else:
-        bos = i_b.to(tl.int64) * T
-        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+    i_t, i_tg, bos, T = chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
 
     o_t = i_t * BT + tl.arange(0, BT)
     m_t = o_t < T
@@ -247,15 +226,7 @@ def chunk_gla_bwd_dqkg_kernel(
     """
     i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    i_tg = i_t.to(tl.int64)
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
-    else:
-        bos = i_b.to(tl.int64) * T
-        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+    i_t, i_tg, bos, T = chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
 
     o_t = i_t * BT + tl.arange(0, BT)
     m_t = o_t < T
@@ -424,6 +395,18 @@ def chunk_gla_bwd(q, k, v, g, gc, h, A, do, dht, scale, initial_state, cu_seqlen
     return dq, dk, dv, dg, dh0
 
 
+def prepare_triton_inputs(q, k, v, g, initial_state, cu_seqlens):
+    """What the gla kernels index: contiguous inputs, an fp32 initial state and int64 offsets on the inputs' device."""
+    if interpreting():
+        patch_interpreter()
+    q, k, v, g = (t.contiguous() for t in (q, k, v, g))
+    if initial_state is not None:
+        initial_state = initial_state.float().contiguous()
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int64).contiguous()
+    return q, k, v, g, initial_state, cu_seqlens
+
+
 class ChunkGLAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk_indices, chunk_offsets):
@@ -458,14 +441,9 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
     if not use_triton(q, k, v, g, initial_state):
         return chunk_gla_torch(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
 
-    if interpreting():
-        patch_interpreter()
-    q, k, v, g = (t.contiguous() for t in (q, k, v, g))
-    if initial_state is not None:
-        initial_state = initial_state.float().contiguous()
+    q, k, v, g, initial_state, cu_seqlens = prepare_triton_inputs(q, k, v, g, initial_state, cu_seqlens)
     chunk_indices = chunk_offsets = None
     if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int64).contiguous()
         chunk_indices, chunk_offsets = prepare_chunk_indices(cu_seqlens, BT), prepare_chunk_offsets(cu_seqlens, BT)
     return ChunkGLAFunction.apply(
         q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk_indices, chunk_offsets

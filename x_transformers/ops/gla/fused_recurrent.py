@@ -13,10 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from x_transformers.ops.common.interpreter_compat import patch as patch_interpreter
-from x_transformers.ops.common.utils import (
-    check_linear_attn_inputs, default_scale, empty_input_result, interpreting, use_triton,
-)
+from x_transformers.ops.common.bounds import seq_bounds
+from x_transformers.ops.common.utils import check_linear_attn_inputs, default_scale, empty_input_result, use_triton
+from x_transformers.ops.gla.chunk import prepare_triton_inputs
 from x_transformers.ops.gla.naive import naive_recurrent_gla
 
 
@@ -44,11 +43,7 @@ def fused_recurrent_gla_fwd_kernel(
     """Grid (cdiv(V, BV), N * H); BK >= K holds the whole key dim."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
-    else:
-        bos = i_n.to(tl.int64) * T
+    bos, T = seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
 
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -99,11 +94,7 @@ def fused_recurrent_gla_bwd_dq_kernel(
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     T_all = B * T
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
-    else:
-        bos = i_n.to(tl.int64) * T
+    bos, T = seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
 
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -160,11 +151,7 @@ def fused_recurrent_gla_bwd_dkv_kernel(
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     T_all = B * T
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
-    else:
-        bos = i_n.to(tl.int64) * T
+    bos, T = seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
 
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -215,11 +202,7 @@ def fused_recurrent_gla_bwd_dg_kernel(
     """dg_t = sum_{u >= t} (q_u dq_u - k_u dk_u) + dg_last, dg_last = sum_v S_T dS_T. Grid (cdiv(K, BK), N * H)."""
     i_k, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
-    else:
-        bos = i_n.to(tl.int64) * T
+    bos, T = seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
 
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
@@ -326,11 +309,5 @@ def fused_recurrent_gla(q, k, v, g, scale=None, initial_state=None, output_final
     if not use_triton(q, k, v, g, initial_state):
         return naive_recurrent_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
 
-    if interpreting():
-        patch_interpreter()
-    q, k, v, g = (t.contiguous() for t in (q, k, v, g))
-    if initial_state is not None:
-        initial_state = initial_state.float().contiguous()
-    if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int64).contiguous()
+    q, k, v, g, initial_state, cu_seqlens = prepare_triton_inputs(q, k, v, g, initial_state, cu_seqlens)
     return FusedRecurrentGLAFunction.apply(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from x_transformers.ops.common.bounds import seq_bounds
 from x_transformers.ops.common.chunk_index import prepare_chunk_indices, prepare_chunk_offsets
 from x_transformers.ops.common.interpreter_compat import patch
 from x_transformers.ops.common.utils import (
@@ -37,16 +38,6 @@ def _combine(a1, b1, a2, b2):
 
 
 @triton.jit
-def _seq_bounds(i_n, T, cu_seqlens, IS_VARLEN: tl.constexpr):
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
-    else:
-        bos = i_n.to(tl.int64) * T
-    return bos, T
-
-
-@triton.jit
 def hgrn_fwd_kernel(
     x, g, h, h0, ht, cu_seqlens, T,
     D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
@@ -54,7 +45,7 @@ def hgrn_fwd_kernel(
 ):
     """grid (cdiv(D, BD), N). x, g, h: [B, T, D]; h0 / ht: [N, D] fp32."""
     i_d, i_n = tl.program_id(0), tl.program_id(1)
-    bos, T = _seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
+    bos, T = seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
     o_r = tl.arange(0, BT)
@@ -87,7 +78,7 @@ def hgrn_bwd_kernel(
     """grid (cdiv(D, BD), N). Blocks are visited from the end and read back to front (row r = token T-1-r-...),
     so the reverse recurrence is again a forward associative scan."""
     i_d, i_n = tl.program_id(0), tl.program_id(1)
-    bos, T = _seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
+    bos, T = seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
     o_r = tl.arange(0, BT)

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from x_transformers.ops.common.bounds import seq_chunk_bounds
+
 
 def tile(n: int, cap: int = 64) -> int:
     # tl.dot wants power-of-2 blocks of at least 16 on every side
@@ -27,15 +29,7 @@ def chunk_fwd_h_kernel(
     h: [NT_total, H, K, V] (state before each chunk), h0 / ht: [N, H, K, V] fp32."""
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
-        NT = tl.cdiv(T, BT)
-        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        bos = i_n.to(tl.int64) * T
-        NT = tl.cdiv(T, BT)
-        boh = i_n.to(tl.int64) * NT
+    bos, T, NT, boh = seq_chunk_bounds(i_n, T, cu_seqlens, chunk_offsets, BT, IS_VARLEN)
 
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
@@ -75,15 +69,7 @@ def chunk_bwd_dh_kernel(
     dh0 (gradient of the initial state) = what is left after the first chunk."""
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
-        NT = tl.cdiv(T, BT)
-        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        bos = i_n.to(tl.int64) * T
-        NT = tl.cdiv(T, BT)
-        boh = i_n.to(tl.int64) * NT
+    bos, T, NT, boh = seq_chunk_bounds(i_n, T, cu_seqlens, chunk_offsets, BT, IS_VARLEN)
 
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_FINAL_STATE_GRADIENT:

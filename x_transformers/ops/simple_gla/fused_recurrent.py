@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from x_transformers.ops.common.bounds import seq_bounds
 from x_transformers.ops.common.chunk_index import last_positions
 from x_transformers.ops.common.cumsum import reverse_cumsum
 from x_transformers.ops.common.utils import check_linear_attn_inputs, default_scale, empty_input_result, use_triton
@@ -20,16 +21,6 @@ from x_transformers.ops.simple_gla.naive import naive_simple_gla
 
 def _tile(n: int) -> int:
     return max(16, min(64, triton.next_power_of_2(n)))
-
-
-@triton.jit
-def _seq_bounds(i_n, T, cu_seqlens, IS_VARLEN: tl.constexpr):
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
-    else:
-        bos = i_n.to(tl.int64) * T
-    return bos, T
 
 
 @triton.jit
@@ -42,7 +33,7 @@ def fused_recurrent_fwd_kernel(
     outputs (one per K tile, summed by the launcher; NTOK = B * T); h0 / ht: [N, H, K, V] fp32."""
     i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, T = _seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
+    bos, T = seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
@@ -84,7 +75,7 @@ def fused_recurrent_bwd_dq_kernel(
     """grid (NV, NK, N * H). Replays the states forward: dq_t = scale * S_t do_t, as [NV, B * T, H, K] fp32 partials."""
     i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, T = _seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
+    bos, T = seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
@@ -124,7 +115,7 @@ def fused_recurrent_bwd_dkv_kernel(
     dk_t = dS_t v_t ([NV, B * T, H, K] partials), dv_t = k_t dS_t ([NK, B * T, H, V] partials), dh0 = exp(g_1) dS_1."""
     i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, T = _seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
+    bos, T = seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
