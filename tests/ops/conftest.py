@@ -2,6 +2,7 @@
 which must be set before triton is first imported."""
 
 import os
+import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -55,6 +56,15 @@ def assert_all_close(names, out, ref, tol, label):
         assert err < tol, f"{label}: {name} rel rms {err:.2e} >= {tol:.0e}"
 
 
+def hopper_compile(family):
+    """Compile one family's kernels for sm_90 in a fresh process (hopper_compile.py, interpreter off); fail with its
+    output."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "hopper_compile.py")
+    res = subprocess.run([sys.executable, script, family], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
 @pytest.fixture
 def rel_rms_fn():
     return rel_rms
@@ -64,5 +74,6 @@ def rel_rms_fn():
 def kernel_check():
     """The helpers above for the test modules (a conftest is not importable by name: several share it)."""
     return SimpleNamespace(
-        rel_rms=rel_rms, grad_leaves=grad_leaves, backward_random=backward_random, assert_all_close=assert_all_close
+        rel_rms=rel_rms, grad_leaves=grad_leaves, backward_random=backward_random, assert_all_close=assert_all_close,
+        hopper_compile=hopper_compile,
     )

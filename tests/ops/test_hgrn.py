@@ -5,8 +5,6 @@ checks also run at real shapes in fp32 and bf16: `pytest tests/ops/test_hgrn.py 
 """
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -150,8 +148,5 @@ def test_gpu_real_shapes(dtype, path, check):
 
 
 @pytest.mark.skipif(os.environ.get("HOPPER_COMPILE") != "1", reason="slow; set HOPPER_COMPILE=1 to run")
-def test_kernels_compile_for_hopper():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = os.path.join(os.path.dirname(__file__), "hopper_compile.py")
-    res = subprocess.run([sys.executable, script, "hgrn"], env=env, capture_output=True, text=True)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+def test_kernels_compile_for_hopper(kernel_check):
+    kernel_check.hopper_compile("hgrn")

@@ -5,7 +5,6 @@ checks also run at real shapes in fp32 and bf16: `pytest tests/ops/test_simple_g
 """
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -162,12 +161,9 @@ def test_gpu_varlen_strong_decay(dtype, check):
 
 
 @pytest.mark.skipif(os.environ.get("HOPPER_COMPILE") != "1", reason="slow; set HOPPER_COMPILE=1 to run")
-def test_kernels_compile_for_hopper():
+def test_kernels_compile_for_hopper(kernel_check):
     """Compile every kernel for sm_90 without a GPU (catches what the interpreter cannot)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = os.path.join(os.path.dirname(__file__), "hopper_compile.py")
-    res = subprocess.run([sys.executable, script, "simple_gla"], env=env, capture_output=True, text=True)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    kernel_check.hopper_compile("simple_gla")
 
 
 def test_bench_ops_smoke():
