@@ -14,7 +14,9 @@ import triton
 import triton.language as tl
 
 from x_transformers.ops.common.bounds import seq_bounds
-from x_transformers.ops.common.utils import check_linear_attn_inputs, default_scale, empty_input_result, use_triton
+from x_transformers.ops.common.utils import (
+    check_linear_attn_inputs, default_scale, empty_input_result, num_seqs, use_triton,
+)
 from x_transformers.ops.gla.chunk import prepare_triton_inputs
 from x_transformers.ops.gla.naive import naive_recurrent_gla
 
@@ -227,14 +229,10 @@ def _blocks(K: int, V: int) -> tuple[int, int]:
     return BK, BV
 
 
-def _n_seqs(q, cu_seqlens) -> int:
-    return q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
-
-
 def fused_recurrent_gla_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
     B, T, H, K = q.shape
     V = v.shape[-1]
-    N = _n_seqs(q, cu_seqlens)
+    N = num_seqs(B, cu_seqlens)
     BK, BV = _blocks(K, V)
     o = torch.empty_like(v)
     ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
@@ -249,7 +247,7 @@ def fused_recurrent_gla_fwd(q, k, v, g, scale, initial_state, output_final_state
 def fused_recurrent_gla_bwd(q, k, v, g, do, dht, ht, scale, initial_state, cu_seqlens):
     B, T, H, K = q.shape
     V = v.shape[-1]
-    N = _n_seqs(q, cu_seqlens)
+    N = num_seqs(B, cu_seqlens)
     BK, BV = _blocks(K, V)
     NV = triton.cdiv(V, BV)
     varlen = cu_seqlens is not None

@@ -215,7 +215,7 @@ def _block_d(D: int, N: int) -> int:
 
 def hgrn_fwd(x, g, h0, output_final_state, cu_seqlens, chunked=None):
     B, T, D = x.shape
-    N = B if cu_seqlens is None else len(cu_seqlens) - 1
+    N = num_seqs(B, cu_seqlens)
     h = torch.empty_like(x)
     ht = x.new_empty(N, D, dtype=torch.float32) if output_final_state else None
     BD = _block_d(D, N)
@@ -242,7 +242,7 @@ def hgrn_fwd(x, g, h0, output_final_state, cu_seqlens, chunked=None):
 
 def hgrn_bwd(g, h, h0, do, dht, cu_seqlens):
     B, T, D = g.shape
-    N = B if cu_seqlens is None else len(cu_seqlens) - 1
+    N = num_seqs(B, cu_seqlens)
     dx, dg = torch.empty_like(h), torch.empty_like(g)
     dh0 = g.new_empty(N, D, dtype=torch.float32) if h0 is not None else None
     BD = _block_d(D, N)

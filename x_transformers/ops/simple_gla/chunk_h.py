@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from x_transformers.ops.common.bounds import seq_chunk_bounds
+from x_transformers.ops.common.utils import num_seqs
 
 
 def tile(n: int, cap: int = 64) -> int:
@@ -104,7 +105,7 @@ def chunk_fwd_h(k, v, gc, h0, output_final_state, cu_seqlens, chunk_offsets, num
     """-> (h [NT_total, H, K, V] in k's dtype, ht [N, H, K, V] fp32 or None)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
-    N = B if cu_seqlens is None else len(cu_seqlens) - 1
+    N = num_seqs(B, cu_seqlens)
     h = k.new_empty(num_chunks, H, K, V)
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
     BK, BV = tile(K), tile(V)
@@ -122,7 +123,7 @@ def chunk_bwd_dh(q, do, gc, dht, scale, need_dh0, cu_seqlens, chunk_offsets, num
     """-> (dh [NT_total, H, K, V] in q's dtype, dh0 [N, H, K, V] fp32 or None)."""
     B, T, H, K = q.shape
     V = do.shape[-1]
-    N = B if cu_seqlens is None else len(cu_seqlens) - 1
+    N = num_seqs(B, cu_seqlens)
     dh = q.new_empty(num_chunks, H, K, V)
     dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if need_dh0 else None
     BK, BV = tile(K), tile(V)

@@ -15,12 +15,11 @@ from torch import Tensor
 from x_transformers.ops.common.bounds import seq_bounds
 from x_transformers.ops.common.chunk_index import last_positions
 from x_transformers.ops.common.cumsum import reverse_cumsum
-from x_transformers.ops.common.utils import check_linear_attn_inputs, default_scale, empty_input_result, use_triton
+from x_transformers.ops.common.utils import (
+    check_linear_attn_inputs, default_scale, empty_input_result, num_seqs, use_triton,
+)
+from x_transformers.ops.simple_gla.chunk_h import tile
 from x_transformers.ops.simple_gla.naive import naive_simple_gla
-
-
-def _tile(n: int) -> int:
-    return max(16, min(64, triton.next_power_of_2(n)))
 
 
 @triton.jit
@@ -158,8 +157,8 @@ def fused_recurrent_bwd_dkv_kernel(
 def fused_recurrent_simple_gla_fwd(q, k, v, g, scale, h0, output_final_state, cu_seqlens):
     B, T, H, K = q.shape
     V = v.shape[-1]
-    N = B if cu_seqlens is None else len(cu_seqlens) - 1
-    BK, BV = _tile(K), _tile(V)
+    N = num_seqs(B, cu_seqlens)
+    BK, BV = tile(K), tile(V)
     NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
     o = q.new_empty(NK, B * T, H, V, dtype=torch.float32)
     ht = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
@@ -176,8 +175,8 @@ def fused_recurrent_simple_gla_fwd(q, k, v, g, scale, h0, output_final_state, cu
 def fused_recurrent_simple_gla_bwd(q, k, v, g, scale, h0, ht, do, dht, cu_seqlens):
     B, T, H, K = q.shape
     V = v.shape[-1]
-    N = B if cu_seqlens is None else len(cu_seqlens) - 1
-    BK, BV = _tile(K), _tile(V)
+    N = num_seqs(B, cu_seqlens)
+    BK, BV = tile(K), tile(V)
     NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
     dq = q.new_empty(NV, B * T, H, K, dtype=torch.float32)
     dk = q.new_empty(NV, B * T, H, K, dtype=torch.float32)
