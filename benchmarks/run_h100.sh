@@ -19,15 +19,16 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, keep the whole log,
 
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/all.log"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/all.log"
-step kernels 280 python3 -m pytest -q -p no:cacheprovider tests/ops -k gpu
-step train_flash 75 python3 benchmarks/bench_train.py "${UP[@]}" --config '{"attn_flash": true}' --json "$OUT/train_flash.json"
-step train_default 75 python3 benchmarks/bench_train.py "${UP[@]}" --json "$OUT/train_default.json"
-step decode 80 python3 benchmarks/bench_fast_decode.py --json "$OUT/fast_decode.json"
-step ops 110 python3 benchmarks/bench_ops.py --seqlens 1024,4096,16384 --no-fla \
+step kernels 240 python3 -m pytest -q -p no:cacheprovider -k gpu tests/ops/test_delta_rule.py \
+    tests/ops/test_gla.py tests/ops/test_hgrn.py tests/ops/test_simple_gla.py
+step ops 80 python3 benchmarks/bench_ops.py --seqlens 1024,4096,16384 --no-fla --warmup 3 --reps 10 \
     --ops sdpa,chunk_simple_gla,chunk_gla,chunk_gated_delta_rule,hgrn_scan --out "$OUT/ops.json"
-step profile_gdn 40 python3 benchmarks/profile_train.py --linear-attn gated_deltanet --seq-len 8192 --batch 2 \
+step decode 70 python3 benchmarks/bench_fast_decode.py --json "$OUT/fast_decode.json"
+step train_flash 60 python3 benchmarks/bench_train.py "${UP[@]}" --config '{"attn_flash": true}' --json "$OUT/train_flash.json"
+step train_default 50 python3 benchmarks/bench_train.py "${UP[@]}" --json "$OUT/train_default.json"
+step profile_gdn 30 python3 benchmarks/profile_train.py --linear-attn gated_deltanet --seq-len 8192 --batch 2 \
     --top 15 --out "$OUT/profile_gdn.json"
-step enwik8 70 torchrun --nproc_per_node 1 train_enwik8.py --num-batches 120 --validate-every 60 \
+step enwik8 50 torchrun --nproc_per_node 1 train_enwik8.py --num-batches 120 --validate-every 60 \
     --generate-every 120 --generate-length 64 --out-dir /tmp/enwik8_gpu
 cp /tmp/enwik8_gpu/metrics.csv "$OUT/enwik8_metrics.csv" 2>/dev/null
 echo "=== done ($(date +%T))"
