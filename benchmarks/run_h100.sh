@@ -14,7 +14,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, keep the whole log,
     local name=$1 limit=$2
     shift 2
     echo "=== $name ($(date +%T))"
-    timeout "$limit" "$@" 2>&1 | tee -a "$OUT/all.log" | grep -E "^\||passed|failed|FAILED|Error|tokens/s|^step" | head -60
+    timeout "$limit" "$@" 2>&1 | tee -a "$OUT/all.log" | grep -E "^\||passed|failed|FAILED|Error|tokens/s|^step"
 }
 
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/all.log"
