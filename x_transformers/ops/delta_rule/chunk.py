@@ -414,8 +414,8 @@ def chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_st
     f32 = dict(device=q.device, dtype=torch.float32)
     # intermediates that only feed tensor-core products are kept in the input dtype (half the traffic for bf16)
     io = dict(device=q.device, dtype=q.dtype)
-    # wide key blocks and 64-step chunks: 8 warps hold them without spilling registers (sm_90 compile check)
-    warps = 8 if BK >= 128 or BT == 64 else 4
+    # wide key blocks: more warps to hold them without spilling registers
+    warps = 8 if BK >= 128 else 4
 
     gc = torch.zeros(B, T, H, **f32)
     A = torch.empty(B, T, H, BT, **io)
@@ -452,8 +452,8 @@ def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, sav
     prec, varlen = _precision(q.dtype), cu_seqlens is not None
     f32 = dict(device=q.device, dtype=torch.float32)
     io = dict(device=q.device, dtype=q.dtype)
-    # wide key blocks and 64-step chunks: 8 warps hold them without spilling registers (sm_90 compile check)
-    warps = 8 if BK >= 128 or BT == 64 else 4
+    # wide key blocks: more warps to hold them without spilling registers
+    warps = 8 if BK >= 128 else 4
     gc, A, w, h, d = saved
 
     dh = torch.empty(NT_total, H, K, V, **io)
