@@ -378,17 +378,6 @@ def _blocks(K, V):
     return BK, BV
 
 
-def _state_bv(BV, V, NH, device):
-    """Value tile of the two sequential state passes. They run one program per (value tile, sequence * head), each
-    walking all chunks in turn, so with few sequences * heads most SMs idle: narrower value tiles (down to 16, the
-    narrowest tensor-core tile) give more programs, each with a shorter serial chain of smaller products. Every tile
-    re-reads the chunk's keys, from L2."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    while BV > 16 and NH * triton.cdiv(V, BV) < sms:
-        BV //= 2
-    return BV
-
-
 def _precision(dtype):
     # fp32 inputs get near-fp32 products from three tf32 passes (tests hold them to 5e-3); bf16/fp16 operands ignore
     # it, only the fp32 products of the triangular solve use tf32 there
@@ -408,7 +397,6 @@ def chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_st
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     BT, (BK, BV) = _chunk_size(q.dtype, K), _blocks(K, V)
     NV = triton.cdiv(V, BV)
-    BV_state = _state_bv(BV, V, N * H, q.device)
     indices, offsets, NT_total, NT_grid = _varlen_meta(cu_seqlens, B, T, BT)
     prec, varlen = _precision(q.dtype), cu_seqlens is not None
     f32 = dict(device=q.device, dtype=torch.float32)
@@ -429,8 +417,8 @@ def chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_st
     h = torch.empty(NT_total, H, K, V, **io)
     d = torch.empty(B, T, H, V, **io)
     ht = torch.empty(N, H, K, V, **f32) if output_final_state else None
-    state_fwd_kernel[(triton.cdiv(V, BV_state), N * H)](
-        k, w, u, gc, h, d, initial_state, ht, cu_seqlens, offsets, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV_state,
+    state_fwd_kernel[(NV, N * H)](
+        k, w, u, gc, h, d, initial_state, ht, cu_seqlens, offsets, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
         USE_G=g is not None, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
         IS_VARLEN=varlen, PREC=prec, num_stages=1, num_warps=warps,
     )
@@ -447,7 +435,7 @@ def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, sav
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     BT, (BK, BV) = _chunk_size(q.dtype, K), _blocks(K, V)
-    BV_state = _state_bv(BV, V, N * H, q.device)
+    NV = triton.cdiv(V, BV)
     indices, offsets, NT_total, NT_grid = _varlen_meta(cu_seqlens, B, T, BT)
     prec, varlen = _precision(q.dtype), cu_seqlens is not None
     f32 = dict(device=q.device, dtype=torch.float32)
@@ -459,8 +447,8 @@ def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, sav
     dh = torch.empty(NT_total, H, K, V, **io)
     dd = torch.empty(B, T, H, V, **io)
     dh0 = torch.empty(N, H, K, V, **f32) if initial_state is not None else None
-    state_bwd_kernel[(triton.cdiv(V, BV_state), N * H)](
-        q, k, w, gc, do, dh, dd, dht, dh0, cu_seqlens, offsets, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV_state,
+    state_bwd_kernel[(NV, N * H)](
+        q, k, w, gc, do, dh, dd, dht, dh0, cu_seqlens, offsets, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
         USE_INITIAL_STATE=initial_state is not None, USE_FINAL_STATE_GRADIENT=dht is not None,
         IS_VARLEN=varlen, PREC=prec, num_stages=1, num_warps=warps,
     )
