@@ -361,7 +361,7 @@ def test_auto_mode_falls_back_to_plain_path_when_fast_path_fails(monkeypatch):
     prompts = torch.randint(0, NUM_TOKENS, (2, 4))
 
     expected = model.generate(prompts, 6, temperature=0.0, fast_decode=False)
-    assert torch.equal(model.generate(prompts, 6, temperature=0.0), expected)
+    assert torch.equal(model.generate(prompts, 6, temperature=0.0, fast_decode=None), expected)
     assert model._fast_decode_failed
 
     # asked for explicitly, the error surfaces

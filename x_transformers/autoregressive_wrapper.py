@@ -336,7 +336,7 @@ class AutoregressiveWrapper(Module):
         filter_kwargs: dict = dict(),
         contrastive_decode_kwargs: dict | tuple[dict] = dict(beta=0.5, alpha=0.1),
         cache_kv=True,
-        fast_decode: bool | str | None = None,
+        fast_decode: bool | str | None = False,  # opt-in until the CUDA-graph path is validated on a GPU (issue 7)
         **kwargs,
     ):
         greedy = temperature == 0.0
