@@ -105,21 +105,10 @@ def main(argv=None):
     logger.info(f"copy task: {args.seq_len} symbols from {args.num_symbols}; model {n_params / 1e6:.2f}M parameters, "
                 f"device {device}, autocast {dtype}, world {dist_info.world_size}")
 
-    model = T.wrap_model(model, dist_info, device, fsdp=args.fsdp)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    plain = T.unwrap(model)
-    train_model = torch.compile(model) if args.compile else model
-
-    ckpt_path = out / "checkpoint.pt"
-    start = 0
-    if args.resume:
-        start = T.resume(ckpt_path, model, optimizer, generators, dist_info)
-        logger.info(f"resumed from {ckpt_path} at step {start}")
-    resume_step = start if args.resume else None
-    metrics = T.Metrics(out / "metrics.csv", METRICS, resume_step=resume_step, enabled=dist_info.is_main)
-
-    def save(step):
-        T.checkpoint(ckpt_path, model, optimizer, step, vars(args), generators, dist_info)
+    # generation and validation run on the plain module (DDP hooks are for training only)
+    model, optimizer, plain, train_model, start, metrics, save = T.prepare_run(
+        model, args, out, generators, METRICS, dist_info, device
+    )
 
     tokens_per_step = args.batch_size * args.grad_accum * (2 * args.seq_len + 1) * dist_info.world_size
     bar = tqdm(range(start, args.num_batches), initial=start, total=args.num_batches, disable=not dist_info.is_main,
@@ -171,7 +160,7 @@ def main(argv=None):
             if T.any_rank(stop.requested, dist_info, device):
                 if not evaluate:
                     save(done)
-                logger.warning(f"stopped at step {done}: checkpoint in {ckpt_path}, continue with --resume")
+                logger.warning(f"stopped at step {done}: checkpoint in {out / 'checkpoint.pt'}, continue with --resume")
                 break
     bar.close()
     if train_time > 0:

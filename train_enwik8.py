@@ -109,22 +109,10 @@ def main(argv=None):
     logger.info(f"model: {n_params / 1e6:.2f}M parameters, device {device}, autocast {dtype}, "
                 f"world {dist_info.world_size}")
 
-    model = T.wrap_model(model, dist_info, device, fsdp=args.fsdp)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     # generation and validation run on the plain module (DDP hooks are for training only)
-    plain = T.unwrap(model)
-    train_model = torch.compile(model) if args.compile else model
-
-    ckpt_path = out / "checkpoint.pt"
-    start = 0
-    if args.resume:
-        start = T.resume(ckpt_path, model, optimizer, generators, dist_info)
-        logger.info(f"resumed from {ckpt_path} at step {start}")
-    resume_step = start if args.resume else None
-    metrics = T.Metrics(out / "metrics.csv", METRICS, resume_step=resume_step, enabled=dist_info.is_main)
-
-    def save(step):
-        T.checkpoint(ckpt_path, model, optimizer, step, vars(args), generators, dist_info)
+    model, optimizer, plain, train_model, start, metrics, save = T.prepare_run(
+        model, args, out, generators, METRICS, dist_info, device
+    )
 
     tokens_per_step = args.batch_size * args.grad_accum * args.seq_len * dist_info.world_size
     bar = tqdm(range(start, args.num_batches), initial=start, total=args.num_batches, disable=not dist_info.is_main,
@@ -175,7 +163,7 @@ def main(argv=None):
             if T.any_rank(stop.requested, dist_info, device):
                 if not (done % args.validate_every == 0 or last):
                     save(done)
-                logger.warning(f"stopped at step {done}: checkpoint in {ckpt_path}, continue with --resume")
+                logger.warning(f"stopped at step {done}: checkpoint in {out / 'checkpoint.pt'}, continue with --resume")
                 break
     bar.close()
     if train_time > 0:

@@ -304,6 +304,29 @@ def resume(path, model, optimizer, generators: dict, dist_info: Dist) -> int:
     return state["step"]
 
 
+def prepare_run(model, args, out: Path, generators: dict, metric_columns: list[str], dist_info: Dist, device):
+    """The setup both training scripts share: wrap the model (DDP / FSDP2), Adam, optional torch.compile, resume from
+    `out/checkpoint.pt`, and the metrics CSV. Returns (model, optimizer, plain, train_model, start, metrics, save):
+    `plain` is the unwrapped module for validation and generation, `save(step)` writes the checkpoint atomically."""
+    model = wrap_model(model, dist_info, device, fsdp=args.fsdp)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    plain = unwrap(model)
+    train_model = torch.compile(model) if args.compile else model
+
+    ckpt_path = out / "checkpoint.pt"
+    start = 0
+    if args.resume:
+        start = resume(ckpt_path, model, optimizer, generators, dist_info)
+        logger.info(f"resumed from {ckpt_path} at step {start}")
+    metrics = Metrics(out / "metrics.csv", metric_columns, resume_step=start if args.resume else None,
+                      enabled=dist_info.is_main)
+
+    def save(step):
+        checkpoint(ckpt_path, model, optimizer, step, vars(args), generators, dist_info)
+
+    return model, optimizer, plain, train_model, start, metrics, save
+
+
 # metrics
 
 
