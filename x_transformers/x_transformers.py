@@ -1078,7 +1078,7 @@ class TransformerWrapper(Module):
         num_output_heads=1,
         use_abs_pos_emb=True,
         scaled_sinu_pos_emb=False,
-        l2norm_embed=False,  # arXiv 2206.04664
+        l2norm_embed=False,  # fixnorm, arXiv 1710.01329
         recycling=False,  # AlphaFold2
         train_max_recycle_steps=4,
         emb_frac_gradient=1.0,  # arXiv 2105.13290
