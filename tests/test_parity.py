@@ -5,13 +5,11 @@ model's kwargs (`spec`), its state dict, inputs and the outputs the release comp
 model, the state dict must load with strict=True, and the outputs must match in fp32 (rtol 1e-4).
 """
 
+import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
-
-import x_transformers
-from x_transformers import x_transformers as xt
 
 FIXTURES = Path(__file__).parent / "fixtures" / "parity"
 NAMES = sorted(path.stem for path in FIXTURES.glob("*.pt"))
@@ -20,34 +18,17 @@ NAMES = sorted(path.stem for path in FIXTURES.glob("*.pt"))
 REQUIRED = {"plain_decoder", "rotary_glu_rmsnorm", "encoder_mask_memory_tokens", "xtransformer", "vit"}
 
 
-def build(spec):
-    kind = spec["kind"]
-    if kind == "xtransformer":
-        return x_transformers.XTransformer(**spec["kwargs"])
-    layers = getattr(xt, spec["layers"])(**{k: v for k, v in spec["layers_kwargs"].items() if v is not None})
-    if kind == "vit":
-        return xt.ViTransformerWrapper(attn_layers=layers, **spec["wrapper_kwargs"])
-    if kind == "layers":
-        return layers
-    return xt.TransformerWrapper(attn_layers=layers, **spec["wrapper_kwargs"])
+def load_fixture_script():
+    """`build` / `run` come from the script that made the fixtures, so both sides build and run models the same way."""
+    path = Path(__file__).resolve().parent.parent / "scripts" / "make_parity_fixtures.py"
+    module_spec = importlib.util.spec_from_file_location("make_parity_fixtures", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
 
 
-def run(model, spec, inputs):
-    kind = spec["kind"]
-    if kind == "xtransformer":
-        enc = model.encoder(inputs["src"], mask=inputs["src_mask"], return_embeddings=True)
-        logits = model.decoder.net(inputs["tgt"], context=enc, context_mask=inputs["src_mask"])
-        return dict(encoding=enc, logits=logits, loss=model(inputs["src"], inputs["tgt"], mask=inputs["src_mask"]))
-    if kind == "vit":
-        logits, embed = model(inputs["img"], return_logits_and_embeddings=True)
-        return dict(logits=logits, embed=embed)
-    if kind == "layers":
-        return dict(out=model(inputs["x"], **{k: v for k, v in inputs.items() if k != "x"}))
-    logits, inter = model(**inputs, return_intermediates=True)
-    out = dict(logits=logits, last_hidden=inter.last_hidden)
-    if inputs.get("return_attn_z_loss"):
-        out.update(attn_z_loss=inter.attn_z_loss)
-    return out
+fixture_script = load_fixture_script()
+build, run = fixture_script.build, fixture_script.run
 
 
 def test_required_fixtures_present():
