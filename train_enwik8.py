@@ -169,7 +169,7 @@ def main(argv=None):
     if train_time > 0:
         logger.info(f"average {train_tokens / train_time:,.0f} tokens/s over {train_tokens:,} training tokens")
     logger.info(f"outputs in {out}: checkpoint.pt, metrics.csv, loss.png")
-    T.cleanup_distributed(dist_info)
+    T.finish(dist_info)
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ import math
 import os
 import random
 import signal
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,18 @@ def setup_distributed(device_name: str | None = None) -> tuple[Dist, torch.devic
 def cleanup_distributed(dist_info: Dist):
     if dist_info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def finish(dist_info: Dist):
+    """End a run once every file is written: tear down the process group, and leave distributed runs through
+    `os._exit`. Freeing a DDP model after its gloo process group can deadlock at interpreter exit (the group's
+    destructor joins a worker thread that waits for the GIL the freeing thread holds), seen on CPU CI runs."""
+    cleanup_distributed(dist_info)
+    if dist_info.enabled:
+        logger.complete()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def setup_logging(dist_info: Dist, write=None):
