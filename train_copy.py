@@ -89,16 +89,8 @@ def make_batch(args, batch_size, generator, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    dist_info, device = T.setup_distributed(args.device)
-    T.setup_logging(dist_info, write=tqdm.write)
-    dtype = T.pick_dtype(args.dtype, device)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
-    T.seed_everything(args.seed)
-    data_gen = torch.Generator().manual_seed(args.seed + dist_info.rank)
-    val_gen = torch.Generator().manual_seed(args.seed + 10_000 + dist_info.rank)
-    generators = dict(train=data_gen, val=val_gen)
+    dist_info, device, dtype, out, generators = T.start_run(args, write=tqdm.write)
+    data_gen, val_gen = generators["train"], generators["val"]
 
     model = XTransformer(**model_kwargs(args)).to(device)
     n_params = sum(p.numel() for p in model.parameters())

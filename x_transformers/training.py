@@ -317,6 +317,23 @@ def resume(path, model, optimizer, generators: dict, dist_info: Dist) -> int:
     return state["step"]
 
 
+def start_run(args, write=None):
+    """The start both training scripts share: process group and device, rank-0 logging, autocast dtype, output
+    folder, and seeds - the same on every rank for identical initial weights, while the train / validation data
+    streams (`generators`) differ per rank. Returns (dist_info, device, dtype, out, generators)."""
+    dist_info, device = setup_distributed(args.device)
+    setup_logging(dist_info, write=write)
+    dtype = pick_dtype(args.dtype, device)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(args.seed)
+    generators = dict(
+        train=torch.Generator().manual_seed(args.seed + dist_info.rank),
+        val=torch.Generator().manual_seed(args.seed + 10_000 + dist_info.rank),
+    )
+    return dist_info, device, dtype, out, generators
+
+
 def prepare_run(model, args, out: Path, generators: dict, metric_columns: list[str], dist_info: Dist, device):
     """The setup both training scripts share: wrap the model (DDP / FSDP2), Adam, optional torch.compile, resume from
     `out/checkpoint.pt`, and the metrics CSV. Returns (model, optimizer, plain, train_model, start, metrics, save):
