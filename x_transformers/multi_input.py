@@ -3,15 +3,14 @@ its own embedding summed into one, and its own output head."""
 
 from __future__ import annotations
 
-import math
-
 import torch
-from einops import rearrange, repeat, pack, unpack
 from torch import nn, Tensor
 from torch.nn import Module, ModuleDict
 
-from x_transformers.utils import exists, default, pad_at_dim
+from x_transformers.utils import exists, default
 from x_transformers.x_transformers import (
+    add_memory_tokens,
+    remove_memory_tokens,
     AttentionLayers,
     Decoder,
     ScaledSinusoidalEmbedding,
@@ -164,20 +163,9 @@ class MultiInputTransformerWrapper(Module):
         mem_every = self.memory_tokens_interspersed_every
 
         if has_memory_tokens:
-            if exists(mem_every):
-                assert isinstance(self.attn_layers, Decoder), "interspersed memory tokens are for decoders only"
-                padded_len = math.ceil(n / mem_every) * mem_every
-                x = pad_at_dim(x, (0, padded_len - n), dim=-2, value=0.0)
-                x = rearrange(x, "b (n m) d -> (b n) m d", m=mem_every)
-
-            memory = repeat(self.memory_tokens, "n d -> b n d", b=x.shape[0])
-            x, mem_packed_shape = pack((memory, x), "b * d")
-
-            if not exists(mem_every) and exists(mask):
-                mask = pad_at_dim(mask, (num_mems, 0), dim=-1, value=True)
-
-            if exists(mem_every):
-                x = rearrange(x, "(b n) m d -> b (n m) d", b=b)
+            x, mask, mem_packed_shape = add_memory_tokens(
+                x, self.memory_tokens, mask, mem_every, isinstance(self.attn_layers, Decoder)
+            )
 
         if self.shift_mem_down and exists(mems):
             mems = [*mems[self.shift_mem_down :], *mems[: self.shift_mem_down]]
@@ -194,16 +182,7 @@ class MultiInputTransformerWrapper(Module):
         )
 
         if has_memory_tokens:
-            if exists(mem_every):
-                x = rearrange(x, "b (n m) d -> (b n) m d", m=mem_every + num_mems)
-
-            memory, x = unpack(x, mem_packed_shape, "b * d")
-            intermediates.memory_tokens = memory
-
-            if exists(mem_every):
-                x = rearrange(x, "(b n) m d -> b (n m) d", b=b)
-
-            x = x[:, :n]
+            x, intermediates.memory_tokens = remove_memory_tokens(x, mem_packed_shape, num_mems, mem_every, n)
 
         if not return_embeddings:
             logits = {name: to_logits(x) for name, to_logits in self.to_logits.items()}

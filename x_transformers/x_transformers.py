@@ -204,6 +204,38 @@ class ConcatCombine(Module):
         return self.combine(cat((skip, x), dim=-1))
 
 
+def add_memory_tokens(x, memory_tokens, mask, mem_every, is_decoder):
+    """Learned memory tokens (arXiv:2006.11527) in front of the sequence, or in front of every `mem_every` tokens
+    (decoders only). Returns (x, mask, packed_shape) - `remove_memory_tokens` takes them out again."""
+    b, n = x.shape[:2]
+    if exists(mem_every):
+        assert mem_every > 0
+        assert is_decoder, "interspersed memory tokens are only for Decoder"
+        x = pad_at_dim(x, (0, math.ceil(n / mem_every) * mem_every - n), dim=-2, value=0.0)
+        x = rearrange(x, "b (n m) d -> (b n) m d", m=mem_every)
+
+    mem = repeat(memory_tokens, "n d -> b n d", b=x.shape[0])
+    x, packed_shape = pack((mem, x), "b * d")
+
+    if not exists(mem_every) and exists(mask):
+        mask = pad_at_dim(mask, (memory_tokens.shape[0], 0), dim=-1, value=True)
+
+    if exists(mem_every):
+        x = rearrange(x, "(b n) m d -> b (n m) d", b=b)
+    return x, mask, packed_shape
+
+
+def remove_memory_tokens(x, packed_shape, num_mems, mem_every, seq_len):
+    """Undo `add_memory_tokens`: returns (x of length `seq_len`, the memory tokens' outputs)."""
+    b = x.shape[0]
+    if exists(mem_every):
+        x = rearrange(x, "b (n m) d -> (b n) m d", m=mem_every + num_mems)
+    mem, x = unpack(x, packed_shape, "b * d")
+    if exists(mem_every):
+        x = rearrange(x, "(b n) m d -> b (n m) d", b=b)
+    return x[:, :seq_len], mem
+
+
 def _accepted_kwargs(fn):
     """Names `fn` accepts, or None when it takes **kwargs (then anything goes)."""
     params = inspect.signature(fn).parameters.values()
@@ -1323,22 +1355,9 @@ class TransformerWrapper(Module):
         if has_memory_tokens:
             mem_seq = x.shape[-2]
             mem_every = self.memory_tokens_interspersed_every
-
-            if exists(mem_every):
-                assert mem_every > 0
-                assert isinstance(self.attn_layers, Decoder), "interspersed memory tokens are only for Decoder"
-                next_seq_len = math.ceil(n / mem_every) * mem_every
-                x = pad_at_dim(x, (0, next_seq_len - n), dim=-2, value=0.0)
-                x = rearrange(x, "b (n m) d -> (b n) m d", m=mem_every)
-
-            mem = repeat(self.memory_tokens, "n d -> b n d", b=x.shape[0])
-            x, mem_packed_shape = pack((mem, x), "b * d")
-
-            if not exists(mem_every) and exists(mask):
-                mask = pad_at_dim(mask, (num_mems, 0), dim=-1, value=True)
-
-            if exists(mem_every):
-                x = rearrange(x, "(b n) m d -> b (n m) d", b=b)
+            x, mask, mem_packed_shape = add_memory_tokens(
+                x, self.memory_tokens, mask, mem_every, isinstance(self.attn_layers, Decoder)
+            )
 
         # Transformer-XL memories, optionally rotated down by `shift_mem_down` layers (enhanced recurrence)
         if self.shift_mem_down and exists(mems):
@@ -1367,16 +1386,7 @@ class TransformerWrapper(Module):
 
         # strip the memory tokens back out
         if has_memory_tokens:
-            if exists(mem_every):
-                x = rearrange(x, "b (n m) d -> (b n) m d", m=(mem_every + num_mems))
-
-            mem, x = unpack(x, mem_packed_shape, "b * d")
-            intermediates.memory_tokens = mem
-
-            if exists(mem_every):
-                x = rearrange(x, "(b n) m d -> b (n m) d", b=b)
-
-            x = x[:, :mem_seq]
+            x, intermediates.memory_tokens = remove_memory_tokens(x, mem_packed_shape, num_mems, mem_every, mem_seq)
 
         # pooling - average, cls tokens, or attention from learned queries
         if self.average_pool_embed:
