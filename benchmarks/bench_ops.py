@@ -48,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--no-fla", action="store_true", help="skip fla even when it is importable")
     p.add_argument("--no-backward", action="store_true", help="forward timings only")
     p.add_argument("--out", default=None, help="write the result rows as JSON here")
+    p.add_argument("--profile", action="store_true", help="also print each kernel's device time per fwd+bwd (GPU)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, one rep: checks the script runs (CPU ok)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -164,6 +165,20 @@ def timed(fn, warmup, reps, device):
     return statistics.median(times)
 
 
+def kernel_times(fn, reps):
+    """{kernel name: device microseconds per call of fn}, the 12 largest, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    return {e.key[:80]: round(e.self_device_time_total / reps, 1) for e in events[:12]}
+
+
 def bench_case(op, impl, B, T, args, dtype, device):
     row = dict(op=op, impl=impl, B=B, T=1 if op.startswith("fused_recurrent") else T, H=args.heads, D=args.head_dim,
                dtype=args.dtype, device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
@@ -195,6 +210,9 @@ def bench_case(op, impl, B, T, args, dtype, device):
                 torch.cuda.synchronize()
                 row["peak_mib"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
             row["fwd_bwd_ms"] = timed(fwd_bwd, args.warmup, args.reps, device)
+            if args.profile and device == "cuda":
+                row["kernels_us"] = kernel_times(fwd_bwd, args.reps)
+                log("\n".join(f"    {us:9.1f} us  {name}" for name, us in row["kernels_us"].items()))
     except Exception as e:  # one failing op (OOM, missing fla kernel) must not stop the sweep
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     finally:

@@ -71,14 +71,16 @@ def main():
             torch.cuda.synchronize()
     step_ms = (time.perf_counter() - t0) / args.steps * 1e3
 
+    # torch >= 2.4 names the device column self_device_time_total (self_cuda_time_total is gone from the averages)
     sort_key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
     print(f"step {step_ms:.1f} ms (under the profiler), {args.batch * args.seq_len / step_ms * 1e3:,.0f} tokens/s")
     print(prof.key_averages().table(sort_by=sort_key, row_limit=args.top, max_name_column_width=70))
 
     if args.out:
         rows = []
-        for e in sorted(prof.key_averages(), key=lambda e: getattr(e, sort_key.replace("_total", "_total")), reverse=True)[: args.top]:
-            device_us = getattr(e, "self_device_time_total", 0) if cuda else e.self_cpu_time_total
+        for e in sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)[: args.top]:
+            device_us = getattr(e, attr)
             rows.append(dict(name=e.key, calls=e.count, self_us_per_step=device_us / args.steps))
         with open(args.out, "w") as f:
             json.dump(dict(args=vars(args), step_ms=step_ms, top=rows), f, indent=2)
