@@ -1,0 +1,135 @@
+"""Mixer outputs, gradients, padded outputs and decode states stay pinned while their PyTorch glue is rewritten.
+
+tests/fixtures/mixers/glue.pt was computed by the mixers as they stood before the glue rewrite (issue 7), fp32 on
+CPU. Regenerate it only on purpose, for a change that is meant to alter the numbers:
+
+    /work/venv/bin/python tests/test_mixers_glue.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from x_transformers.mixers import make_mixer
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "mixers" / "glue.pt"
+DIM, HEADS, BATCH, SEQ, PROMPT, PAD = 32, 2, 2, 21, 5, 3
+
+# (case name, mixer name, kwargs): every mixer's defaults plus the branches its glue takes
+CASES = [
+    ("linear", "linear", {}),
+    ("linear_softmax_conv", "linear", dict(feature_map="softmax", use_short_conv=True)),
+    ("linear_bidirectional", "linear", dict(causal=False)),
+    ("retnet", "retnet", {}),
+    ("retnet_no_rotary", "retnet", dict(rotary=False)),
+    ("lightning", "lightning", {}),
+    ("gla", "gla", {}),
+    ("gla_conv", "gla", dict(use_short_conv=True)),
+    ("hgrn2", "hgrn2", {}),
+    ("hgrn2_lower_bound", "hgrn2", dict(lower_bound=0.3, output_gate="sigmoid")),
+    ("deltanet", "deltanet", {}),
+    ("deltanet_no_conv", "deltanet", dict(use_short_conv=False, output_gate="swish")),
+    ("gated_deltanet", "gated_deltanet", {}),
+    ("gated_deltanet_plain_out", "gated_deltanet", dict(output_norm=False, output_gate=None, conv_size=2)),
+    ("mamba2", "mamba2", dict(d_state=8)),
+    ("mingru", "mingru", {}),
+    ("mingru_expanded", "mingru", dict(expansion_factor=1.5)),
+    ("hgrn", "hgrn", {}),
+    ("hgrn_lower_bound", "hgrn", dict(lower_bound=0.3)),
+    ("rwkv6", "rwkv6", {}),
+    ("based", "based", {}),
+    ("based_bidirectional", "based", dict(causal=False)),
+    ("gateloop", "gateloop", {}),
+]
+
+
+def build(name, kwargs):
+    kwargs = dict(kwargs)
+    causal = kwargs.pop("causal", True)
+    torch.manual_seed(0)
+    mixer = make_mixer(name, dim=DIM, heads=HEADS, causal=causal, **kwargs).eval()
+    # move every parameter off its init (some start at zero or one) so each path carries a gradient
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return mixer
+
+
+def inputs():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(BATCH, SEQ, DIM, generator=gen)
+    pad = torch.randn(BATCH, PAD, DIM, generator=gen)
+    weight = torch.randn(BATCH, SEQ, DIM, generator=gen)
+    return x, pad, weight
+
+
+def run(mixer):
+    """Everything the fixture pins for one mixer."""
+    x, pad, weight = inputs()
+    x = x.clone().requires_grad_()
+    out = mixer(x)
+    (out * weight).sum().backward()
+    result = dict(out=out.detach(), dx=x.grad)
+    result.update({f"grad.{n}": p.grad for n, p in mixer.named_parameters()})
+    mixer.zero_grad(set_to_none=True)
+
+    with torch.no_grad():
+        x = x.detach()
+        # left padding, second row only
+        padded = torch.cat((pad, x), dim=1)
+        mask = torch.ones(BATCH, PAD + SEQ, dtype=torch.bool)
+        mask[1, :PAD] = False
+        result["padded_out"] = mixer(padded, mask=mask)
+
+        if mixer.causal:
+            out, cache = mixer(x[:, :PROMPT], return_intermediates=True)
+            steps = [out]
+            for t in range(PROMPT, PROMPT + 4):
+                out, cache = mixer(x[:, t : t + 1], cache=cache, return_intermediates=True)
+                steps.append(out)
+            result["stepped_out"] = torch.cat(steps, dim=1)
+            for i, s in enumerate(cache.recurrent_state):
+                result[f"state.{i}"] = s
+    return result
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-12)).item()
+
+
+@pytest.fixture(scope="module")
+def fixture():
+    return torch.load(FIXTURE, weights_only=True)
+
+
+@pytest.mark.parametrize("case", [c[0] for c in CASES])
+def test_mixer_matches_pre_rewrite_fixture(case, fixture):
+    _, name, kwargs = next(c for c in CASES if c[0] == case)
+    mixer = build(name, kwargs)
+    mixer.load_state_dict(fixture[case]["state_dict"], strict=True)
+    expected = fixture[case]["result"]
+    got = run(mixer)
+    assert sorted(got) == sorted(expected)
+    for key, ref in expected.items():
+        if ref is None:
+            assert got[key] is None, key
+            continue
+        assert got[key].dtype == ref.dtype and got[key].shape == ref.shape, key
+        assert rel_err(got[key], ref) < 1e-5, f"{case}: {key} moved by {rel_err(got[key], ref):.2e}"
+
+
+def write_fixture():
+    data = {}
+    for case, name, kwargs in CASES:
+        mixer = build(name, kwargs)
+        data[case] = dict(state_dict=mixer.state_dict(), result=run(mixer))
+    FIXTURE.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(data, FIXTURE)
+    print(f"wrote {FIXTURE} ({FIXTURE.stat().st_size / 1024:.0f} KiB, {len(data)} cases)")
+
+
+if __name__ == "__main__":
+    write_fixture()
