@@ -63,6 +63,11 @@ def align_right(t: Tensor, lens: Tensor, pad_id=0):
     return t[rows, cols]
 
 
+def on_cuda(t: Tensor) -> bool:
+    # the one place fast decoding's auto mode looks at the device (tests pretend to be on CUDA through it)
+    return t.device.type == "cuda"
+
+
 # decode cache surgery - the cache is a `LayerIntermediates`; every tensor it carries for decoding is batch-first
 
 
@@ -284,7 +289,7 @@ class AutoregressiveWrapper(Module):
         if not (fast_decode is None or fast_decode is True or fast_decode in MODES):
             raise ValueError(f"fast_decode must be None, True, False or one of {MODES}, got {fast_decode!r}")
 
-        is_cuda = prompts.device.type == "cuda"
+        is_cuda = on_cuda(prompts)
         ok, reason = supports(self.net)
         has_attention = ok and "a" in self.net.attn_layers.layer_types
         # the plain path slides a window once past max_seq_len, re-rotating cached keys; the static cache does not.
@@ -313,8 +318,15 @@ class AutoregressiveWrapper(Module):
                 )
 
         if fast_decode is None:
-            auto_ok = ok and is_cuda and not self.__dict__.get("_fast_decode_failed", False)
-            return "graph" if auto_ok else None
+            # auto - CUDA graphs need CUDA; on CPU the plain path stays as it was
+            if not is_cuda:
+                return None
+            failed = self.__dict__.get("_fast_decode_failed", False)
+            if failed or not ok:
+                reason = "it failed earlier on this wrapper" if failed else reason
+                logger.debug(f"fast decoding off, decoding on the plain cached path: {reason}")
+                return None
+            return "graph"
         if not ok:
             raise ValueError(reason)
         if fast_decode is True:
@@ -336,9 +348,18 @@ class AutoregressiveWrapper(Module):
         filter_kwargs: dict = dict(),
         contrastive_decode_kwargs: dict | tuple[dict] = dict(beta=0.5, alpha=0.1),
         cache_kv=True,
-        fast_decode: bool | str | None = False,  # opt-in until the CUDA-graph path is validated on a GPU (issue 7)
+        fast_decode: bool | str | None = None,  # None: on CUDA when supported; True: forced; False: plain path
         **kwargs,
     ):
+        """`seq_len` new tokens (b, seq_len) after `prompts`, sampled at `temperature` (0: greedy).
+
+        fast_decode - a static kv cache written in place and a CUDA-graph decode step (x_transformers/fast_decode.py,
+        issue 7): None (default) uses it on CUDA whenever the configuration is supported (`fast_decode.supports`)
+        and decodes on the plain cached path otherwise, saying why in a debug log; True forces it (on CPU as an
+        eager static-cache step) and raises a ValueError naming what is unsupported; 'eager', 'graph' or 'compile'
+        pick the step; False keeps the plain path. Greedy tokens equal the plain path's (exactly in fp32); sampling
+        draws from the same distribution through another random stream.
+        """
         greedy = temperature == 0.0
         filter_logits_fn = _resolve_filter(filter_logits_fn)
 

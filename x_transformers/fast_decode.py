@@ -333,9 +333,19 @@ class FastDecoder:
         k_buffer.index_copy_(2, self.pos, k.to(k_buffer.dtype))
         v_buffer.index_copy_(2, self.pos, v.to(v_buffer.dtype))
 
-        # grouped kv heads - query head h reads kv head h % kv_heads: fold the groups into the query length, so
-        # every kv head is read once and never copied
-        q = rearrange(q, "b (g h) 1 d -> b h g d", h=k_buffer.shape[1]).to(k_buffer.dtype)
+        q = q.to(k_buffer.dtype)
+        if not attn.attend.flash:
+            # the model's own math attention over the whole buffer, future columns masked out: the arithmetic of the
+            # plain path (bf16 logits, fp32 softmax under autocast), bit for bit on CPU, so that half-precision
+            # greedy decoding emits the plain path's tokens rather than flipping its many near-ties
+            out, _ = attn.attend(q, k_buffer, v_buffer, mask=keep)
+            out = rearrange(out, "b h 1 d -> b 1 (h d)")
+            return attn.to_out(out)
+
+        # attn_flash: SDPA, as the plain path, though under a mask it picks another kernel than the plain path's
+        # unmasked call. Grouped kv heads - query head h reads kv head h % kv_heads: the groups fold into the query
+        # length, so every kv head is read once and never copied
+        q = rearrange(q, "b (g h) 1 d -> b h g d", h=k_buffer.shape[1])
         scale = attn.attend.scale if exists(attn.attend.scale) else q.shape[-1] ** -0.5
         out = F.scaled_dot_product_attention(q, k_buffer, v_buffer, attn_mask=keep, scale=scale)
         out = rearrange(out, "b h g d -> b 1 (g h d)")
