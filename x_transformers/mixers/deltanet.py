@@ -9,7 +9,16 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from x_transformers.mixers.base import HeadOutput, Mixer, QKVProjection, masked_fill_zero, pick_state, run_kernel
+from x_transformers.mixers.base import (
+    HeadOutput,
+    Mixer,
+    QKVProjection,
+    autocast_input,
+    l2_normalize,
+    masked_fill_zero,
+    pick_state,
+    run_kernel,
+)
 from x_transformers.ops import chunk_delta_rule, fused_recurrent_delta_rule
 
 
@@ -30,11 +39,11 @@ class DeltaNet(Mixer):
         return None
 
     def mix(self, x, mask, state, want_state):
-        x = masked_fill_zero(x, mask)
+        x = masked_fill_zero(autocast_input(x), mask)
         q, k, v, conv_state = self.qkv(x, pick_state(state, 1))
         if self.qkv.conv is None:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        q, k = l2_normalize(q), l2_normalize(k)
         beta = self.to_beta(x).float().sigmoid()
         g = self.log_gate(x)
         k, v, beta, g = (masked_fill_zero(t, mask) for t in (k, v, beta, g))

@@ -1,0 +1,221 @@
+"""Count the PyTorch glue ops of one linear-attention mixer block: one forward + backward under bf16 autocast.
+
+    python benchmarks/count_mixer_ops.py                                  # the six main mixers, 2 x 256, dim 512
+    python benchmarks/count_mixer_ops.py --mixers gated_deltanet --ops    # per-op table
+    python benchmarks/count_mixer_ops.py --time --json counts.json        # also CPU fwd+bwd ms, JSON out
+
+Every aten op below autograd is seen by a TorchDispatchMode. The recurrence itself (the `x_transformers.ops`
+call: Triton on a GPU, a chunked PyTorch path on CPU) runs in a region of its own, forward and backward, so its
+ops are counted apart from the mixer's glue: projections, norms, gates, casts, layout copies. The glue counts are
+what a GPU launches around the kernels; the `.contiguous()` the Triton launchers apply to their inputs is counted
+as glue too. "bytes" is the size of every op's outputs, a rough estimate of memory traffic; view ops launch no
+kernel and are left out of both columns (they are listed with --ops).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from collections import Counter, defaultdict
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import x_transformers.mixers as mixers_pkg
+from x_transformers.mixers import MIXERS, make_mixer
+
+KERNELS = ("chunk_delta_rule", "fused_recurrent_delta_rule", "chunk_simple_gla", "fused_recurrent_simple_gla",
+           "chunk_gla", "fused_recurrent_gla", "hgrn_scan")
+MATMULS = {"mm", "addmm", "bmm", "matmul", "linear", "_efficient_attention_forward"}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts calls and output bytes per aten op, in the region ('glue' or 'kernel') that is current."""
+
+    def __init__(self):
+        super().__init__()
+        self.region = "glue"
+        self.calls = defaultdict(Counter)
+        self.bytes = defaultdict(Counter)
+        self.views = Counter()
+
+    @contextlib.contextmanager
+    def within(self, region):
+        prev, self.region = self.region, region
+        try:
+            yield
+        finally:
+            self.region = prev
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if func.is_view or name in ("detach", "alias", "lift_fresh", "_unsafe_view"):
+            self.views[name] += 1
+            return out
+        self.calls[self.region][name] += 1
+        self.bytes[self.region][name] += sum(
+            t.numel() * t.element_size() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)
+        )
+        return out
+
+
+COUNTER: OpCounter | None = None
+
+
+def region(name):
+    return COUNTER.within(name) if COUNTER is not None else contextlib.nullcontext()
+
+
+class KernelRegion(torch.autograd.Function):
+    """Runs a kernel call with its forward and backward ops counted in the 'kernel' region."""
+
+    @staticmethod
+    def forward(ctx, fn, kwargs, tensor_kwargs, *args):
+        with region("kernel"), torch.enable_grad():
+            leaves = [a.detach().requires_grad_(a.requires_grad) if torch.is_tensor(a) else a for a in args]
+            n = len(leaves) - len(tensor_kwargs)
+            o, state = fn(*leaves[:n], **kwargs, **dict(zip(tensor_kwargs, leaves[n:])))
+            # the Triton launchers return a contiguous output in the value's dtype
+            value = leaves[0] if fn.__name__ == "hgrn_scan" else leaves[2]
+            o = o.to(value.dtype).contiguous()
+        ctx.leaves, ctx.outputs = leaves, (o,)
+        return o.detach(), state.detach() if state is not None else None
+
+    @staticmethod
+    def backward(ctx, do, dstate):
+        # the Triton backward makes the incoming gradient contiguous, outside any kernel
+        do = do.contiguous()
+        with region("kernel"):
+            inputs = [a for a in ctx.leaves if torch.is_tensor(a) and a.requires_grad]
+            grads = iter(torch.autograd.grad(ctx.outputs, inputs, (do,), allow_unused=True))
+            # and contiguous gradients in the inputs' dtypes
+            out = [next(grads) if torch.is_tensor(a) and a.requires_grad else None for a in ctx.leaves]
+            out = [d.to(a.dtype).contiguous() if d is not None else None for a, d in zip(ctx.leaves, out)]
+        return (None, None, None, *out)
+
+
+def counted_kernel(fn):
+    def call(*args, **kwargs):
+        # what the Triton launchers do with their inputs before the kernels see them
+        args = [a.contiguous() if torch.is_tensor(a) else a for a in args]
+        tensor_kwargs = {k: v.contiguous() for k, v in kwargs.items() if torch.is_tensor(v)}
+        kwargs = {k: v for k, v in kwargs.items() if k not in tensor_kwargs}
+        return KernelRegion.apply(fn, kwargs, tuple(tensor_kwargs), *args, *tensor_kwargs.values())
+
+    call.__name__ = fn.__name__
+    return call
+
+
+def patch_kernels():
+    """Route every kernel the mixer modules imported through KernelRegion."""
+    for module_path, _ in MIXERS.values():
+        module = sys.modules.get(module_path) or __import__(module_path, fromlist=["_"])
+        for name in KERNELS:
+            fn = getattr(module, name, None)
+            if fn is not None and not getattr(fn, "_counted", False):
+                wrapped = counted_kernel(fn)
+                wrapped._counted = True
+                setattr(module, name, wrapped)
+
+
+def fwd_bwd(mixer, x, grad):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        # a view, as inside a model the input is no leaf: autocast caches the casts of leaves only
+        out = mixer(x.view_as(x))
+    out.backward(grad)
+
+
+def count(name, args):
+    global COUNTER
+    torch.manual_seed(0)
+    mixer = make_mixer(name, dim=args.dim, heads=args.heads)
+    x = torch.randn(args.batch, args.seq_len, args.dim, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        dtype = mixer(x[:, :2]).dtype
+    grad = torch.randn(args.batch, args.seq_len, args.dim, dtype=dtype)
+    fwd_bwd(mixer, x, grad)  # warm-up: lazily built buffers are not part of a step
+    mixer.zero_grad(set_to_none=True)
+    x.grad = None
+    COUNTER = OpCounter()
+    with COUNTER:
+        fwd_bwd(mixer, x, grad)
+    counter, COUNTER = COUNTER, None
+    glue, kernel = counter.calls["glue"], counter.calls["kernel"]
+    glue_bytes = counter.bytes["glue"]
+    result = dict(
+        mixer=name,
+        glue_ops=sum(glue.values()),
+        glue_elementwise_ops=sum(v for k, v in glue.items() if k not in MATMULS),
+        glue_matmuls=sum(v for k, v in glue.items() if k in MATMULS),
+        glue_mb=sum(glue_bytes.values()) / 2**20,
+        glue_elementwise_mb=sum(v for k, v in glue_bytes.items() if k not in MATMULS) / 2**20,
+        kernel_ops_cpu_path=sum(kernel.values()),
+        views=sum(counter.views.values()),
+        ops={k: dict(calls=v, mb=round(glue_bytes[k] / 2**20, 3)) for k, v in glue.most_common()},
+    )
+    if args.time:
+        result["cpu_fwd_bwd_ms"] = time_fwd_bwd(mixer, x, grad, args.repeats)
+    return result
+
+
+def time_fwd_bwd(mixer, x, grad, repeats):
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        fwd_bwd(mixer, x, grad)
+        times.append((time.perf_counter() - start) * 1e3)
+        mixer.zero_grad(set_to_none=True)
+        x.grad = None
+    return round(sorted(times[1:])[len(times[1:]) // 2], 2)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mixers", nargs="+", default=["gated_deltanet", "deltanet", "gla", "retnet", "mamba2", "hgrn2"])
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--ops", action="store_true", help="print the per-op table of every mixer")
+    p.add_argument("--time", action="store_true", help="also time one CPU fwd+bwd (median, bf16 autocast)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", default=None, help="write the results here as JSON")
+    args = p.parse_args()
+
+    torch.set_num_threads(torch.get_num_threads())
+    patch_kernels()
+    results = [count(name, args) for name in args.mixers]
+
+    for r in results:
+        if args.ops:
+            print(f"\n{r['mixer']}: glue ops of one fwd+bwd (B={args.batch}, T={args.seq_len}, dim={args.dim})")
+            print(f"  {'op':<34}{'calls':>7}{'MB out':>10}")
+            for op, v in r["ops"].items():
+                print(f"  {op:<34}{v['calls']:>7}{v['mb']:>10.2f}")
+    print(f"\nB={args.batch} T={args.seq_len} dim={args.dim} heads={args.heads}, bf16 autocast, one fwd+bwd, "
+          f"glue = every op outside the recurrence kernel (x_transformers from {mixers_pkg.__file__})")
+    header = f"{'mixer':<16}{'glue ops':>9}{'elementwise':>12}{'matmuls':>8}{'glue MB':>9}{'elemwise MB':>12}"
+    header += f"{'cpu ms':>8}" if args.time else ""
+    print(header)
+    for r in results:
+        line = f"{r['mixer']:<16}{r['glue_ops']:>9}{r['glue_elementwise_ops']:>12}{r['glue_matmuls']:>8}"
+        line += f"{r['glue_mb']:>9.1f}{r['glue_elementwise_mb']:>12.1f}"
+        line += f"{r['cpu_fwd_bwd_ms']:>8.1f}" if args.time else ""
+        print(line)
+    payload = dict(
+        benchmark="count_mixer_ops", torch=torch.__version__, dim=args.dim, heads=args.heads, batch=args.batch,
+        seq_len=args.seq_len, results=results,
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=2)
+    print(json.dumps([{k: v for k, v in r.items() if k != "ops"} for r in results]))
+
+
+if __name__ == "__main__":
+    main()
