@@ -118,10 +118,14 @@ def single_token(dtype):
 
 
 def delta_rule(dtype):
+    from x_transformers.ops.delta_rule import chunk as chunk_module
     from x_transformers.ops.delta_rule.chunk import ChunkDeltaRuleFunction
     from x_transformers.ops.delta_rule.fused_recurrent import FusedRecurrentDeltaRuleFunction
 
-    for K, V, H, varlen in ((64, 64, 2, False), (128, 128, 2, False), (64, 64, 16, True), (100, 64, 2, True)):
+    # the state passes pick their value tile from the SM count: pretend to be an H100 (132 SMs)
+    chunk_module._sm_count = lambda index: 132
+    cases = ((64, 64, 2, False), (128, 128, 2, False), (64, 64, 16, True), (100, 64, 2, True), (128, 128, 16, False))
+    for K, V, H, varlen in cases:
         T = 300
         cu = torch.tensor([0, 100, 100, T]) if varlen else None
         N = 3 if varlen else 1
@@ -132,9 +136,12 @@ def delta_rule(dtype):
         h0 = torch.randn(N, H, K, V, requires_grad=True)
         for fn in (ChunkDeltaRuleFunction, FusedRecurrentDeltaRuleFunction):
             for gate in (g, None):
-                o, ht = fn.apply(q, k, v, beta, gate, K**-0.5, h0, True, cu)
-                # the intercepted launches leave garbage in the outputs; only the backward launches matter here
-                torch.autograd.grad(o.float().sum() + ht.sum(), [q, k, v, beta, h0])
+                # with and without initial / final state: each flag combination is its own compiled kernel
+                for state in (h0, None):
+                    o, ht = fn.apply(q, k, v, beta, gate, K**-0.5, state, state is not None, cu)
+                    # the intercepted launches leave garbage in the outputs; only the backward launches matter here
+                    loss = o.float().sum() + (ht.sum() if ht is not None else 0)
+                    torch.autograd.grad(loss, [q, k, v, beta])
 
 
 FAMILIES = {"simple_gla": simple_gla, "hgrn": hgrn, "single_token": single_token, "delta_rule": delta_rule}

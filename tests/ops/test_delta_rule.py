@@ -208,3 +208,11 @@ def test_gpu_real_shapes(path, case, dtype):
     inputs = make_inputs(B, T, H, K, V, num_seqs=None if cu is None else len(cu) - 1)
     cu = None if cu is None else torch.tensor(cu, device=DEVICE)
     check(PATHS[path], inputs, dtype=dtype, cu_seqlens=cu)
+
+
+@pytest.mark.skipif(not CUDA, reason="real shapes need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("gate", [True, False], ids=["gated", "plain"])
+def test_gpu_benchmark_shape(gate, dtype):
+    # the benchmark's shape and flags: no initial state, no final state (so no dht), 64 sequences * heads
+    check(chunk_delta_rule, make_inputs(4, 4096, 16, 128, 128, gate=gate, h0=False), dtype=dtype, final_state=False)

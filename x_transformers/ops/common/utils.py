@@ -69,7 +69,7 @@ def default_scale(q: Tensor, scale: float | None) -> float:
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
-def check_linear_attn_inputs(where, q, k, v, g, initial_state, cu_seqlens, *, g_per_channel: bool):
+def check_linear_attn_inputs(where, q, k, v, g, initial_state, cu_seqlens, *, g_per_channel: bool, same_dtype=True):
     """Validate a `[B, T, H, *]` linear-attention call (simple_gla, gla); returns (B, T, H, K, V, N).
 
     g is the log decay: [B, T, H] and optional (simple_gla), or [B, T, H, K] and required (`g_per_channel`, gla)."""
@@ -84,11 +84,25 @@ def check_linear_attn_inputs(where, q, k, v, g, initial_state, cu_seqlens, *, g_
     check_shape("k", k, (B, T, H, K), where)
     check_shape("v", v, (B, T, H, None), where)
     check_shape("g", g, (B, T, H, K) if g_per_channel else (B, T, H), where)
-    if not (q.dtype == k.dtype == v.dtype):
+    if same_dtype and not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"{where}: `q`, `k`, `v` must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     check_cu_seqlens(cu_seqlens, B, T, where)
     N, V = num_seqs(B, cu_seqlens), v.shape[-1]
     check_shape("initial_state", initial_state, (N, H, K, V), where)
+    return B, T, H, K, V, N
+
+
+def check_delta_inputs(where, q, k, v, beta, g, initial_state, cu_seqlens):
+    """Validate a `[B, T, H, *]` delta-rule call (beta and the optional gate g are `[B, T, H]`); returns
+    (B, T, H, K, V, N) with N the number of sequences. q, k may differ in dtype from v (L2-normalising them under
+    autocast gives fp32): the ops compute in v's dtype."""
+    if not isinstance(beta, Tensor):
+        raise TypeError(f"{where}: `beta` must be a tensor, got {type(beta).__name__}")
+    check_float("beta", beta, where)
+    B, T, H, K, V, N = check_linear_attn_inputs(
+        where, q, k, v, g, initial_state, cu_seqlens, g_per_channel=False, same_dtype=False
+    )
+    check_shape("beta", beta, (B, T, H), where)
     return B, T, H, K, V, N
 
 

@@ -16,38 +16,27 @@ one chunk). The full key dimension is one register block (BK = next power of 2 o
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from x_transformers.ops.common.delta_utils import check_delta_inputs, chunk_indices
+from x_transformers.ops.common.bounds import chunk_bounds, seq_chunk_bounds
+from x_transformers.ops.common.chunk_index import prepare_chunk_indices, prepare_chunk_offsets
 from x_transformers.ops.common.interpreter_compat import patch as patch_interpreter
-from x_transformers.ops.common.utils import interpreting, use_triton
+from x_transformers.ops.common.utils import check_delta_inputs, interpreting, use_triton
 from x_transformers.ops.delta_rule.chunk_torch import chunk_delta_rule_torch
 from x_transformers.ops.delta_rule.fused_recurrent import fused_recurrent_delta_rule
 
 if interpreting():
     patch_interpreter()
 
-def _chunk_size(dtype, K):
-    # 64-step chunks for half precision; fp32 (three-pass tf32 products) and wide keys need more shared memory per
-    # block, so they take 32-step chunks to stay within the 227 KB an H100 block may use
-    return 64 if dtype in (torch.bfloat16, torch.float16) and K <= 128 else 32
-
-
-@triton.jit
-def _chunk_bounds(i_t, i_bh, cu_seqlens, indices, T, H: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """Program (chunk i_t, batch*head i_bh) -> (chunk within its sequence, head, first token, sequence length)."""
-    i_b, i_h = i_bh // H, i_bh % H
-    if IS_VARLEN:
-        i_n = tl.load(indices + i_t * 2).to(tl.int64)
-        i_t = tl.load(indices + i_t * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
-    else:
-        bos = i_b.to(tl.int64) * T
-    return i_t, i_h, bos, T
-
+# the triangular solve substitutes row by row inside WY_SUB x WY_SUB diagonal blocks (4 or 16) and merges the rest
+# with tensor-core products: fewer serial steps of cross-warp reductions
+WY_SUB = 4
+# software-pipelining depth of the two sequential state passes: the next chunk's loads overlap this chunk's products
+STATE_STAGES = 2
 
 @triton.jit
 def _load_gates(gc, bos, i_t, i_h, T, H: tl.constexpr, BT: tl.constexpr):
@@ -62,14 +51,28 @@ def _load_gates(gc, bos, i_t, i_h, T, H: tl.constexpr, BT: tl.constexpr):
 
 
 @triton.jit
+def _merge_inverse(b_D, b_Lo, m_eye, PREC: tl.constexpr):
+    """(I + L)^-1 from D = (I + L_d)^-1, the inverse of L's block diagonal, and L_o = L - L_d below those blocks:
+    I + L = (I + L_d)(I + N) with N = D L_o strictly block-lower, so with at most 4 blocks N^4 = 0 and
+    (I + L)^-1 = (I - N)(I + N^2) D."""
+    b_I = tl.where(m_eye, 1.0, 0.0)
+    b_N = tl.dot(b_D, b_Lo, input_precision=PREC)
+    b_X = tl.dot(b_I - b_N, b_I + tl.dot(b_N, b_N, input_precision=PREC), input_precision=PREC)
+    return tl.dot(b_X, b_D, input_precision=PREC)
+
+
+@triton.jit
 def wy_fwd_kernel(
-    k, v, beta, g, gc, A, w, u, cu_seqlens, indices, T,
+    k, v, beta, g, gc, A, w, u, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+    SUB: tl.constexpr, USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
 ):
-    """grid (NT, B*H). k [B,T,H,K], v [B,T,H,V], beta/g [B,T,H] -> gc [B,T,H], A [B,T,H,BT], w [B,T,H,K],
-    u [B,T,H,V] (fp32)."""
-    i_t, i_h, bos, T = _chunk_bounds(tl.program_id(0), tl.program_id(1), cu_seqlens, indices, T, H, IS_VARLEN)
+    """grid (NT, B*H). k [B,T,H,K], v [B,T,H,V], beta/g [B,T,H] -> gc [B,T,H] (fp32), A [B,T,H,BT], w [B,T,H,K],
+    u [B,T,H,V] (in the input dtype)."""
+    i_bh = tl.program_id(1)
+    i_h = i_bh % H
+    i_t, _, bos, T = chunk_bounds(tl.program_id(0), i_bh // H, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
+    DT = k.dtype.element_ty
     o_i = tl.arange(0, BT)
     o_t = i_t * BT + o_i
     m_t = o_t < T
@@ -80,63 +83,57 @@ def wy_fwd_kernel(
         tl.store(gc + (bos + o_t) * H + i_h, b_gc, mask=m_t)
 
     p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
-    b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
+    b_k = tl.load(p_k, boundary_check=(0, 1))
     m_lower = o_i[:, None] > o_i[None, :]
     b_L = tl.dot(b_k, tl.trans(b_k), input_precision=PREC) * b_beta[:, None]
     b_L *= tl.exp(tl.where(m_lower, b_gc[:, None] - b_gc[None, :], 0.0))
-    # (I + L)^-1 in two steps. First the 16 x 16 diagonal blocks, by forward substitution: row r of
-    # (I + L_blk)^-1 - I is -L_r - sum_{j<r} L_rj row_j. Rows r, r+16, ... touch disjoint columns, so one pass
+    # (I + L)^-1 in fp32, bottom-up. First the SUB x SUB diagonal blocks, by forward substitution: row r of
+    # (I + L_blk)^-1 - I is -L_r - sum_{j<r} L_rj row_j. Rows r, r+SUB, ... touch disjoint columns, so one pass
     # handles the same row of every block at once.
-    m_block = (o_i[:, None] // 16) == (o_i[None, :] // 16)
     m_eye = o_i[:, None] == o_i[None, :]
-    b_D = tl.where(m_lower & m_block, -b_L, 0.0)
-    for r in range(1, 16):
-        m_r = (o_i % 16) == r
+    m_sub = (o_i[:, None] // SUB) == (o_i[None, :] // SUB)
+    m_16 = (o_i[:, None] // 16) == (o_i[None, :] // 16)
+    b_D = tl.where(m_lower & m_sub, -b_L, 0.0)
+    for r in range(1, SUB):
+        m_r = (o_i % SUB) == r
         b_a = tl.sum(tl.where(m_r[:, None], b_D, 0.0), 0)
         b_a += tl.sum(b_a[:, None] * b_D, 0)
-        b_D = tl.where(m_r[:, None] & m_block, b_a[None, :], b_D)
+        b_D = tl.where(m_r[:, None] & m_sub, b_a[None, :], b_D)
     b_D += tl.where(m_eye, 1.0, 0.0)
-    # then I + L = (I + L_blk)(I + N) with N = D L_off strictly block-lower; with at most 4 blocks N^4 = 0, so
-    # A = (I + N)^-1 D = (I - N)(I + N^2) D (the same products a blockwise substitution forms)
-    b_N = tl.dot(b_D, tl.where(m_lower & ~m_block, b_L, 0.0), input_precision=PREC)
-    b_A = tl.where(m_eye, 1.0, 0.0) - b_N
-    b_A = tl.dot(b_A, tl.where(m_eye, 1.0, 0.0) + tl.dot(b_N, b_N, input_precision=PREC), input_precision=PREC)
-    b_A = tl.dot(b_A, b_D, input_precision=PREC)
+    # then merge on the tensor cores, SUB -> 16 -> BT, each level from at most 4 inverted diagonal blocks
+    if SUB < 16:
+        b_D = _merge_inverse(b_D, tl.where(m_lower & m_16 & ~m_sub, b_L, 0.0), m_eye, PREC)
+    b_A = _merge_inverse(b_D, tl.where(m_lower & ~m_16, b_L, 0.0), m_eye, PREC)
     # exact zeros above the diagonal (the products above leave rounding dust there)
-    b_A = tl.where(m_lower | m_eye, b_A, 0.0)
+    b_A = tl.where(m_lower | m_eye, b_A, 0.0).to(DT)
     p_A = tl.make_block_ptr(A + (bos * H + i_h) * BT, (T, BT), (H * BT, 1), (i_t * BT, 0), (BT, BT), (1, 0))
     tl.store(p_A, b_A, boundary_check=(0, 1))
 
-    b_w = tl.dot(b_A, b_k * (b_beta * tl.exp(b_gc))[:, None], input_precision=PREC)
+    b_w = tl.dot(b_A, (b_k * (b_beta * tl.exp(b_gc))[:, None]).to(DT), input_precision=PREC)
     p_w = tl.make_block_ptr(w + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
-    tl.store(p_w, b_w, boundary_check=(0, 1))
+    tl.store(p_w, b_w.to(DT), boundary_check=(0, 1))
     for i_v in range(tl.cdiv(V, BV)):
         p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
         p_u = tl.make_block_ptr(u + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
-        b_v = tl.load(p_v, boundary_check=(0, 1)).to(tl.float32)
-        tl.store(p_u, tl.dot(b_A, b_v * b_beta[:, None], input_precision=PREC), boundary_check=(0, 1))
+        b_v = tl.load(p_v, boundary_check=(0, 1))
+        b_u = tl.dot(b_A, (b_v * b_beta[:, None]).to(DT), input_precision=PREC)
+        tl.store(p_u, b_u.to(DT), boundary_check=(0, 1))
 
 
 @triton.jit
 def state_fwd_kernel(
-    k, w, u, gc, h, d, h0, ht, cu_seqlens, offsets, T,
+    k, w, u, gc, h, d, h0, ht, cu_seqlens, chunk_offsets, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
     IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
 ):
     """grid (NV, N*H), sequential over the chunks of one sequence. Writes h [NT_total,H,K,V] (state entering each
-    chunk), d [B,T,H,V] (corrected values) and the final state ht [N,H,K,V]."""
+    chunk) and d [B,T,H,V] (corrected values), both in the input dtype, and the final state ht [N,H,K,V] (fp32).
+    The running state stays fp32; its rounded copy feeds the products."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
-        boh = tl.load(offsets + i_n).to(tl.int64)
-    else:
-        bos = i_n.to(tl.int64) * T
-        boh = i_n.to(tl.int64) * tl.cdiv(T, BT)
-    NT = tl.cdiv(T, BT)
-    o_i = tl.arange(0, BT)
+    bos, T, NT, boh = seq_chunk_bounds(i_n, T, cu_seqlens, chunk_offsets, BT, IS_VARLEN)
+    DT = k.dtype.element_ty
 
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
@@ -144,19 +141,21 @@ def state_fwd_kernel(
         b_h = tl.load(p_h0, boundary_check=(0, 1)).to(tl.float32)
     for i_t in range(NT):
         p_h = tl.make_block_ptr(h + ((boh + i_t) * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
-        tl.store(p_h, b_h, boundary_check=(0, 1))
         p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
         p_w = tl.make_block_ptr(w + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
         p_u = tl.make_block_ptr(u + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
         p_d = tl.make_block_ptr(d + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
-        b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
+        b_hc = b_h.to(DT)
+        tl.store(p_h, b_hc, boundary_check=(0, 1))
+        b_k = tl.load(p_k, boundary_check=(0, 1))
         b_w = tl.load(p_w, boundary_check=(0, 1))
-        b_d = tl.load(p_u, boundary_check=(0, 1)) - tl.dot(b_w, b_h, input_precision=PREC)
+        b_d = tl.load(p_u, boundary_check=(0, 1)).to(tl.float32) - tl.dot(b_w, b_hc, input_precision=PREC)
+        b_d = b_d.to(DT)
         tl.store(p_d, b_d, boundary_check=(0, 1))
         if USE_G:
             b_gc, b_glast = _load_gates(gc, bos, i_t, i_h, T, H, BT)
             b_h *= tl.exp(b_glast)
-            b_k *= tl.exp(b_glast - b_gc)[:, None]
+            b_k = (b_k * tl.exp(b_glast - b_gc)[:, None]).to(DT)
         b_h += tl.dot(tl.trans(b_k), b_d, input_precision=PREC)
     if STORE_FINAL_STATE:
         p_ht = tl.make_block_ptr(ht + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
@@ -165,24 +164,22 @@ def state_fwd_kernel(
 
 @triton.jit
 def output_fwd_kernel(
-    q, k, d, gc, h, o, cu_seqlens, indices, offsets, scale, T,
+    q, k, d, gc, h, o, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
 ):
     """grid (NV, NT, B*H). o = scale (exp(G) q S0 + causal(q k^T exp(G_i - G_j)) d), o [B,T,H,V]."""
-    i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_t, i_h, bos, T = _chunk_bounds(i_c, i_bh, cu_seqlens, indices, T, H, IS_VARLEN)
-    if IS_VARLEN:
-        boh = tl.load(offsets + tl.load(indices + i_c * 2)).to(tl.int64)
-    else:
-        boh = (i_bh // H).to(tl.int64) * tl.cdiv(T, BT)
+    i_v, i_bh = tl.program_id(0), tl.program_id(2)
+    i_h = i_bh % H
+    i_t, i_tg, bos, T = chunk_bounds(tl.program_id(1), i_bh // H, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
+    DT = q.dtype.element_ty
     o_i = tl.arange(0, BT)
     p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
     p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
-    p_h = tl.make_block_ptr(h + ((boh + i_t) * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+    p_h = tl.make_block_ptr(h + (i_tg * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
     p_d = tl.make_block_ptr(d + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
-    b_q = tl.load(p_q, boundary_check=(0, 1)).to(tl.float32)
-    b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
+    b_q = tl.load(p_q, boundary_check=(0, 1))
+    b_k = tl.load(p_k, boundary_check=(0, 1))
     b_o = tl.dot(b_q, tl.load(p_h, boundary_check=(0, 1)), input_precision=PREC)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
     m_causal = o_i[:, None] >= o_i[None, :]
@@ -190,7 +187,7 @@ def output_fwd_kernel(
         b_gc, b_glast = _load_gates(gc, bos, i_t, i_h, T, H, BT)
         b_o *= tl.exp(b_gc)[:, None]
         b_s *= tl.exp(tl.where(m_causal, b_gc[:, None] - b_gc[None, :], 0.0))
-    b_s = tl.where(m_causal, b_s, 0.0)
+    b_s = tl.where(m_causal, b_s, 0.0).to(DT)
     b_o += tl.dot(b_s, tl.load(p_d, boundary_check=(0, 1)), input_precision=PREC)
     p_o = tl.make_block_ptr(o + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
     tl.store(p_o, (b_o * scale).to(p_o.dtype.element_ty), boundary_check=(0, 1))
@@ -198,23 +195,18 @@ def output_fwd_kernel(
 
 @triton.jit
 def state_bwd_kernel(
-    q, k, w, gc, do, dh, dd, dht, dh0, cu_seqlens, offsets, scale, T,
+    q, k, w, gc, do, dh, dd, dht, dh0, cu_seqlens, chunk_offsets, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr, IS_VARLEN: tl.constexpr,
     PREC: tl.constexpr,
 ):
     """grid (NV, N*H), reverse over the chunks of one sequence. Writes dh [NT_total,H,K,V] (gradient of the state
-    leaving each chunk), dd [B,T,H,V] (total gradient of the corrected values d) and dh0 [N,H,K,V]."""
+    leaving each chunk) and dd [B,T,H,V] (total gradient of the corrected values d), both in the input dtype, and
+    dh0 [N,H,K,V] (fp32). The running gradient stays fp32."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
-        boh = tl.load(offsets + i_n).to(tl.int64)
-    else:
-        bos = i_n.to(tl.int64) * T
-        boh = i_n.to(tl.int64) * tl.cdiv(T, BT)
-    NT = tl.cdiv(T, BT)
+    bos, T, NT, boh = seq_chunk_bounds(i_n, T, cu_seqlens, chunk_offsets, BT, IS_VARLEN)
+    DT = q.dtype.element_ty
     o_i = tl.arange(0, BT)
     # rows j, columns i: entry (j, i) links key j to query i >= j
     m_causal_t = o_i[:, None] <= o_i[None, :]
@@ -225,25 +217,27 @@ def state_bwd_kernel(
         b_dh = tl.load(p_dht, boundary_check=(0, 1)).to(tl.float32)
     for i_t in range(NT - 1, -1, -1):
         p_dh = tl.make_block_ptr(dh + ((boh + i_t) * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
-        tl.store(p_dh, b_dh, boundary_check=(0, 1))
         p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
         p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
         p_w = tl.make_block_ptr(w + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
         p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
         p_dd = tl.make_block_ptr(dd + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
-        b_q = tl.load(p_q, boundary_check=(0, 1)).to(tl.float32)
-        b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
+        b_dhc = b_dh.to(DT)
+        tl.store(p_dh, b_dhc, boundary_check=(0, 1))
+        b_q = tl.load(p_q, boundary_check=(0, 1))
+        b_k = tl.load(p_k, boundary_check=(0, 1))
         b_w = tl.load(p_w, boundary_check=(0, 1))
-        b_do = tl.load(p_do, boundary_check=(0, 1)).to(tl.float32)
+        b_do = tl.load(p_do, boundary_check=(0, 1))
         b_gc, b_glast = _load_gates(gc, bos, i_t, i_h, T, H, BT)
 
         b_s = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)
         b_s *= tl.exp(tl.where(m_causal_t, b_gc[None, :] - b_gc[:, None], 0.0))
-        b_s = tl.where(m_causal_t, b_s, 0.0)
-        b_kd = b_k * tl.exp(b_glast - b_gc)[:, None]
-        b_dd = tl.dot(b_s, b_do, input_precision=PREC) * scale + tl.dot(b_kd, b_dh, input_precision=PREC)
+        b_s = tl.where(m_causal_t, b_s, 0.0).to(DT)
+        b_kd = (b_k * tl.exp(b_glast - b_gc)[:, None]).to(DT)
+        b_dd = tl.dot(b_s, b_do, input_precision=PREC) * scale + tl.dot(b_kd, b_dhc, input_precision=PREC)
+        b_dd = b_dd.to(DT)
         tl.store(p_dd, b_dd, boundary_check=(0, 1))
-        b_qg = b_q * tl.exp(b_gc)[:, None] * scale
+        b_qg = (b_q * (tl.exp(b_gc) * scale)[:, None]).to(DT)
         b_dh = b_dh * tl.exp(b_glast) - tl.dot(tl.trans(b_w), b_dd, input_precision=PREC)
         b_dh += tl.dot(tl.trans(b_qg), b_do, input_precision=PREC)
     if USE_INITIAL_STATE:
@@ -253,19 +247,17 @@ def state_bwd_kernel(
 
 @triton.jit
 def chunk_bwd_kernel(
-    q, k, v, beta, gc, A, h, d, dh, dd, do, dq, dk, dv, dbeta, dg, cu_seqlens, indices, offsets, scale, T,
+    q, k, v, beta, gc, A, h, d, dh, dd, do, dq, dk, dv, dbeta, dg, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
 ):
     """grid (NT, B*H). Every input gradient of one chunk, from the forward's A, h, d and the backward's dh, dd:
     dq, dk [B,T,H,K], dv [B,T,H,V], dbeta, dg [B,T,H]. dG below is the gradient of the cumulative gate G; dg is
-    its reverse cumulative sum inside the chunk."""
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
-    i_t, i_h, bos, T = _chunk_bounds(i_c, i_bh, cu_seqlens, indices, T, H, IS_VARLEN)
-    if IS_VARLEN:
-        boh = tl.load(offsets + tl.load(indices + i_c * 2)).to(tl.int64)
-    else:
-        boh = (i_bh // H).to(tl.int64) * tl.cdiv(T, BT)
+    its reverse cumulative sum inside the chunk. Products take input-dtype operands, sums stay fp32."""
+    i_bh = tl.program_id(1)
+    i_h = i_bh % H
+    i_t, i_tg, bos, T = chunk_bounds(tl.program_id(0), i_bh // H, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
+    DT = q.dtype.element_ty
     o_i = tl.arange(0, BT)
     o_t = i_t * BT + o_i
     m_t = o_t < T
@@ -277,8 +269,8 @@ def chunk_bwd_kernel(
     p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
     p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
     p_A = tl.make_block_ptr(A + (bos * H + i_h) * BT, (T, BT), (H * BT, 1), (i_t * BT, 0), (BT, BT), (1, 0))
-    b_q = tl.load(p_q, boundary_check=(0, 1)).to(tl.float32)
-    b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
+    b_q = tl.load(p_q, boundary_check=(0, 1))
+    b_k = tl.load(p_k, boundary_check=(0, 1))
     b_A = tl.load(p_A, boundary_check=(0, 1))
 
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
@@ -294,12 +286,12 @@ def chunk_bwd_kernel(
         p_dd = tl.make_block_ptr(dd + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
         p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
         p_dv = tl.make_block_ptr(dv + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
-        p_h = tl.make_block_ptr(h + ((boh + i_t) * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
-        p_dh = tl.make_block_ptr(dh + ((boh + i_t) * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
-        b_v = tl.load(p_v, boundary_check=(0, 1)).to(tl.float32)
+        p_h = tl.make_block_ptr(h + (i_tg * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+        p_dh = tl.make_block_ptr(dh + (i_tg * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+        b_v = tl.load(p_v, boundary_check=(0, 1))
         b_d = tl.load(p_d, boundary_check=(0, 1))
         b_dd = tl.load(p_dd, boundary_check=(0, 1))
-        b_do = tl.load(p_do, boundary_check=(0, 1)).to(tl.float32)
+        b_do = tl.load(p_do, boundary_check=(0, 1))
         b_h = tl.load(p_h, boundary_check=(0, 1))
         b_dh = tl.load(p_dh, boundary_check=(0, 1))
         # output stage: o = scale (exp(G) q S0 + causal(q k^T decay) d)
@@ -307,23 +299,25 @@ def chunk_bwd_kernel(
         b_ds += tl.dot(b_do, tl.trans(b_d), input_precision=PREC)
         # state stage: S_next = exp(G_last) S0 + (k exp(G_last - G))^T d
         b_dks += tl.dot(b_d, tl.trans(b_dh), input_precision=PREC)
-        b_dhh += tl.sum(b_h * b_dh, 1)
+        b_dhh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), 1)
         # d = u - w S0 with u = A (beta v)
         b_dw -= tl.dot(b_dd, tl.trans(b_h), input_precision=PREC)
-        b_dA += tl.dot(b_dd, tl.trans(b_v * b_beta[:, None]), input_precision=PREC)
+        b_dA += tl.dot(b_dd, tl.trans((b_v * b_beta[:, None]).to(DT)), input_precision=PREC)
         b_du = tl.dot(tl.trans(b_A), b_dd, input_precision=PREC)
         tl.store(p_dv, (b_du * b_beta[:, None]).to(p_dv.dtype.element_ty), boundary_check=(0, 1))
-        b_dbeta += tl.sum(b_du * b_v, 1)
+        b_dbeta += tl.sum(b_du * b_v.to(tl.float32), 1)
 
+    b_qf, b_kf = b_q.to(tl.float32), b_k.to(tl.float32)
     b_eg = tl.exp(b_gc)
     b_toend = tl.exp(b_glast - b_gc)
     b_ds *= tl.where(m_causal, tl.exp(tl.where(m_causal, b_gc[:, None] - b_gc[None, :], 0.0)), 0.0) * scale
-    b_dG = tl.sum(b_dq * b_q, 1) * b_eg * scale
-    b_dq = b_dq * (b_eg * scale)[:, None] + tl.dot(b_ds, b_k, input_precision=PREC)
+    b_dsc = b_ds.to(DT)
+    b_dG = tl.sum(b_dq * b_qf, 1) * b_eg * scale
+    b_dq = b_dq * (b_eg * scale)[:, None] + tl.dot(b_dsc, b_k, input_precision=PREC)
     b_x = b_ds * tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
     b_dG += tl.sum(b_x, 1) - tl.sum(b_x, 0)
-    b_dk = tl.dot(tl.trans(b_ds), b_q, input_precision=PREC)
-    b_xs = tl.sum(b_k * b_dks, 1) * b_toend
+    b_dk = tl.dot(tl.trans(b_dsc), b_q, input_precision=PREC)
+    b_xs = tl.sum(b_kf * b_dks, 1) * b_toend
     b_dk += b_dks * b_toend[:, None]
     b_dG -= b_xs
     last = tl.minimum(BT, T - i_t * BT) - 1
@@ -331,20 +325,23 @@ def chunk_bwd_kernel(
 
     # WY stage: w = A (beta exp(G) k), A = (I + L)^-1 so dL = -A^T dA A^T on the strict lower triangle
     b_bg = b_beta * b_eg
-    b_kb = b_k * b_bg[:, None]
-    b_dkb = tl.dot(tl.trans(b_A), b_dw, input_precision=PREC)
-    b_dA += tl.dot(b_dw, tl.trans(b_kb), input_precision=PREC)
+    b_kb = b_kf * b_bg[:, None]
+    b_dwc = b_dw.to(DT)
+    b_dkb = tl.dot(tl.trans(b_A), b_dwc, input_precision=PREC)
+    b_dA += tl.dot(b_dwc, tl.trans(b_kb.to(DT)), input_precision=PREC)
     b_dk += b_dkb * b_bg[:, None]
-    b_dbeta += tl.sum(b_dkb * b_k, 1) * b_eg
+    b_dbeta += tl.sum(b_dkb * b_kf, 1) * b_eg
     b_dG += tl.sum(b_dkb * b_kb, 1)
-    b_dL = -tl.dot(tl.trans(b_A), tl.dot(b_dA, tl.trans(b_A), input_precision=PREC), input_precision=PREC)
+    b_dL = tl.dot(b_dA.to(DT), tl.trans(b_A), input_precision=PREC)
+    b_dL = -tl.dot(tl.trans(b_A), b_dL.to(DT), input_precision=PREC)
     b_dL = tl.where(m_lower, b_dL * tl.exp(tl.where(m_lower, b_gc[:, None] - b_gc[None, :], 0.0)), 0.0)
     b_kk = tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
     b_dbeta += tl.sum(b_dL * b_kk, 1)
     b_dL *= b_beta[:, None]
     b_z = b_dL * b_kk
     b_dG += tl.sum(b_z, 1) - tl.sum(b_z, 0)
-    b_dk += tl.dot(b_dL, b_k, input_precision=PREC) + tl.dot(tl.trans(b_dL), b_k, input_precision=PREC)
+    b_dLc = b_dL.to(DT)
+    b_dk += tl.dot(b_dLc, b_k, input_precision=PREC) + tl.dot(tl.trans(b_dLc), b_k, input_precision=PREC)
 
     p_dq = tl.make_block_ptr(dq + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
     p_dk = tl.make_block_ptr(dk + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
@@ -364,50 +361,70 @@ def _blocks(K, V):
     return BK, BV
 
 
-def _precision(dtype):
-    # fp32 inputs get near-fp32 products from three tf32 passes (tests hold them to 5e-3); bf16/fp16 inputs use tf32
-    return "tf32x3" if dtype == torch.float32 else "tf32"
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _state_bv(BV, V, NH, device):
+    """Value tile of the two sequential state passes. They run one program per (value tile, sequence * head), each
+    walking every chunk in turn, so with few sequences * heads most SMs would idle: narrower value tiles (down to 16,
+    the narrowest tensor-core tile) give more programs, each a shorter chain of smaller products. Every value tile
+    re-reads the chunk's keys, mostly from L2."""
+    if device.type != "cuda":
+        return BV
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    while BV > 16 and NH * triton.cdiv(V, BV) < sms:
+        BV //= 2
+    return BV
+
+
+def _launch(dtype, K):
+    """(chunk size, tf32 mode of fp32 products, warps). Half-precision inputs multiply in their own dtype on the
+    tensor cores (fp32 accumulate); only the fp32 triangular solve uses tf32 there. fp32 inputs get near-fp32 products
+    from three tf32 passes (tests hold them to 5e-3) and 32-step chunks, which keeps them within shared memory.
+    8 warps hold the 64-step / wide-key tiles without register spills (tests/ops/hopper_compile.py reports them)."""
+    half = dtype in (torch.bfloat16, torch.float16)
+    BT = 64 if half and K <= 128 else 32
+    return BT, ("tf32" if half else "tf32x3"), (8 if K > 64 or BT == 64 else 4)
 
 
 def _varlen_meta(cu_seqlens, B, T, BT):
+    """(chunk_indices, chunk_offsets, total chunks, chunks in the grid)."""
     if cu_seqlens is None:
         return None, None, B * triton.cdiv(T, BT), triton.cdiv(T, BT)
-    indices, offsets = chunk_indices(cu_seqlens, BT)
-    return indices, offsets, indices.shape[0], indices.shape[0]
+    indices = prepare_chunk_indices(cu_seqlens, BT)
+    return indices, prepare_chunk_offsets(cu_seqlens, BT), indices.shape[0], indices.shape[0]
 
 
 def chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens):
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    BT, (BK, BV) = _chunk_size(q.dtype, K), _blocks(K, V)
-    NV = triton.cdiv(V, BV)
+    (BT, prec, warps), (BK, BV) = _launch(q.dtype, K), _blocks(K, V)
     indices, offsets, NT_total, NT_grid = _varlen_meta(cu_seqlens, B, T, BT)
-    prec, varlen = _precision(q.dtype), cu_seqlens is not None
+    varlen, grid_bh = cu_seqlens is not None, B * H if cu_seqlens is None else H
     f32 = dict(device=q.device, dtype=torch.float32)
-    # wide key blocks: more warps to hold them without spilling registers
-    warps = 8 if BK >= 128 else 4
+    # intermediates that only feed tensor-core products are kept in the input dtype (half the traffic for bf16)
+    io = dict(device=q.device, dtype=q.dtype)
 
     gc = torch.zeros(B, T, H, **f32)
-    A = torch.empty(B, T, H, BT, **f32)
-    w = torch.empty(B, T, H, K, **f32)
-    u = torch.empty(B, T, H, V, **f32)
-    grid_bh = B * H if cu_seqlens is None else H
+    A, w, u = torch.empty(B, T, H, BT, **io), torch.empty(B, T, H, K, **io), torch.empty(B, T, H, V, **io)
     wy_fwd_kernel[(NT_grid, grid_bh)](
-        k, v, beta, g, gc, A, w, u, cu_seqlens, indices, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        k, v, beta, g, gc, A, w, u, cu_seqlens, indices, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, SUB=WY_SUB,
         USE_G=g is not None, IS_VARLEN=varlen, PREC=prec, num_stages=1, num_warps=warps,
     )
-    h = torch.empty(NT_total, H, K, V, **f32)
-    d = torch.empty(B, T, H, V, **f32)
+    h, d = torch.empty(NT_total, H, K, V, **io), torch.empty(B, T, H, V, **io)
     ht = torch.empty(N, H, K, V, **f32) if output_final_state else None
-    state_fwd_kernel[(NV, N * H)](
-        k, w, u, gc, h, d, initial_state, ht, cu_seqlens, offsets, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+    BVs = _state_bv(BV, V, N * H, q.device)
+    state_fwd_kernel[(triton.cdiv(V, BVs), N * H)](
+        k, w, u, gc, h, d, initial_state, ht, cu_seqlens, offsets, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BVs,
         USE_G=g is not None, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
-        IS_VARLEN=varlen, PREC=prec, num_stages=1, num_warps=warps,
+        IS_VARLEN=varlen, PREC=prec, num_stages=STATE_STAGES, num_warps=warps,
     )
     o = torch.empty_like(v)
-    output_fwd_kernel[(NV, NT_grid, grid_bh)](
-        q, k, d, gc, h, o, cu_seqlens, indices, offsets, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+    output_fwd_kernel[(triton.cdiv(V, BV), NT_grid, grid_bh)](
+        q, k, d, gc, h, o, cu_seqlens, indices, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
         USE_G=g is not None, IS_VARLEN=varlen, PREC=prec, num_warps=warps,
     )
     return o, ht, (gc, A, w, h, d)
@@ -417,29 +434,27 @@ def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, sav
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    BT, (BK, BV) = _chunk_size(q.dtype, K), _blocks(K, V)
-    NV = triton.cdiv(V, BV)
+    (BT, prec, warps), (BK, BV) = _launch(q.dtype, K), _blocks(K, V)
     indices, offsets, NT_total, NT_grid = _varlen_meta(cu_seqlens, B, T, BT)
-    prec, varlen = _precision(q.dtype), cu_seqlens is not None
+    varlen, grid_bh = cu_seqlens is not None, B * H if cu_seqlens is None else H
     f32 = dict(device=q.device, dtype=torch.float32)
-    # wide key blocks: more warps to hold them without spilling registers
-    warps = 8 if BK >= 128 else 4
+    io = dict(device=q.device, dtype=q.dtype)
     gc, A, w, h, d = saved
 
-    dh = torch.empty(NT_total, H, K, V, **f32)
-    dd = torch.empty(B, T, H, V, **f32)
+    dh, dd = torch.empty(NT_total, H, K, V, **io), torch.empty(B, T, H, V, **io)
     dh0 = torch.empty(N, H, K, V, **f32) if initial_state is not None else None
-    state_bwd_kernel[(NV, N * H)](
-        q, k, w, gc, do, dh, dd, dht, dh0, cu_seqlens, offsets, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+    BVs = _state_bv(BV, V, N * H, q.device)
+    state_bwd_kernel[(triton.cdiv(V, BVs), N * H)](
+        q, k, w, gc, do, dh, dd, dht, dh0, cu_seqlens, offsets, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BVs,
         USE_INITIAL_STATE=initial_state is not None, USE_FINAL_STATE_GRADIENT=dht is not None,
-        IS_VARLEN=varlen, PREC=prec, num_stages=1, num_warps=warps,
+        IS_VARLEN=varlen, PREC=prec, num_stages=STATE_STAGES, num_warps=warps,
     )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbeta = torch.empty(B, T, H, **f32)
     dg = torch.empty(B, T, H, **f32) if g is not None else None
     # this kernel keeps many [BT, BK] blocks live at once: narrower value tiles keep it within shared memory
-    chunk_bwd_kernel[(NT_grid, B * H if cu_seqlens is None else H)](
-        q, k, v, beta, gc, A, h, d, dh, dd, do, dq, dk, dv, dbeta, dg, cu_seqlens, indices, offsets, scale, T,
+    chunk_bwd_kernel[(NT_grid, grid_bh)](
+        q, k, v, beta, gc, A, h, d, dh, dd, do, dq, dk, dv, dbeta, dg, cu_seqlens, indices, scale, T,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=min(BV, 32), USE_G=g is not None, IS_VARLEN=varlen, PREC=prec,
         num_warps=warps, num_stages=1,
     )
@@ -475,8 +490,9 @@ def chunk_delta_rule(
 
     q, k `[B, T, H, K]`; v `[B, T, H, V]`; beta, g `[B, T, H]` (g is a log-space gate, None = no decay);
     initial_state `[N, H, K, V]`; cu_seqlens `[N+1]` offsets of packed sequences (B = 1). Returns
-    `(o [B, T, H, V] in v's dtype, final state [N, H, K, V] fp32 or None)`. Keys wider than 256 run the token-by-token
-    kernels.
+    `(o [B, T, H, V] in v's dtype, final state [N, H, K, V] fp32 or None)`. Products run in v's dtype (q, k are cast
+    to it): bf16/fp16 on the tensor cores with fp32 accumulation and an fp32 running state. Keys wider than 256 run
+    the token-by-token kernels.
     """
     where = "chunk_delta_rule"
     B, T, H, K, V, N = check_delta_inputs(where, q, k, v, beta, g, initial_state, cu_seqlens)
@@ -486,7 +502,8 @@ def chunk_delta_rule(
     if K > 256:
         # the chunk kernels hold all K columns of a chunk in one block, which no longer fits in shared memory
         return fused_recurrent_delta_rule(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens)
-    q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
+    # the kernels multiply in v's dtype: q and k follow it (under autocast L2-normalised q, k arrive in fp32)
+    q, k, v, beta = (x.to(v.dtype).contiguous() if x is not beta else x.contiguous() for x in (q, k, v, beta))
     g = g.contiguous() if g is not None else None
     initial_state = initial_state.contiguous() if initial_state is not None else None
     o, ht = ChunkDeltaRuleFunction.apply(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens)

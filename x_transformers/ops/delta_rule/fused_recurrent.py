@@ -14,9 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from x_transformers.ops.common.delta_utils import check_delta_inputs, chunk_indices
+from x_transformers.ops.common.chunk_index import prepare_chunk_offsets
 from x_transformers.ops.common.interpreter_compat import patch as patch_interpreter
-from x_transformers.ops.common.utils import interpreting, use_triton
+from x_transformers.ops.common.utils import check_delta_inputs, interpreting, use_triton
 from x_transformers.ops.delta_rule.naive import naive_delta_rule
 
 if interpreting():
@@ -201,7 +201,7 @@ def fused_recurrent_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_se
     if cu_seqlens is None:
         offsets, n_ckpt = None, B * triton.cdiv(T, BT)
     else:
-        _, offsets = chunk_indices(cu_seqlens, BT)
+        offsets = prepare_chunk_offsets(cu_seqlens, BT)
         n_ckpt = int(offsets[-1])
     f32 = dict(device=q.device, dtype=torch.float32)
     ckpt = torch.empty(max(n_ckpt, 1), H, K, V, **f32)
