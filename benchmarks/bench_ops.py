@@ -48,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--no-fla", action="store_true", help="skip fla even when it is importable")
     p.add_argument("--no-backward", action="store_true", help="forward timings only")
     p.add_argument("--out", default=None, help="write the result rows as JSON here")
+    p.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                   help="override a module-level tuning constant first, e.g. "
+                        "x_transformers.ops.delta_rule.chunk.WY_SUB=16 (repeatable; for A/B runs)")
     p.add_argument("--profile", action="store_true", help="also print each kernel's device time per fwd+bwd (GPU)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, one rep: checks the script runs (CPU ok)")
     args = p.parse_args(argv)
@@ -241,6 +244,13 @@ def main(argv=None):
         # the Triton kernels can only run on CPU through the interpreter, which must be on before triton is imported
         os.environ.setdefault("TRITON_INTERPRET", "1")
     dtype = getattr(torch, args.dtype)
+    for item in args.set:
+        import importlib
+
+        target, value = item.split("=", 1)
+        module, name = target.rsplit(".", 1)
+        setattr(importlib.import_module(module), name, type(getattr(importlib.import_module(module), name))(value))
+        log(f"set {target} = {value}")
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     unknown = sorted(set(ops) - set(OPS))
     if unknown:
