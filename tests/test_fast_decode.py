@@ -6,10 +6,12 @@ bottom when a GPU is present.
 
 import pytest
 import torch
+from loguru import logger
 
 from x_transformers import AutoregressiveWrapper, Decoder, TransformerWrapper
 from x_transformers.attend import Attend
 from x_transformers.fast_decode import FastDecoder, supports
+from x_transformers.mixers import MIXERS
 
 NUM_TOKENS = 40
 
@@ -23,18 +25,34 @@ CONFIGS = dict(
         use_rmsnorm=True, attn_one_kv_head=True, ff_relu_squared=True, attn_dim_head=8, ff_mult=2
     ),
     swish_tied=dict(rotary_pos_emb=True, ff_swish=True, ff_glu=True, tie_embedding=True),
+    memory_kv_gqa_qk_norm=dict(rotary_pos_emb=True, attn_num_mem_kv=3, attn_kv_heads=2, attn_qk_norm=True),
+    gates_head_scale_attend_past=dict(
+        attn_head_scale=True, attn_gate_value_heads=True, attn_gate_values=True, attn_max_attend_past=4
+    ),
+    sigmoid_talking_heads=dict(attn_sigmoid=True, attn_pre_talking_heads=True, attn_post_talking_heads=True),
+    sparse_topk_softclamp=dict(attn_sparse_topk=3, attn_softclamp_logits=True, attn_logit_softclamp_value=2.0),
+    hard_pre_scale_post_talking_heads=dict(attn_hard=True, attn_pre_scale_post_talking_heads=True),
+    l2_distance_zero_kv=dict(attn_l2_distance=True, attn_add_zero_kv=True, rotary_pos_emb=True),
+    flash_gqa_memory_kv=dict(attn_flash=True, attn_kv_heads=2, attn_num_mem_kv=2, rotary_pos_emb=True),
     hybrid_gated_deltanet=dict(linear_attn="gated_deltanet", hybrid_pattern="LN", rotary_pos_emb=True),
-    mixers_only_gla=dict(linear_attn="gla"),
+    hybrid_mamba2_gqa=dict(linear_attn="mamba2", hybrid_pattern="NL", attn_kv_heads=2),
 )
 
+# every mixer kind, alone (depth 2); the hybrids above mix them with softmax layers
+MIXER_CONFIGS = {f"mixers_only_{name}": dict(linear_attn=name) for name in MIXERS}
 
-def build(max_seq_len=64, tie_embedding=False, **kwargs):
+
+def build(max_seq_len=64, tie_embedding=False, perturb=True, **kwargs):
     net = TransformerWrapper(
         num_tokens=NUM_TOKENS,
         max_seq_len=max_seq_len,
         tie_embedding=tie_embedding,
         attn_layers=Decoder(dim=32, depth=2, heads=4, **kwargs),
     )
+    # away from the initialization, where zero-init gates and identity talking heads would hide a missing piece
+    with torch.no_grad():
+        for param in net.parameters() if perturb else ():
+            param.add_(torch.randn_like(param) * 0.1)
     return AutoregressiveWrapper(net).eval()
 
 
@@ -61,23 +79,23 @@ def plain_and_fast_logits(model, prompts, tokens, seq_start_pos=None):
     return torch.stack(plain, dim=1), torch.stack(fast, dim=1)
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", list(CONFIGS) + list(MIXER_CONFIGS))
 def test_logits_and_greedy_match_plain_path(name):
     torch.manual_seed(0)
-    model = build(**CONFIGS[name])
+    model = build(**{**CONFIGS, **MIXER_CONFIGS}[name])
     assert supports(model.net) == (True, "")
 
     prompts = torch.randint(0, NUM_TOKENS, (2, 5))
     tokens = torch.randint(0, NUM_TOKENS, (2, 6))
     plain, fast = plain_and_fast_logits(model, prompts, tokens)
-    torch.testing.assert_close(fast, plain, atol=1e-4, rtol=0)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
 
-    plain_out = model.generate(prompts, 12, temperature=0.0, fast_decode=False)
-    fast_out = model.generate(prompts, 12, temperature=0.0, fast_decode=True)
+    plain_out = model.generate(prompts, 10, temperature=0.0, fast_decode=False)
+    fast_out = model.generate(prompts, 10, temperature=0.0, fast_decode=True)
     assert torch.equal(fast_out, plain_out)
 
 
-@pytest.mark.parametrize("name", ["rotary", "absolute", "hybrid_gated_deltanet"])
+@pytest.mark.parametrize("name", ["rotary", "absolute", "memory_kv_gqa_qk_norm", "hybrid_gated_deltanet"])
 def test_left_padded_prompts(name):
     torch.manual_seed(1)
     model = build(**CONFIGS[name])
@@ -90,14 +108,14 @@ def test_left_padded_prompts(name):
     # logits too, with the start positions the wrapper derives
     padded, _, start = model._prepare_prompts(prompts, None)
     plain, fast = plain_and_fast_logits(model, padded, torch.randint(0, NUM_TOKENS, (3, 4)), start)
-    torch.testing.assert_close(fast, plain, atol=1e-4, rtol=0)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
 
 
 def test_eos_stops_and_pads_like_plain_path(monkeypatch):
     # look for finished rows often, so that the early stop happens within this short decode
     monkeypatch.setattr("x_transformers.fast_decode.EOS_CHECK_EVERY", 4)
     torch.manual_seed(2)
-    model = build(**CONFIGS["rotary"])
+    model = build(perturb=False, **CONFIGS["rotary"])
     prompts = torch.randint(0, NUM_TOKENS, (3, 4))[1:]
 
     # an eos token every row emits early (greedy decodes of this seed share one), so decoding stops early
@@ -147,11 +165,13 @@ def test_continues_past_max_seq_len_without_window():
         (dict(alibi_pos_bias=True), "alibi_pos_bias"),
         (dict(rotary_xpos=True), "rotary_xpos"),
         (dict(shift_tokens=1, rotary_pos_emb=True), "shift_tokens"),
-        (dict(attn_num_mem_kv=2), "attn_num_mem_kv"),
         (dict(sandwich_norm=True), "sandwich_norm"),
         (dict(gate_residual=True), "gate_residual"),
-        (dict(attn_pre_talking_heads=True), "attn_pre_talking_heads"),
         (dict(pre_norm=False), "pre_norm"),
+        (dict(add_value_residual=True), "add_value_residual"),
+        (dict(attn_laser=True), "attn_laser"),
+        (dict(attn_flash=True, attn_l2_distance=True), "attn_flash_with_l2_distance"),
+        (dict(attn_custom_attn_fn=lambda sim: sim.softmax(dim=-1)), "attn_custom_attn_fn"),
     ],
 )
 def test_unsupported_flags_fall_back_or_raise(kwargs, flag):
@@ -189,6 +209,73 @@ def test_generate_level_fallbacks_and_errors():
     # auto is CUDA only: on CPU the plain path runs and no decoder is built
     model.generate(prompts, 4)
     assert "_fast_decoder" not in model.__dict__
+
+
+def _mode(model, fast_decode, prompts, seq_len=4, cache_kv=True, amateur=None, **net_kwargs):
+    should_cache = model._should_cache(cache_kv, net_kwargs)
+    return model._fast_decode_mode(fast_decode, cache_kv, should_cache, amateur, net_kwargs, prompts, seq_len, True)
+
+
+def test_switch_auto_force_off(monkeypatch):
+    torch.manual_seed(14)
+    supported, unsupported = build(**CONFIGS["rotary"]), build(alibi_pos_bias=True)
+    prompts = torch.randint(0, NUM_TOKENS, (2, 3))
+
+    # on CPU: auto keeps the plain path, True runs the static-cache step eagerly, a mode name is that mode
+    assert _mode(supported, None, prompts) is None
+    assert _mode(supported, True, prompts) == "eager"
+    assert _mode(supported, "eager", prompts) == "eager"
+    assert _mode(supported, False, prompts) is None
+
+    # on CUDA (pretended): auto is the CUDA graph where supported, the plain path with a debug log otherwise
+    monkeypatch.setattr("x_transformers.autoregressive_wrapper.on_cuda", lambda t: True)
+    messages = []
+    sink = logger.add(messages.append, level="DEBUG", format="{message}")
+    try:
+        assert _mode(supported, None, prompts) == "graph"
+        assert _mode(supported, True, prompts) == "graph"
+        assert _mode(supported, "compile", prompts) == "compile"
+        assert _mode(supported, False, prompts) is None
+        assert not messages
+
+        assert _mode(unsupported, None, prompts) is None
+        assert _mode(supported, None, prompts, cache_kv=False) is None
+        assert _mode(supported, None, prompts, seq_len=80) is None
+        assert _mode(supported, None, prompts, context=torch.randn(2, 3, 32)) is None
+    finally:
+        logger.remove(sink)
+    logged = "".join(messages)
+    for reason in ("alibi_pos_bias", "cache_kv", "max_seq_len", "network_kwargs` (context)"):
+        assert reason in logged
+
+    # and forcing it names what is unsupported
+    with pytest.raises(ValueError, match="alibi_pos_bias"):
+        _mode(unsupported, True, prompts)
+    with pytest.raises(ValueError, match="cache_kv"):
+        _mode(supported, "graph", prompts, cache_kv=False)
+
+
+def test_auto_decodes_fast_on_cuda(monkeypatch):
+    # generate() with the default fast_decode, pretending to be on CUDA; the step runs eagerly instead of in a graph
+    from x_transformers import fast_decode
+
+    build_decoder = fast_decode.fast_decoder_for
+    modes = []
+
+    def eager_decoder_for(wrapper, batch, length, mode):
+        modes.append(mode)
+        return build_decoder(wrapper, batch, length, "eager")
+
+    monkeypatch.setattr("x_transformers.autoregressive_wrapper.on_cuda", lambda t: True)
+    monkeypatch.setattr(fast_decode, "fast_decoder_for", eager_decoder_for)
+
+    torch.manual_seed(15)
+    model = build(**CONFIGS["memory_kv_gqa_qk_norm"])
+    prompts = torch.randint(0, NUM_TOKENS, (3, 4))
+    out = model.generate(prompts, 12, temperature=0.0)
+    assert modes == ["graph"] and "_fast_decoder" in model.__dict__
+    assert torch.equal(out, model.generate(prompts, 12, temperature=0.0, fast_decode=False))
+    assert modes == ["graph"]
 
 
 def test_graph_bookkeeping_with_a_stand_in_graph():

@@ -28,7 +28,7 @@ from loguru import logger
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from x_transformers.attend import Intermediates
+from x_transformers.attend import Intermediates, one_hot_straight_through, sparse_topk_attn
 from x_transformers.attention import Attention
 from x_transformers.feedforward import FeedForward
 from x_transformers.mixers.base import Mixer
@@ -53,27 +53,24 @@ LENGTH_MULTIPLE = 128
 
 def _attention_unsupported(attn: Attention) -> str | None:
     attend = attn.attend
-    is_softmax = isinstance(attend.attn_fn, partial) and attend.attn_fn.func is F.softmax
-    convs = (attend.pre_softmax_talking_heads, attend.post_softmax_talking_heads, attend.pre_scale_post_talking_heads)
-    talking_heads = any(exists(conv) for conv in convs)
+    fn = attend.attn_fn
+    # weightings that give a masked-out (future) column exactly zero weight, as the plain path's missing column
+    known_fn = fn in (F.sigmoid, one_hot_straight_through) or (
+        isinstance(fn, partial) and fn.func in (F.softmax, sparse_topk_attn)
+    )
+    is_softmax = isinstance(fn, partial) and fn.func is F.softmax
     flags = dict(
-        attn_sigmoid_hard_sparse_topk_or_custom_attn_fn=not is_softmax,
-        attn_pre_talking_heads_or_post_talking_heads=talking_heads,
-        attn_num_mem_kv=attn.num_mem_kv > 0,
-        attn_max_attend_past=exists(attn.max_attend_past),
+        attn_custom_attn_fn=not known_fn,
+        # the flash step is plain SDPA: only what SDPA computes
+        attn_flash_with_sigmoid_hard_or_sparse_topk=attend.flash and not is_softmax,
+        attn_flash_with_l2_distance_or_add_zero_kv=attend.flash and (attend.l2_distance or attend.add_zero_kv),
         attn_data_dependent_alibi=exists(attn.data_dependent_alibi),
-        attn_head_scale=attn.head_scale,
-        attn_gate_value_heads=exists(attn.to_v_head_gate),
-        attn_gate_values=exists(attn.to_v_gate),
         attn_hybrid_module=exists(attn.hybrid_module),
         attn_neutreno_value_residual=attn.neutreno_value_residual,
         attn_use_latent_q=attn.use_latent_q,
         attn_use_latent_kv=attn.use_latent_kv,
         attn_laser=attn.laser or attend.laser,
-        attn_l2_distance=attend.l2_distance,
-        attn_add_zero_kv=attend.add_zero_kv,
         attn_selective=attend.selective,
-        attn_softclamp_logits=attend.softclamp_logits,
         attn_use_cope=exists(attend.cope),
         add_value_residual=exists(attn.to_value_residual_mix),
         qkv_receive_diff_residuals=attn.qkv_receive_diff_residuals,
@@ -300,10 +297,18 @@ class FastDecoder:
                 # the cache keeps keys before rotary; ours keeps them rotated, once, at their own positions
                 k, v = next(inters).cached_kv[:2]
                 k = self._rotate(k, block, rot)
-                k_buffer = self._store(index, "k", (batch, k.shape[1], self.max_len, k.shape[-1]), k.dtype)
-                v_buffer = self._store(index, "v", (batch, v.shape[1], self.max_len, v.shape[-1]), v.dtype)
-                k_buffer[:, :, :n].copy_(k)
-                v_buffer[:, :, :n].copy_(v)
+                # memory key / values (arXiv 1907.01470) sit unrotated in the first slots, as the plain path
+                # prepends them, and the sequence follows
+                mem = block.num_mem_kv
+                length = mem + self.max_len
+                k_buffer = self._store(index, "k", (batch, k.shape[1], length, k.shape[-1]), k.dtype)
+                v_buffer = self._store(index, "v", (batch, v.shape[1], length, v.shape[-1]), v.dtype)
+                k_buffer[:, :, mem : mem + n].copy_(k)
+                v_buffer[:, :, mem : mem + n].copy_(v)
+                if mem > 0:
+                    mem_k = l2norm(block.mem_k) * block.qk_norm_k_scale if block.qk_norm else block.mem_k
+                    k_buffer[:, :, :mem].copy_(mem_k.expand_as(k_buffer[:, :, :mem]))
+                    v_buffer[:, :, :mem].copy_(block.mem_v.expand_as(v_buffer[:, :, :mem]))
             elif layer_type == "l":
                 self._set_state(index, next(inters).recurrent_state)
 
@@ -330,8 +335,15 @@ class FastDecoder:
         q, k = self._rotate(q, attn, rot), self._rotate(k, attn, rot)
 
         k_buffer, v_buffer = self.kv[index]["k"], self.kv[index]["v"]
-        k_buffer.index_copy_(2, self.pos, k.to(k_buffer.dtype))
-        v_buffer.index_copy_(2, self.pos, v.to(v_buffer.dtype))
+        mem = attn.num_mem_kv
+        pos = self.pos + mem if mem > 0 else self.pos
+        k_buffer.index_copy_(2, pos, k.to(k_buffer.dtype))
+        v_buffer.index_copy_(2, pos, v.to(v_buffer.dtype))
+        # attend-past window - keys more than max_attend_past behind the query are out of reach
+        if exists(attn.max_attend_past):
+            keep = keep & (self.key_pos >= self.pos - attn.max_attend_past)
+        if mem > 0:
+            keep = F.pad(keep, (mem, 0), value=True)
 
         q = q.to(k_buffer.dtype)
         if not attn.attend.flash:
@@ -339,16 +351,27 @@ class FastDecoder:
             # plain path (bf16 logits, fp32 softmax under autocast), bit for bit on CPU, so that half-precision
             # greedy decoding emits the plain path's tokens rather than flipping its many near-ties
             out, _ = attn.attend(q, k_buffer, v_buffer, mask=keep)
-            out = rearrange(out, "b h 1 d -> b 1 (h d)")
-            return attn.to_out(out)
+        else:
+            # attn_flash: SDPA as the plain path, though under a mask it picks another kernel than the plain path's
+            # unmasked call. Grouped kv heads - query head h reads kv head h % kv_heads: the groups fold into the
+            # query length, so every kv head is read once and never copied
+            kv_heads = k_buffer.shape[1]
+            q = rearrange(q, "b (g h) 1 d -> b h g d", h=kv_heads)
+            scale = attn.attend.scale if exists(attn.attend.scale) else q.shape[-1] ** -0.5
+            out = F.scaled_dot_product_attention(q, k_buffer, v_buffer, attn_mask=keep, scale=scale)
+            out = rearrange(out, "b h g d -> b (g h) 1 d")
 
-        # attn_flash: SDPA, as the plain path, though under a mask it picks another kernel than the plain path's
-        # unmasked call. Grouped kv heads - query head h reads kv head h % kv_heads: the groups fold into the query
-        # length, so every kv head is read once and never copied
-        q = rearrange(q, "b (g h) 1 d -> b h g d", h=k_buffer.shape[1])
-        scale = attn.attend.scale if exists(attn.attend.scale) else q.shape[-1] ** -0.5
-        out = F.scaled_dot_product_attention(q, k_buffer, v_buffer, attn_mask=keep, scale=scale)
-        out = rearrange(out, "b h g d -> b 1 (g h d)")
+        # normformer head scale, per-head gates (arXiv 2306.12929) - as the model applies them
+        if attn.head_scale:
+            out = out * attn.head_scale_params
+        if exists(attn.to_v_head_gate):
+            out = out * rearrange(attn.to_v_head_gate(x).sigmoid(), "b n h -> b h n 1")
+
+        out = rearrange(out, "b h 1 d -> b 1 (h d)")
+
+        # value gating (alphafold2)
+        if exists(attn.to_v_gate):
+            out = out * attn.to_v_gate_activation(attn.to_v_gate(x))
         return attn.to_out(out)
 
     def _mix(self, index: int, mixer: Mixer, x: Tensor) -> Tensor:
