@@ -51,6 +51,10 @@ class OpCounter(TorchDispatchMode):
         finally:
             self.region = prev
 
+    def record(self, name, tensors):
+        self.calls[self.region][name] += 1
+        self.bytes[self.region][name] += sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
@@ -111,8 +115,43 @@ def counted_kernel(fn):
     return call
 
 
+class FusedRMSNorm(torch.autograd.Function):
+    """F.rms_norm counted as the one fused kernel each way that CUDA runs when input and weight share a dtype (the
+    CPU build decomposes it into a dozen ops, which a GPU does not launch)."""
+
+    @staticmethod
+    def forward(ctx, x, shape, weight, eps):
+        with region("fused"), torch.enable_grad():
+            leaves = [t.detach().requires_grad_(t.requires_grad) if torch.is_tensor(t) else t for t in (x, weight)]
+            out = RMS_NORM(leaves[0], shape, leaves[1], eps)
+        ctx.leaves, ctx.out = leaves, out
+        if COUNTER is not None:
+            COUNTER.record("rms_norm (fused)", [out])
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, dout):
+        with region("fused"):
+            inputs = [t for t in ctx.leaves if torch.is_tensor(t) and t.requires_grad]
+            grads = iter(torch.autograd.grad(ctx.out, inputs, dout, allow_unused=True))
+            dx, dw = (next(grads) if torch.is_tensor(t) and t.requires_grad else None for t in ctx.leaves)
+        if COUNTER is not None:
+            COUNTER.record("rms_norm_backward (fused)", [dx, dw])
+        return dx, None, dw, None
+
+
+RMS_NORM = torch.nn.functional.rms_norm
+
+
+def rms_norm(x, normalized_shape, weight=None, eps=None):
+    if weight is not None and weight.dtype == x.dtype:
+        return FusedRMSNorm.apply(x, normalized_shape, weight, eps)
+    return RMS_NORM(x, normalized_shape, weight, eps)
+
+
 def patch_kernels():
-    """Route every kernel the mixer modules imported through KernelRegion."""
+    """Route every kernel the mixer modules imported through KernelRegion, and rms_norm through FusedRMSNorm."""
+    torch.nn.functional.rms_norm = rms_norm
     for module_path, _ in MIXERS.values():
         module = sys.modules.get(module_path) or __import__(module_path, fromlist=["_"])
         for name in KERNELS:

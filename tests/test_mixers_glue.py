@@ -133,3 +133,69 @@ def write_fixture():
 
 if __name__ == "__main__":
     write_fixture()
+
+
+# the glue helpers on their own
+
+
+def test_l2_normalize_matches_f_normalize_with_gradients():
+    from x_transformers.mixers.base import l2_normalize
+
+    x = torch.randn(2, 5, 3, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: l2_normalize(t), (x,))
+    # a zero row (padding) takes F.normalize's eps clamp, the same finite gradient
+    x.data[0, 0, 0] = 0.0
+    w = torch.randn_like(x)
+    (l2_normalize(x) * w).sum().backward()
+    dx, x.grad = x.grad, None
+    (torch.nn.functional.normalize(x, dim=-1) * w).sum().backward()
+    torch.testing.assert_close(dx, x.grad)
+
+
+def test_short_convolution_matches_shifted_products_and_caches():
+    from x_transformers.mixers.base import ShortConvolution
+
+    torch.manual_seed(0)
+    conv = ShortConvolution(6, size=4)
+    x = torch.randn(2, 9, 6)
+    weight = conv.conv.weight[:, 0]  # (d, k)
+    padded = torch.nn.functional.pad(x, (0, 0, 3, 0))
+    ref = torch.nn.functional.silu(sum(padded[:, i : i + 9] * weight[:, i] for i in range(4)))
+    out, cache = conv(x)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(cache, x[:, -3:])
+
+    # two tokens with a cache of the past three inputs continue the sequence; a short prompt pads its cache
+    out2, cache2 = conv(x[:, 7:], cache=x[:, 4:7])
+    torch.testing.assert_close(out2, ref[:, 7:])
+    torch.testing.assert_close(cache2, x[:, -3:])
+    _, short = conv(x[:, :1])
+    assert short.shape == (2, 3, 6) and short[:, :2].abs().sum() == 0
+
+
+def test_rms_norm_stays_in_the_activation_dtype_under_autocast():
+    from x_transformers.mixers.base import rms_norm
+
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    weight = torch.rand(16) + 0.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = rms_norm(x, weight, 1e-5)
+    assert out.dtype == torch.bfloat16
+    ref = torch.nn.functional.rms_norm(x.float(), (16,), weight, 1e-5)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "retnet", "mamba2", "hgrn2", "hgrn", "gla"])
+def test_bf16_autocast_close_to_fp32_and_decodes(name):
+    mixer = build(name, {})
+    x, _, weight = inputs()
+    ref = mixer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mixer(x)
+        # decoding under autocast keeps one state structure and dtype from step to step
+        _, cache = mixer(x[:, :PROMPT], return_intermediates=True)
+        _, cache2 = mixer(x[:, PROMPT : PROMPT + 1], cache=cache, return_intermediates=True)
+    assert rel_err(out.float(), ref) < 3e-2
+    for a, b in zip(cache.recurrent_state, cache2.recurrent_state):
+        assert (a is None) == (b is None)
+        assert a is None or (a.shape == b.shape and a.dtype == b.dtype)

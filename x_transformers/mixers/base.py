@@ -60,7 +60,9 @@ class L2Norm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, eps: float):
         with torch.autocast(x.device.type, enabled=False):
-            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+            # statistics in fp32 at least, whatever the activation dtype
+            acc = torch.promote_types(x.dtype, torch.float32)
+            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc)
             inv = norm.clamp_min(eps).reciprocal()
             y = x * inv.to(x.dtype)
         ctx.save_for_backward(y, inv)
@@ -71,7 +73,7 @@ class L2Norm(torch.autograd.Function):
         y, inv = ctx.saved_tensors
         with torch.autocast(dy.device.type, enabled=False):
             # d/dx (x / |x|) = (dy - y <y, dy>) / |x|
-            dot = (dy * y).sum(-1, keepdim=True, dtype=torch.float32)
+            dot = (dy * y).sum(-1, keepdim=True, dtype=inv.dtype)
             dx = torch.addcmul(dy, y, dot.to(y.dtype), value=-1.0) * inv.to(y.dtype)
         return dx, None
 
@@ -126,13 +128,14 @@ class QKVProjection(Module):
 
     def forward(self, x: Tensor, conv_state: Tensor | None = None):
         """Returns (q, k, v) as (b, n, h, d) (q is None without `with_q`) and the new conv state."""
-        qkv = self.to_qkv(x)
         new_conv_state = None
-        projs = qkv.split(self.splits, dim=-1)
         if exists(self.conv):
-            qkv, new_conv_state = self.conv(qkv, cache=conv_state, activation=False)
-            # SiLU per part: the same one pass, and q, k, v come out contiguous, as the kernels want them
+            # one matmul, one convolution over all parts, then SiLU per part: the same single pass, and q, k, v come
+            # out contiguous, as the kernels want them
+            qkv, new_conv_state = self.conv(self.to_qkv(x), cache=conv_state, activation=False)
             projs = [F.silu(t) for t in qkv.split(self.splits, dim=-1)]
+        else:
+            projs = self.to_qkv(x).split(self.splits, dim=-1)
         projs = [rearrange(t, "b n (h d) -> b n h d", h=self.heads) for t in projs]
         if not self.with_q:
             projs = [None, *projs]
@@ -172,6 +175,8 @@ class Mixer(Module):
 
     name = "mixer"
     bidirectional = False
+    # cast the input to the autocast dtype once, for all projections (off where the glue mixes it with fp32 weights)
+    cast_input = True
 
     def __init__(self, dim: int, heads: int, causal: bool = True):
         super().__init__()
@@ -200,6 +205,7 @@ class Mixer(Module):
         state = cache.recurrent_state if exists(cache) else None
         if exists(state) and not self.causal:
             raise ValueError(f"linear_attn='{self.name}' in an Encoder has no decoding cache")
+        x = autocast_input(x) if self.cast_input else x
         out, new_state = self.mix(x, mask, state, want_state=return_intermediates)
         if not return_intermediates:
             return out

@@ -13,7 +13,6 @@ from x_transformers.mixers.base import (
     HeadOutput,
     Mixer,
     QKVProjection,
-    autocast_input,
     l2_normalize,
     masked_fill_zero,
     pick_state,
@@ -39,7 +38,7 @@ class DeltaNet(Mixer):
         return None
 
     def mix(self, x, mask, state, want_state):
-        x = masked_fill_zero(autocast_input(x), mask)
+        x = masked_fill_zero(x, mask)
         q, k, v, conv_state = self.qkv(x, pick_state(state, 1))
         if self.qkv.conv is None:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)

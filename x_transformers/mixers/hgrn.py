@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from x_transformers.mixers.base import Mixer, masked_fill_zero, pick_state
+from x_transformers.mixers.base import Mixer, masked_fill_zero, pick_state, rms_norm
 from x_transformers.ops import hgrn_scan
 
 
@@ -38,8 +38,9 @@ class HGRN(Mixer):
         else:
             log_f = (lb + (1 - lb) * f_logit.sigmoid()).log()
             one_minus_f = (1 - lb) * torch.sigmoid(-f_logit)
-        inp = one_minus_f * F.silu(self.to_i(x).float())
+        # SiLU in the activation dtype; the product with the fp32 gate is the scan's fp32 input
+        inp = one_minus_f * F.silu(self.to_i(x))
         inp, log_f = masked_fill_zero(inp, mask), masked_fill_zero(log_f, mask)
         h, s = hgrn_scan(inp, log_f, initial_state=pick_state(state, 0), output_final_state=want_state)
-        o = self.norm(h.to(x.dtype)) * F.silu(self.to_g(x))
+        o = rms_norm(h.to(x.dtype), self.norm.weight, self.norm.eps) * F.silu(self.to_g(x))
         return self.to_out(o), (s,) if want_state else None

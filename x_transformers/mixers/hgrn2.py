@@ -34,16 +34,17 @@ class HGRN2(Mixer):
         x = masked_fill_zero(x, mask)
         split = lambda t: rearrange(t, "b n (h d) -> b n h d", h=self.heads)  # noqa: E731
         q = F.silu(split(self.to_q(x)))
-        f_logit = split(self.to_f(x)).float()
+        f_logit = split(self.to_f(x))
         lb = self.lower_bound
-        # log f and 1 - f computed from the logit, stable for saturated gates
+        # log f (fp32, for the kernel's running sums) and 1 - f (in the activation dtype, as a key), both from the
+        # logit: stable for saturated gates
         if lb == 0.0:
-            g, k = F.logsigmoid(f_logit), torch.sigmoid(-f_logit)
+            g, k = F.logsigmoid(f_logit.float()), torch.sigmoid(-f_logit)
         else:
-            f = lb + (1 - lb) * torch.sigmoid(f_logit)
-            g, k = f.log(), (1 - lb) * torch.sigmoid(-f_logit)
+            g = (lb + (1 - lb) * torch.sigmoid(f_logit.float())).log()
+            k = (1 - lb) * torch.sigmoid(-f_logit)
         v = split(self.to_v(x))
-        k, v, g = (masked_fill_zero(t, mask) for t in (k.to(q.dtype), v, g))
+        k, v, g = (masked_fill_zero(t, mask) for t in (k, v, g))
         o, s = run_kernel(
             chunk_gla, fused_recurrent_gla, q, k, v, g,
             scale=1.0, initial_state=pick_state(state, 0), want_state=want_state,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from x_transformers.mixers.base import Mixer, ShortConvolution, masked_fill_zero, pick_state, run_kernel
+from x_transformers.mixers.base import Mixer, ShortConvolution, masked_fill_zero, pick_state, rms_norm, run_kernel
 from x_transformers.ops import chunk_simple_gla, fused_recurrent_simple_gla
 
 
@@ -55,7 +55,7 @@ class Mamba2(Mixer):
             chunk_simple_gla, fused_recurrent_simple_gla, q.contiguous(), k.contiguous(), v, g,
             scale=1.0, initial_state=pick_state(state, 0), want_state=want_state,
         )
-        y = y + x * self.D[:, None].to(x.dtype)
+        y = torch.addcmul(y, x, self.D[:, None].to(x.dtype))
         y = rearrange(y, "b n h p -> b n (h p)")
-        y = self.norm(y * F.silu(z))
+        y = rms_norm(y * F.silu(z), self.norm.weight, self.norm.eps)
         return self.out_proj(y), (s, conv_state) if want_state else None

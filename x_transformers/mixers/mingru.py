@@ -20,6 +20,7 @@ def positive_activation(x):
 
 class MinGRU(Mixer):
     name = "mingru"
+    cast_input = False
 
     def __init__(self, dim, heads=1, causal=True, expansion_factor=1.0):
         super().__init__(dim, heads, causal)

@@ -31,6 +31,7 @@ def shift_right(t, first=None):
 
 class RWKV6(Mixer):
     name = "rwkv6"
+    cast_input = False
 
     def __init__(self, dim, heads, causal=True, mix_low_rank_dim=32, decay_low_rank_dim=64):
         super().__init__(dim, heads, causal)
