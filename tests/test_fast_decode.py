@@ -95,6 +95,28 @@ def test_logits_and_greedy_match_plain_path(name):
     assert torch.equal(fast_out, plain_out)
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(rotary_pos_emb=True, attn_softclamp_logits=True, attn_logit_softclamp_value=50.0),
+        dict(linear_attn="gated_deltanet", hybrid_pattern="LN", attn_kv_heads=2, attn_qk_norm=True, attn_sparse_topk=8),
+    ],
+)
+def test_bf16_autocast_is_bit_identical_where_attention_forms_its_logits(kwargs):
+    # the step runs the model's own Attend: where it takes the explicit path (any logit feature), it rounds exactly
+    # as the plain path does, the masked future columns adding exact zeros, so bf16 logits agree to the bit on CPU
+    # (the SDPA path's kernel may round a masked call differently from the plain path's unmasked one: near-ties flip)
+    torch.manual_seed(16)
+    model = build(**kwargs)
+    prompts = torch.randint(0, NUM_TOKENS, (3, 7))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, fast = plain_and_fast_logits(model, prompts, torch.randint(0, NUM_TOKENS, (3, 10)))
+        ragged = [prompt[:n] for prompt, n in zip(prompts, (2, 7, 4))]
+        plain_out, fast_out = (model.generate(ragged, 16, temperature=0.0, fast_decode=mode) for mode in (False, True))
+    assert plain.dtype == torch.bfloat16 and torch.equal(fast, plain)
+    assert torch.equal(fast_out, plain_out)
+
+
 @pytest.mark.parametrize("name", ["rotary", "absolute", "memory_kv_gqa_qk_norm", "hybrid_gated_deltanet"])
 def test_left_padded_prompts(name):
     torch.manual_seed(1)
@@ -133,7 +155,8 @@ def test_sampling_respects_filters_and_reuses_the_decoder():
     model = build(**CONFIGS["rotary"])
     prompts = torch.randint(0, NUM_TOKENS, (4, 3))
 
-    out = model.generate(prompts, 16, temperature=1.0, filter_logits_fn="top_k", filter_kwargs=dict(k=1), fast_decode=True)
+    top_1 = dict(filter_logits_fn="top_k", filter_kwargs=dict(k=1))
+    out = model.generate(prompts, 16, temperature=1.0, fast_decode=True, **top_1)
     decoder = model._fast_decoder
     # top-1 sampling is greedy
     assert torch.equal(out, model.generate(prompts, 16, temperature=0.0, fast_decode=False))
@@ -151,7 +174,8 @@ def test_continues_past_max_seq_len_without_window():
     prompts = torch.randint(0, NUM_TOKENS, (2, 6))
     kwargs = dict(temperature=0.0, restrict_to_max_seq_len=False)
     assert torch.equal(
-        model.generate(prompts, 10, fast_decode=True, **kwargs), model.generate(prompts, 10, fast_decode=False, **kwargs)
+        model.generate(prompts, 10, fast_decode=True, **kwargs),
+        model.generate(prompts, 10, fast_decode=False, **kwargs),
     )
     # the plain path would slide its window and re-rotate cached keys: the static cache does not, so it refuses
     with pytest.raises(ValueError, match="max_seq_len"):
@@ -425,7 +449,19 @@ def test_benchmark_smoke(tmp_path):
     (case,) = report["cases"]
     assert [r["mode"] for r in case["results"]] == ["off", "eager"]
     assert all(r["tokens_per_s"] > 0 and r["tokens_match_off"] == 1.0 for r in case["results"])
+    assert all(r["rows_diverged"] == 0 for r in case["results"])
     assert (tmp_path / "fast_decode.json").exists()
+
+    # the gap report: row 1 leaves the reference at its third token
+    torch.manual_seed(17)
+    model = build(**CONFIGS["rotary"])
+    prompts, reference = torch.randint(0, NUM_TOKENS, (2, 4)), torch.randint(0, NUM_TOKENS, (2, 6))
+    out = reference.clone()
+    out[1, 2:] = (reference[1, 2:] + 1) % NUM_TOKENS
+    gaps, spacing = bench.divergence_gaps(model, prompts, reference, out, "fp32", torch.device("cpu"))
+    logits = model.net(torch.cat((prompts, reference), dim=-1))[1, 4 + 2 - 1]
+    assert gaps == pytest.approx([(logits[reference[1, 2]] - logits[out[1, 2]]).item()])
+    assert spacing > 0 and bench.divergence_gaps(model, prompts, reference, reference, "fp32", None) == ([], None)
 
 
 def test_auto_mode_falls_back_to_plain_path_when_fast_path_fails(monkeypatch):
