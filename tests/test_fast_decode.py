@@ -8,7 +8,7 @@ import pytest
 import torch
 from loguru import logger
 
-from x_transformers import AutoregressiveWrapper, Decoder, TransformerWrapper
+from x_transformers import AutoregressiveWrapper, Decoder, TransformerWrapper, XTransformer
 from x_transformers.attend import Attend
 from x_transformers.fast_decode import FastDecoder, supports
 from x_transformers.mixers import MIXERS
@@ -56,20 +56,22 @@ def build(max_seq_len=64, tie_embedding=False, perturb=True, **kwargs):
     return AutoregressiveWrapper(net).eval()
 
 
-def plain_and_fast_logits(model, prompts, tokens, seq_start_pos=None):
+def plain_and_fast_logits(model, prompts, tokens, seq_start_pos=None, **context_kwargs):
     """Logits for the prompt's last position, then for each of `tokens` (b, t) fed one at a time."""
     net = model.net
     decoder = FastDecoder(net, prompts.shape[0], 64)
 
     with torch.no_grad():
-        logits, cache = net(prompts, return_intermediates=True, seq_start_pos=seq_start_pos)
+        logits, cache = net(prompts, return_intermediates=True, seq_start_pos=seq_start_pos, **context_kwargs)
         plain = [logits[:, -1]]
-        fast = [decoder.prefill(prompts, seq_start_pos)]
+        fast = [decoder.prefill(prompts, seq_start_pos, **context_kwargs)]
 
         seq = prompts
         for token in tokens.unbind(dim=1):
             seq = torch.cat((seq, token[:, None]), dim=1)
-            logits, cache = net(seq, return_intermediates=True, cache=cache, seq_start_pos=seq_start_pos)
+            logits, cache = net(
+                seq, return_intermediates=True, cache=cache, seq_start_pos=seq_start_pos, **context_kwargs
+            )
             plain.append(logits[:, -1])
 
             decoder.tokens.copy_(token[:, None])
@@ -93,6 +95,51 @@ def test_logits_and_greedy_match_plain_path(name):
     plain_out = model.generate(prompts, 10, temperature=0.0, fast_decode=False)
     fast_out = model.generate(prompts, 10, temperature=0.0, fast_decode=True)
     assert torch.equal(fast_out, plain_out)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(rotary_pos_emb=True),
+        dict(attn_num_mem_kv=2, attn_kv_heads=2, attn_qk_norm=True, attn_flash=True, attn_gate_values=True),
+        dict(linear_attn="gated_deltanet", hybrid_pattern="LN"),
+    ],
+)
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_cross_attention_matches_plain_path(kwargs, with_mask):
+    torch.manual_seed(18)
+    model = build(cross_attend=True, **kwargs)
+    assert supports(model.net) == (True, "")
+    prompts, context = torch.randint(0, NUM_TOKENS, (3, 5)), torch.randn(3, 7, 32)
+    context_mask = (torch.rand(3, 7) > 0.4).index_fill(1, torch.tensor([0]), True) if with_mask else None
+    context_kwargs = dict(context=context, context_mask=context_mask)
+
+    plain, fast = plain_and_fast_logits(model, prompts, torch.randint(0, NUM_TOKENS, (3, 6)), **context_kwargs)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+
+    plain_out = model.generate(prompts, 10, temperature=0.0, fast_decode=False, **context_kwargs)
+    fast_out = model.generate(prompts, 10, temperature=0.0, fast_decode=True, **context_kwargs)
+    assert torch.equal(fast_out, plain_out)
+
+    # a new context of another length in the same decoder
+    context_kwargs = dict(context=torch.randn(3, 4, 32), context_mask=context_mask[:, :4] if with_mask else None)
+    assert torch.equal(
+        model.generate(prompts, 10, temperature=0.0, fast_decode=True, **context_kwargs),
+        model.generate(prompts, 10, temperature=0.0, fast_decode=False, **context_kwargs),
+    )
+
+
+def test_encoder_decoder_generate():
+    torch.manual_seed(19)
+    model = XTransformer(
+        dim=32, enc_num_tokens=NUM_TOKENS, enc_depth=1, enc_heads=4, enc_max_seq_len=16,
+        dec_num_tokens=NUM_TOKENS, dec_depth=2, dec_heads=4, dec_max_seq_len=32, dec_rotary_pos_emb=True,
+    ).eval()
+    src, start = torch.randint(0, NUM_TOKENS, (2, 9)), torch.randint(0, NUM_TOKENS, (2, 1))
+    src_mask = torch.ones(2, 9, dtype=torch.bool).index_fill(1, torch.tensor([7, 8]), False)
+    plain = model.generate(src, start, 12, mask=src_mask, temperature=0.0, fast_decode=False)
+    fast = model.generate(src, start, 12, mask=src_mask, temperature=0.0, fast_decode=True)
+    assert torch.equal(fast, plain)
 
 
 @pytest.mark.parametrize(

@@ -298,10 +298,14 @@ class AutoregressiveWrapper(Module):
         last_len = prompts.shape[-1] + seq_len - 1 if (has_attention or has_abs_pos) else prompts.shape[-1]
         past_max_len = last_len > self.max_seq_len and (restrict_to_max_seq_len or has_abs_pos)
 
+        # cross attention's context is the one network kwarg the static decoder takes
+        context_kwargs = ("context", "context_mask") if getattr(self.net.attn_layers, "cross_attend", False) else ()
+        other_kwargs = sorted(set(net_kwargs) - set(context_kwargs))
+
         blockers = dict(
             cache_kv=not cache_kv,
             amateur_model=exists(amateur_model),
-            network_kwargs=len(net_kwargs) > 0,
+            network_kwargs=len(other_kwargs) > 0,
             can_cache_kv=not should_cache,
             restrict_to_max_seq_len=past_max_len,
         )
@@ -309,7 +313,7 @@ class AutoregressiveWrapper(Module):
         if ok and exists(blocker):
             ok = False
             reason = f"fast decoding does not support `{blocker}`" + (
-                f" ({', '.join(sorted(net_kwargs))})" if blocker == "network_kwargs" else ""
+                f" ({', '.join(other_kwargs)})" if blocker == "network_kwargs" else ""
             )
             if blocker == "restrict_to_max_seq_len":
                 reason = (
@@ -386,6 +390,7 @@ class AutoregressiveWrapper(Module):
                     filter_fn=filter_logits_fn,
                     filter_kwargs=filter_kwargs,
                     eos_token=eos_token,
+                    **{key: value for key, value in kwargs.items() if key in ("context", "context_mask")},
                 )
             except Exception as error:
                 # asked for explicitly: the error is the answer; chosen automatically: decode on the plain path,

@@ -108,7 +108,7 @@ def supports(net) -> tuple[bool, str]:
     )
     layer_flags = dict(
         causal=not layers.causal,
-        cross_attend=layers.cross_attend,
+        cross_residual_attn=layers.cross_attend and layers.cross_residual_attn,
         pre_norm=not layers.pre_norm,
         sandwich_norm=layers.sandwich_norm,
         resi_dual=layers.resi_dual,
@@ -128,7 +128,7 @@ def supports(net) -> tuple[bool, str]:
             return False, f"`{name}` is not supported by fast decoding"
 
     for index, (layer_type, (_, block, residual_fn)) in enumerate(zip(layers.layer_types, layers.layers)):
-        expected = dict(a=Attention, f=FeedForward, l=Mixer).get(layer_type)
+        expected = dict(a=Attention, c=Attention, f=FeedForward, l=Mixer).get(layer_type)
         if not exists(expected):
             return False, f"layer {index} of type {layer_type!r} is not supported by fast decoding"
         if not isinstance(block, expected):
@@ -140,7 +140,7 @@ def supports(net) -> tuple[bool, str]:
         if type(residual_fn) is not Residual:
             name = type(residual_fn).__name__
             return False, f"`{name}` residuals (gate_residual, hyper-connections) are not supported by fast decoding"
-        if layer_type == "a":
+        if layer_type in ("a", "c"):
             flag = _attention_unsupported(block)
             if exists(flag):
                 return False, f"`{flag}` is not supported by fast decoding"
@@ -260,6 +260,36 @@ class FastDecoder:
             self.graph = None
         return buffer
 
+    def _set_context(self, index: int, attn: Attention, kv: tuple[Tensor, Tensor], context_mask: Tensor | None):
+        # cross attention reads the context's keys / values, fixed for the whole decode, behind any memory slots
+        k, v = kv
+        mem = attn.num_mem_kv
+        batch, length = k.shape[0], mem + k.shape[-2]
+        k_buffer = self._store(index, "k", (batch, k.shape[1], length, k.shape[-1]), k.dtype)
+        v_buffer = self._store(index, "v", (batch, v.shape[1], length, v.shape[-1]), v.dtype)
+        self._fill_memory_kv(attn, k_buffer, v_buffer)
+        k_buffer[:, :, mem:].copy_(k)
+        v_buffer[:, :, mem:].copy_(v)
+
+        # a mask only where the plain path has one: an all-true mask could still pick another SDPA kernel
+        table = self.kv[index]
+        if not exists(context_mask):
+            if table.pop("keep", None) is not None:
+                self.graph = None
+            return
+        keep = F.pad(context_mask.bool(), (mem, 0), value=True)
+        self._store(index, "keep", (batch, 1, 1, length), torch.bool).copy_(rearrange(keep, "b j -> b 1 1 j"))
+
+    @staticmethod
+    def _fill_memory_kv(attn: Attention, k_buffer: Tensor, v_buffer: Tensor):
+        # memory key / values (arXiv 1907.01470) sit in the first slots, unrotated, as the plain path prepends them
+        mem = attn.num_mem_kv
+        if mem == 0:
+            return
+        mem_k = l2norm(attn.mem_k) * attn.qk_norm_k_scale if attn.qk_norm else attn.mem_k
+        k_buffer[:, :, :mem].copy_(mem_k.expand_as(k_buffer[:, :, :mem]))
+        v_buffer[:, :, :mem].copy_(attn.mem_v.expand_as(v_buffer[:, :, :mem]))
+
     def _set_state(self, index: int, state):
         # a tree of tensors and Nones (states a mixer does not keep)
         leaves, treedef = tree_flatten(state)
@@ -279,15 +309,25 @@ class FastDecoder:
                 buffer.copy_(t)
 
     @torch.no_grad()
-    def prefill(self, prompts: Tensor, seq_start_pos: Tensor | None = None) -> Tensor:
-        """Run the prompts (b, n), left padded with `seq_start_pos`, fill the buffers; returns the last logits."""
+    def prefill(
+        self,
+        prompts: Tensor,
+        seq_start_pos: Tensor | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Run the prompts (b, n), left padded with `seq_start_pos`, fill the buffers; returns the last logits.
+        `context` (b, m, dim_context) and its `context_mask` (b, m) feed the cross attention layers."""
         batch, n = prompts.shape
         if batch != self.batch:
             raise ValueError(f"this decoder was built for batch {self.batch}, got prompts of batch {batch}")
         if n >= self.max_len:
             raise ValueError(f"prompt of length {n} leaves no room in buffers of length {self.max_len}")
 
-        logits, cache = self.net(prompts, return_intermediates=True, seq_start_pos=seq_start_pos)
+        if self.layers.cross_attend != exists(context):
+            raise ValueError("pass `context` exactly when the decoder has cross attention (cross_attend=True)")
+        context_kwargs = dict(context=context, context_mask=context_mask) if exists(context) else dict()
+        logits, cache = self.net(prompts, return_intermediates=True, seq_start_pos=seq_start_pos, **context_kwargs)
         inters = iter(cache.attn_intermediates)
         self._fill_rotary_table()
         rot = self._rotary(slice(0, n))
@@ -297,18 +337,15 @@ class FastDecoder:
                 # the cache keeps keys before rotary; ours keeps them rotated, once, at their own positions
                 k, v = next(inters).cached_kv[:2]
                 k = self._rotate(k, block, rot)
-                # memory key / values (arXiv 1907.01470) sit unrotated in the first slots, as the plain path
-                # prepends them, and the sequence follows
                 mem = block.num_mem_kv
                 length = mem + self.max_len
                 k_buffer = self._store(index, "k", (batch, k.shape[1], length, k.shape[-1]), k.dtype)
                 v_buffer = self._store(index, "v", (batch, v.shape[1], length, v.shape[-1]), v.dtype)
+                self._fill_memory_kv(block, k_buffer, v_buffer)
                 k_buffer[:, :, mem : mem + n].copy_(k)
                 v_buffer[:, :, mem : mem + n].copy_(v)
-                if mem > 0:
-                    mem_k = l2norm(block.mem_k) * block.qk_norm_k_scale if block.qk_norm else block.mem_k
-                    k_buffer[:, :, :mem].copy_(mem_k.expand_as(k_buffer[:, :, :mem]))
-                    v_buffer[:, :, :mem].copy_(block.mem_v.expand_as(v_buffer[:, :, :mem]))
+            elif layer_type == "c":
+                self._set_context(index, block, next(inters).cached_kv[:2], context_mask)
             elif layer_type == "l":
                 self._set_state(index, next(inters).recurrent_state)
 
@@ -344,7 +381,19 @@ class FastDecoder:
             keep = keep & (self.key_pos >= self.pos - attn.max_attend_past)
         if mem > 0:
             keep = F.pad(keep, (mem, 0), value=True)
+        return self._attend_buffers(attn, x, q, k_buffer, v_buffer, keep)
 
+    def _cross_attend(self, index: int, attn: Attention, x: Tensor) -> Tensor:
+        # queries from the new token; keys / values of the context were set at prefill (no rotary without context_pos)
+        q = rearrange(attn.to_q(x), "b n (h d) -> b h n d", h=attn.heads)
+        if attn.qk_norm:
+            q = l2norm(q, groups=attn.qk_norm_groups) * attn.qk_norm_q_scale
+        table = self.kv[index]
+        return self._attend_buffers(attn, x, q, table["k"], table["v"], table.get("keep"))
+
+    @staticmethod
+    def _attend_buffers(attn: Attention, x: Tensor, q: Tensor, k_buffer: Tensor, v_buffer: Tensor, keep) -> Tensor:
+        """The attention layer's output for one query token (b, h, 1, d) over its key / value buffers."""
         q = q.to(k_buffer.dtype)
         if not attn.attend.flash:
             # the model's own math attention over the whole buffer, future columns masked out: the arithmetic of the
@@ -409,6 +458,8 @@ class FastDecoder:
             h = norms[0](x)
             if layer_type == "a":
                 out = self._attend(index, block, h, keep, rot)
+            elif layer_type == "c":
+                out = self._cross_attend(index, block, h)
             elif layer_type == "l":
                 out = self._mix(index, block, h)
             else:
@@ -527,9 +578,12 @@ class FastDecoder:
         filter_fn: Callable | None = None,
         filter_kwargs: dict = dict(),
         eos_token: int | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
     ) -> Tensor:
         """Up to `seq_len` new tokens (b, <= seq_len) after the left-padded `prompts` (b, n), exactly as the plain
-        path returns them: cut where every row has finished, positions after a row's eos token padded later."""
+        path returns them: cut where every row has finished, positions after a row's eos token padded later.
+        `context` / `context_mask` feed the cross attention layers, as in the network's forward."""
         n = prompts.shape[1]
         if n + seq_len > self.max_len:
             raise ValueError(f"{n} prompt + {seq_len} new tokens do not fit buffers of length {self.max_len}")
@@ -537,7 +591,7 @@ class FastDecoder:
 
         self.set_sampler(temperature, filter_fn or top_k, filter_kwargs, eos_token)
 
-        logits = self.prefill(prompts, seq_start_pos)
+        logits = self.prefill(prompts, seq_start_pos, context=context, context_mask=context_mask)
         sample = sample_next(logits, *self.sampler[:3])
         self.seq[:, n : n + 1].copy_(sample)
         self.tokens.copy_(sample)
