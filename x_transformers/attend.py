@@ -3,10 +3,15 @@
 Takes already projected queries, keys and values `(b, h, n, d)` and returns the attended values plus an
 `Intermediates` record. Two paths compute the same thing:
 
-- the SDPA path (`flash=True`): `F.scaled_dot_product_attention`, with masks, causality and additive biases folded
-  into one `attn_mask`;
-- the math path: explicit logits, needed by every feature that touches them (talking heads, sparse top-k, hard
-  attention, selective attention, CoPE, logit soft-clamping, residual attention) and by `return_intermediates`.
+- the SDPA path: `F.scaled_dot_product_attention`, with masks, causality and additive biases folded into one
+  `attn_mask`. `flash=True` always takes it; without flash it is taken whenever no feature needs the logits;
+- the explicit path: logits and weights formed in full, needed by every feature that touches them (talking heads,
+  sparse top-k, hard, sigmoid, selective attention, CoPE, logit soft-clamping, l2 distance, residual attention,
+  a custom attention function).
+
+Without flash, the SDPA path still hands back the attention maps of the explicit path: `Intermediates` computes
+them from the saved queries and keys when they are first read (return_attn, attention z-loss, user code), so a
+forward that never reads them never forms a (b, h, i, j) tensor.
 
 Rows whose keys are all masked out return zeros on both paths (never NaN, also in the backward pass), without a
 host-device sync.
@@ -14,7 +19,7 @@ host-device sync.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
 
@@ -32,11 +37,35 @@ SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= 
 # b - batch, h - heads, i - query positions, j - key positions, d - head dimension
 
 
+class LazyAttnMap:
+    """An attention map field of `Intermediates`: set like a plain attribute, or computed on first read.
+
+    The SDPA path leaves `attn_maps_fn`, which returns all three maps of the explicit path from the queries and
+    keys it saved; the first read of any map calls it once and stores the three.
+    """
+
+    def __set_name__(self, owner, name):
+        self.slot = f"_{name}"
+
+    def __get__(self, inter, owner=None):
+        if inter is None:
+            # the dataclass default
+            return None
+        maps_fn = inter.__dict__.get("attn_maps_fn")
+        if maps_fn is not None:
+            inter.attn_maps_fn = None
+            inter.qk_similarities, inter.pre_softmax_attn, inter.post_softmax_attn = maps_fn()
+        return inter.__dict__.get(self.slot)
+
+    def __set__(self, inter, value):
+        inter.__dict__[self.slot] = value
+
+
 @dataclass
 class Intermediates:
-    qk_similarities: Tensor | None = None
-    pre_softmax_attn: Tensor | None = None
-    post_softmax_attn: Tensor | None = None
+    qk_similarities: Tensor | None = LazyAttnMap()
+    pre_softmax_attn: Tensor | None = LazyAttnMap()
+    post_softmax_attn: Tensor | None = LazyAttnMap()
     values: Tensor | None = None
     cached_kv: tuple[Tensor, Tensor] | None = None
     layer_type: str | None = None
@@ -44,6 +73,8 @@ class Intermediates:
     hybrid_hidden: Tensor | tuple | None = None
     # ours: decode state of a linear-attention / RNN mixer
     recurrent_state: tuple | None = None
+    # ours: () -> the three maps above, left by the SDPA path (see LazyAttnMap)
+    attn_maps_fn: Callable | None = field(default=None, repr=False)
 
     def to_tuple(self):
         return (self.qk_similarities, self.pre_softmax_attn, self.post_softmax_attn)
@@ -240,6 +271,10 @@ class Attend(Module):
 
         # flash - torch's fused SDPA kernels, with the backends the user allows
         self.flash = flash
+
+        # without flash, SDPA still serves every call that needs no logit-level feature (same function, fused)
+        needs_logits = dict(flash_incompatible, l2_distance=l2_distance, custom_attn_fn=exists(custom_attn_fn))
+        self.logit_features = [name for name, on in needs_logits.items() if on]
         backend_by_flag = dict(
             enable_flash=torch.nn.attention.SDPBackend.FLASH_ATTENTION,
             enable_mem_efficient=torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION,
@@ -377,10 +412,14 @@ class Attend(Module):
                 attn_bias = F.pad(attn_bias, (1, 0), value=0.0)
             j += 1
 
-        if self.flash:
-            if exists(prev_attn):
-                raise ValueError("residual attention (prev_attn) needs the math path, it is not compatible with flash")
+        if self.flash and exists(prev_attn):
+            raise ValueError("residual attention (prev_attn) needs the math path, it is not compatible with flash")
+
+        if self.flash or self.use_sdpa(prev_attn):
             out, row_is_masked, intermediates = self.flash_attn(q, k, v, mask=mask, attn_bias=attn_bias)
+            # the maps of the explicit path, formed only if read (flash returns none, as upstream)
+            if not self.flash:
+                intermediates.attn_maps_fn = partial(self.attn_maps, q, k, mask, attn_bias)
         else:
             out, row_is_masked, intermediates = self.math_attn(q, k, v, mask, attn_bias, prev_attn)
 
@@ -393,14 +432,43 @@ class Attend(Module):
 
         return out, intermediates
 
+    def use_sdpa(self, prev_attn=None) -> bool:
+        """Whether a call without flash can take the SDPA path: no feature acts on the logits."""
+        return not self.logit_features and not exists(prev_attn)
+
+    def attn_maps(self, q, k, mask, attn_bias) -> tuple[Tensor, Tensor, Tensor]:
+        """qk_similarities, pre_softmax_attn and post_softmax_attn of the explicit path, for the SDPA path's
+        lazy maps."""
+        return self.attn_weights(q, k, mask, attn_bias, None)[2].to_tuple()
+
     def math_attn(self, q, k, v, mask, attn_bias, prev_attn):
+        b, h, i, _ = q.shape
+        kv_heads, j = k.shape[-3:-1]
+
+        attn, row_is_masked, intermediates, pre_to_post_scale = self.attn_weights(q, k, mask, attn_bias, prev_attn)
+
+        attn = self.attn_dropout(attn)
+
+        if exists(self.post_softmax_talking_heads):
+            attn = self._mix_heads(self.post_softmax_talking_heads, attn)
+
+        if exists(self.pre_scale_post_talking_heads):
+            attn = attn * pre_to_post_scale
+
+        # grouped kv heads broadcast over query heads viewed as (groups, kv_heads), without copies
+        out = (attn.reshape(b, h // kv_heads, kv_heads, i, j) @ v[:, None]).reshape(b, h, i, -1)
+        return out, row_is_masked, intermediates
+
+    def attn_weights(self, q, k, mask, attn_bias, prev_attn):
+        """The explicit path up to the softmax: weights (b, h, i, j), fully masked rows, the maps, and the
+        pre-softmax talking heads' scale for the weights (or None)."""
         (b, h, i, d), (kv_heads, j), device = q.shape, k.shape[-3:-1], q.device
         scale = default(self.scale, d**-0.5)
         causal = self.causal and i > 1
 
         # grouped kv heads broadcast over query heads viewed as (groups, kv_heads), without copies
         q_grouped = q.reshape(b, h // kv_heads, kv_heads, i, d)
-        k, v = k[:, None], v[:, None]
+        k = k[:, None]
 
         if self.l2_distance:
             sim = -qk_l2_dist_squared(q_grouped, k)
@@ -415,9 +483,11 @@ class Attend(Module):
         if exists(prev_attn):
             sim = sim + prev_attn
 
-        qk_similarities = sim.clone()
+        # every step below makes a new tensor, so this needs no copy
+        qk_similarities = sim
 
         # talking heads - mix the logits across heads, arXiv 2003.02436
+        pre_to_post_scale = None
         if exists(self.pre_scale_post_talking_heads):
             pre_to_post_scale = self._mix_heads(self.pre_scale_post_talking_heads, sim)
 
@@ -447,24 +517,13 @@ class Attend(Module):
 
         pre_softmax_attn = sim
         attn = self.attn_fn(sim).type(sim.dtype)
-        post_softmax_attn = attn
-
-        attn = self.attn_dropout(attn)
-
-        if exists(self.post_softmax_talking_heads):
-            attn = self._mix_heads(self.post_softmax_talking_heads, attn)
-
-        if exists(self.pre_scale_post_talking_heads):
-            attn = attn * pre_to_post_scale
-
-        out = (attn.reshape(b, h // kv_heads, kv_heads, i, j) @ v).reshape(b, h, i, -1)
 
         intermediates = Intermediates(
             qk_similarities=qk_similarities,
             pre_softmax_attn=pre_softmax_attn,
-            post_softmax_attn=post_softmax_attn,
+            post_softmax_attn=attn,
         )
-        return out, row_is_masked, intermediates
+        return attn, row_is_masked, intermediates, pre_to_post_scale
 
     @staticmethod
     def _mix_heads(conv: nn.Conv2d, t: Tensor) -> Tensor:

@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_flatten
 
 from x_transformers.attend import Attend, Intermediates
 from x_transformers.norms import MultiheadRMSNorm
-from x_transformers.positional import CoPE, DataDependentAlibi, PerRowDataDependentAlibi, apply_rotary_pos_emb
+from x_transformers.positional import CoPE, DataDependentAlibi, PerRowDataDependentAlibi, RotaryTable
 from x_transformers.token_shift import FoldAxially
 from x_transformers.utils import default, divisible_by, exists, l2norm, log, pad_at_dim, softclamp
 
@@ -51,9 +51,9 @@ class Attention(Module):
 
     x (b, n, dim); context (b, m, dim_context) for cross attention; mask (b, n) bool, True = keep (in self attention
     also the key mask); context_mask (b, m) bool; attn_mask (i, j), (h, i, j) or (b, h, i, j) bool, True = attend;
-    rotary_pos_emb / context_rotary_pos_emb: (freqs, xpos_scale) from RotaryEmbedding, covering every position so
-    far; mem (b, m, dim): Transformer-XL memories; cache: the Intermediates this layer returned on the previous call;
-    value_residual: the first layer's `Intermediates.values`.
+    rotary_pos_emb / context_rotary_pos_emb: (freqs, xpos_scale) from RotaryEmbedding, or a RotaryTable of them,
+    covering every position so far; mem (b, m, dim): Transformer-XL memories; cache: the Intermediates this layer
+    returned on the previous call; value_residual: the first layer's `Intermediates.values`.
     """
 
     # inference keeps one concatenated copy of the fused projection weights (faster decoding, more memory);
@@ -364,8 +364,8 @@ class Attention(Module):
 
     # projections
 
-    def fused_linear(self, x: Tensor, names: tuple[str, ...]) -> tuple[Tensor, ...]:
-        """Run several bias-free projections of the same input as one matmul over their concatenated weights."""
+    def fused_weight(self, names: tuple[str, ...]) -> Tensor | None:
+        """The concatenated weight of several bias-free projections, or None where separate matmuls are cheaper."""
         weights = [getattr(self, name).weight for name in names]
         needs_grad = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
 
@@ -373,23 +373,45 @@ class Attention(Module):
             # training: concatenate every call so gradients reach each Linear; drop any inference copy
             if not torch.compiler.is_compiling():
                 self._fused_weights.clear()
-            weight = cat(weights)
-        elif torch.compiler.is_compiling():
+            return cat(weights)
+        if torch.compiler.is_compiling():
             # compiled inference: a per-call weight concatenation would cost more than the separate matmuls
-            return tuple(F.linear(x, w) for w in weights)
-        elif not self.cache_fused_weights:
+            return None
+        if not self.cache_fused_weights:
             self._fused_weights.clear()
-            return tuple(F.linear(x, w) for w in weights)
-        else:
-            # inference: reuse the concatenation until a weight is moved or updated in place
-            key = tuple((w.data_ptr(), w._version, w.dtype) for w in weights)
-            cached = self._fused_weights.get(names)
-            if cached is None or cached[0] != key:
-                cached = (key, cat(weights))
-                self._fused_weights[names] = cached
-            weight = cached[1]
+            return None
 
-        return F.linear(x, weight).split([w.shape[0] for w in weights], dim=-1)
+        # inference: reuse the concatenation until a weight is moved or updated in place
+        key = tuple((w.data_ptr(), w._version, w.dtype) for w in weights)
+        cached = self._fused_weights.get(names)
+        if cached is None or cached[0] != key:
+            cached = (key, cat(weights))
+            self._fused_weights[names] = cached
+        return cached[1]
+
+    def fused_linear(self, x: Tensor, names: tuple[str, ...]) -> tuple[Tensor, ...]:
+        """Run several bias-free projections of the same input as one matmul over their concatenated weights."""
+        weight = self.fused_weight(names)
+        if weight is None:
+            return tuple(F.linear(x, getattr(self, name).weight) for name in names)
+        return F.linear(x, weight).split([getattr(self, name).weight.shape[0] for name in names], dim=-1)
+
+    def rotated_qkv(self, x: Tensor, rotary: RotaryTable) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+        """Self-attention q, k (rotated), v (b, h, n, d) and the unrotated k, with q and k rotated in one pass.
+
+        They leave one matmul side by side and share the positions and the table, so one rotation (one flip, two
+        multiplies, an add and a cast, each a kernel forward and backward) serves both. None where the
+        projections run as separate matmuls.
+        """
+        weight = self.fused_weight(('to_q', 'to_k', 'to_v'))
+        if weight is None:
+            return None
+        qk_dim = self.to_q.weight.shape[0] + self.to_k.weight.shape[0]
+        qk, v = F.linear(x, weight).split((qk_dim, weight.shape[0] - qk_dim), dim=-1)
+        qk = rearrange(qk, 'b n (h d) -> b h n d', d=self.dim_head)
+        q, k = rotary.rotate(qk).split((self.heads, self.kv_heads), dim=1)
+        k_unrotated = qk[:, self.heads :]
+        return q, k, rearrange(v, 'b n (h d) -> b h n d', d=self.value_dim_head), k_unrotated
 
     # hybrid module
 
@@ -554,6 +576,21 @@ class Attention(Module):
             k_input = cat((mem, k_input), dim=-2)
             v_input = k_input if shared_kv_input else cat((mem, v_input), dim=-2)
 
+        # rotary on queries and keys at once - self attention from one projection, the same table for both (no
+        # xpos), every head rotated, nothing between projection and rotary (qk norm) nor cached keys to prepend
+
+        rotated_qkv = None
+        if exists(rotary_pos_emb):
+            rotary_pos_emb = RotaryTable.cast(rotary_pos_emb)
+            joint_rotary = (
+                is_self_qkv
+                and not (self.use_latent_q or self.use_latent_kv or self.qk_norm or exists(cache))
+                and self.rotate_num_heads == h
+                and not isinstance(rotary_pos_emb.xpos_scale, Tensor)
+            )
+            if joint_rotary:
+                rotated_qkv = self.rotated_qkv(x, rotary_pos_emb)
+
         # states beyond keys / values (forget gates, value mixes) ride at the end of cached_kv, in a fixed order
         cached_extras = iter(cache.cached_kv[2:]) if exists(cache) else iter(())
         new_extras = []
@@ -601,6 +638,8 @@ class Attention(Module):
             q = self.to_q(q_input)
             k, v = self.fused_linear(latent_kv, ('to_k', 'to_v'))
 
+        elif rotated_qkv is not None:
+            q, k, v, k_unrotated = rotated_qkv
         elif is_self_qkv and not self.use_latent_q:
             q, k, v = self.fused_linear(x, ('to_q', 'to_k', 'to_v'))
         else:
@@ -610,9 +649,10 @@ class Attention(Module):
             else:
                 k, v = self.to_k(k_input), self.to_v(v_input)
 
-        q = rearrange(q, 'b n (h d) -> b h n d', h=h)
-        k = rearrange(k, 'b n (h d) -> b h n d', d=self.dim_head)
-        v = rearrange(v, 'b n (h d) -> b h n d', d=self.value_dim_head)
+        if rotated_qkv is None:
+            q = rearrange(q, 'b n (h d) -> b h n d', h=h)
+            k = rearrange(k, 'b n (h d) -> b h n d', d=self.dim_head)
+            v = rearrange(v, 'b n (h d) -> b h n d', d=self.value_dim_head)
 
         # decoupled rope - the rotateable key heads go last, where rotary acts
 
@@ -651,27 +691,25 @@ class Attention(Module):
                 v = cat((v[..., :mem_len, :], cv, v[..., mem_len:, :]), dim=-2)
 
             cached_kv = (k[..., mem_len:, :], v[..., mem_len:, :])
+            if rotated_qkv is not None:
+                cached_kv = (k_unrotated, v)
 
         # rotary - on the last rotate_num_heads heads; keys may use the context's own positions (2104.09864)
 
-        if exists(rotary_pos_emb):
+        if exists(rotary_pos_emb) and rotated_qkv is None:
             rotate_num_heads = self.rotate_num_heads
             partial_rotate = rotate_num_heads < h
 
-            freqs, xpos_scale = rotary_pos_emb
-            q_xpos_scale, k_xpos_scale = (xpos_scale, xpos_scale**-1.0) if exists(xpos_scale) else (1.0, 1.0)
+            q_rotary = k_rotary = RotaryTable.cast(rotary_pos_emb)
+            if has_context and exists(context_rotary_pos_emb):
+                k_rotary = RotaryTable.cast(context_rotary_pos_emb)
 
             if partial_rotate:
                 q_rest, q = q[:, :-rotate_num_heads], q[:, -rotate_num_heads:]
                 k_rest, k = k[:, :-rotate_num_heads], k[:, -rotate_num_heads:]
 
-            q = apply_rotary_pos_emb(q, freqs, q_xpos_scale)
-
-            if has_context and exists(context_rotary_pos_emb):
-                freqs, xpos_scale = context_rotary_pos_emb
-                k_xpos_scale = xpos_scale**-1.0 if exists(xpos_scale) else 1.0
-
-            k = apply_rotary_pos_emb(k, freqs, k_xpos_scale)
+            q = q_rotary.rotate(q)
+            k = k_rotary.rotate(k, keys=True)
 
             if partial_rotate:
                 q = cat((q_rest, q), dim=1)

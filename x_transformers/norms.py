@@ -34,7 +34,9 @@ class LayerNorm(Module):
         self.gamma = nn.Parameter(torch.full((dim,), 1.0 - float(unit_offset)))
 
     def forward(self, x):
-        return F.layer_norm(x, (self.dim,), weight=self.gamma + float(self.unit_offset))
+        # the unit offset costs an add (and its backward) on every call, so only when it is on
+        gamma = self.gamma + 1.0 if self.unit_offset else self.gamma
+        return F.layer_norm(x, (self.dim,), weight=gamma)
 
 
 class AdaptiveLayerNorm(Module):

@@ -404,21 +404,59 @@ def rotate_half(x):
     return rearrange(torch.stack((-x2, x1), dim=-1), "... d r -> ... (d r)")
 
 
-@autocast("cuda", enabled=False)
+class RotaryTable:
+    """cos / sin of every position for rotary (and xPos), built once per forward and shared by every layer.
+
+    Rotating is then `t * cos + swap_pairs(t) * sin`: the rotate-half sign is folded into sin, and features past
+    the rotary dimension (GPT-J partial rotary) get cos 1, sin 0, so whole heads rotate without slicing or
+    concatenation - each of those is a kernel launch in the forward and another in the backward, in every layer.
+    The math stays in float32, as the rotation angles need.
+    """
+
+    def __init__(self, freqs: Tensor, xpos_scale: Tensor | float = 1.0):
+        self.freqs = freqs  # (1 or b, n, rot_dim), float32
+        self.xpos_scale = xpos_scale  # (1 or b, n, rot_dim) or 1.
+        self._tables = {}
+
+    @classmethod
+    def cast(cls, rotary) -> RotaryTable:
+        """A table from itself or from RotaryEmbedding's (freqs, xpos_scale)."""
+        return rotary if isinstance(rotary, cls) else cls(*rotary)
+
+    def table(self, dim: int, keys: bool) -> tuple[Tensor, Tensor]:
+        # xpos - queries scaled up, keys down, so that q.k decays with distance (arXiv 2212.10554)
+        key = (dim, keys and isinstance(self.xpos_scale, Tensor))
+        if key not in self._tables:
+            freqs, scale = self.freqs, self.xpos_scale
+            rot_dim = freqs.shape[-1]
+            if rot_dim > dim or rot_dim % 2:
+                raise ValueError(f"rotary dimension {rot_dim} must be even and at most the head dimension {dim}")
+            cos, sin = freqs.cos(), freqs.sin()
+            if isinstance(scale, Tensor):
+                scale = scale.reciprocal() if keys else scale
+                cos, sin = cos * scale, sin * scale
+            # (x1, x2) swapped is (x2, x1); times (-sin, sin) it is rotate_half's (-x2, x1) times sin
+            sign = torch.tensor([-1.0, 1.0], device=sin.device, dtype=sin.dtype).repeat(rot_dim // 2)
+            sin = sin * sign
+            if rot_dim < dim:
+                cos = F.pad(cos, (0, dim - rot_dim), value=1.0)
+                sin = F.pad(sin, (0, dim - rot_dim), value=0.0)
+            self._tables[key] = (cos, sin)
+        return self._tables[key]
+
+    def rotate(self, t: Tensor, keys=False) -> Tensor:
+        """Rotate t (b, h, n, d) or (b, n, d) at the last n positions of the table (kv-cache convention)."""
+        cos, sin = self.table(t.shape[-1], keys)
+        seq_len = t.shape[-2]
+        cos, sin = cos[..., -seq_len:, :], sin[..., -seq_len:, :]
+        if t.ndim == 4:
+            cos, sin = cos[:, None], sin[:, None]
+        swapped = rearrange(t, "... (d r) -> ... d r", r=2).flip(-1)
+        swapped = rearrange(swapped, "... d r -> ... (d r)")
+        return (t * cos + swapped * sin).type(t.dtype)
+
+
 def apply_rotary_pos_emb(t, freqs, scale=1):
     """Rotate the first freqs.shape[-1] features of t (b, h, n, d) or (b, n, d); the rest pass through (GPT-J
     partial rotary). Only the last n positions of freqs are used, for kv-cached decoding."""
-    rot_dim, seq_len, orig_dtype = freqs.shape[-1], t.shape[-2], t.dtype
-
-    freqs = freqs[:, -seq_len:, :]
-    if isinstance(scale, Tensor):
-        scale = scale[:, -seq_len:, :]
-
-    if t.ndim == 4 and freqs.ndim == 3:
-        freqs = freqs[:, None]
-        if isinstance(scale, Tensor):
-            scale = scale[:, None]
-
-    t, t_pass = t[..., :rot_dim], t[..., rot_dim:]
-    t = (t * freqs.cos() * scale) + (rotate_half(t) * freqs.sin() * scale)
-    return torch.cat((t, t_pass), dim=-1).type(orig_dtype)
+    return RotaryTable(freqs, scale).rotate(t)

@@ -72,6 +72,7 @@ from x_transformers.positional import (
     DataDependentAlibi,
     PerRowDataDependentAlibi,
     RotaryEmbedding,
+    RotaryTable,
     apply_rotary_pos_emb,
     rotate_half,
 )
@@ -768,11 +769,14 @@ class AttentionLayers(Module):
                     pos = arange(seq_len + mem_len, device=x.device) - mem_len
                 rotary_pos_emb = self.rotary_pos_emb(pos)
 
+            # cos / sin once per forward, shared by every layer
+            rotary_pos_emb = RotaryTable.cast(rotary_pos_emb)
+
             if exists(context_pos):
                 assert self.cross_attend
                 cross_attn_rotary_pos_emb.update(
                     rotary_pos_emb=rotary_pos_emb,
-                    context_rotary_pos_emb=self.rotary_pos_emb(context_pos),
+                    context_rotary_pos_emb=RotaryTable.cast(self.rotary_pos_emb(context_pos)),
                 )
 
         # kv cache - only the newest `cache_age` tokens are run; keys / values of the rest come from the cache
