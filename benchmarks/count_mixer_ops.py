@@ -2,7 +2,8 @@
 
     python benchmarks/count_mixer_ops.py                                  # the six main mixers, 2 x 256, dim 512
     python benchmarks/count_mixer_ops.py --mixers gated_deltanet --ops    # per-op table
-    python benchmarks/count_mixer_ops.py --time --json counts.json        # also CPU fwd+bwd ms, JSON out
+    python benchmarks/count_mixer_ops.py --time --json counts.json        # also fwd+bwd ms, JSON out
+    python benchmarks/count_mixer_ops.py --device cuda --time --seq-len 8192 --conv-check   # on a GPU
 
 Every aten op below autograd is seen by a TorchDispatchMode. The recurrence itself (the `x_transformers.ops`
 call: Triton on a GPU, a chunked PyTorch path on CPU) runs in a region of its own, forward and backward, so its
@@ -149,21 +150,27 @@ def rms_norm(x, normalized_shape, weight=None, eps=None):
     return RMS_NORM(x, normalized_shape, weight, eps)
 
 
-def patch_kernels():
+@contextlib.contextmanager
+def patched():
     """Route every kernel the mixer modules imported through KernelRegion, and rms_norm through FusedRMSNorm."""
+    undo = [(torch.nn.functional, "rms_norm", RMS_NORM)]
     torch.nn.functional.rms_norm = rms_norm
     for module_path, _ in MIXERS.values():
-        module = sys.modules.get(module_path) or __import__(module_path, fromlist=["_"])
+        module = __import__(module_path, fromlist=["_"])
         for name in KERNELS:
             fn = getattr(module, name, None)
-            if fn is not None and not getattr(fn, "_counted", False):
-                wrapped = counted_kernel(fn)
-                wrapped._counted = True
-                setattr(module, name, wrapped)
+            if fn is not None:
+                undo.append((module, name, fn))
+                setattr(module, name, counted_kernel(fn))
+    try:
+        yield
+    finally:
+        for module, name, fn in undo:
+            setattr(module, name, fn)
 
 
 def fwd_bwd(mixer, x, grad):
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
         # a view, as inside a model the input is no leaf: autocast caches the casts of leaves only
         out = mixer(x.view_as(x))
     out.backward(grad)
@@ -172,18 +179,19 @@ def fwd_bwd(mixer, x, grad):
 def count(name, args):
     global COUNTER
     torch.manual_seed(0)
-    mixer = make_mixer(name, dim=args.dim, heads=args.heads)
-    x = torch.randn(args.batch, args.seq_len, args.dim, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+    mixer = make_mixer(name, dim=args.dim, heads=args.heads).to(args.device)
+    x = torch.randn(args.batch, args.seq_len, args.dim, device=args.device, requires_grad=True)
+    with torch.autocast(args.device, dtype=torch.bfloat16), torch.no_grad():
         dtype = mixer(x[:, :2]).dtype
-    grad = torch.randn(args.batch, args.seq_len, args.dim, dtype=dtype)
-    fwd_bwd(mixer, x, grad)  # warm-up: lazily built buffers are not part of a step
-    mixer.zero_grad(set_to_none=True)
-    x.grad = None
-    COUNTER = OpCounter()
-    with COUNTER:
-        fwd_bwd(mixer, x, grad)
-    counter, COUNTER = COUNTER, None
+    grad = torch.randn(args.batch, args.seq_len, args.dim, device=args.device, dtype=dtype)
+    with patched():
+        fwd_bwd(mixer, x, grad)  # warm-up: lazily built buffers are not part of a step
+        mixer.zero_grad(set_to_none=True)
+        x.grad = None
+        COUNTER = OpCounter()
+        with COUNTER:
+            fwd_bwd(mixer, x, grad)
+        counter, COUNTER = COUNTER, None
     glue, kernel = counter.calls["glue"], counter.calls["kernel"]
     glue_bytes = counter.bytes["glue"]
     result = dict(
@@ -198,19 +206,51 @@ def count(name, args):
         ops={k: dict(calls=v, mb=round(glue_bytes[k] / 2**20, 3)) for k, v in glue.most_common()},
     )
     if args.time:
-        result["cpu_fwd_bwd_ms"] = time_fwd_bwd(mixer, x, grad, args.repeats)
+        result["fwd_bwd_ms"] = time_fwd_bwd(lambda: fwd_bwd(mixer, x, grad), args.repeats, x.device)
     return result
 
 
-def time_fwd_bwd(mixer, x, grad, repeats):
+def time_fwd_bwd(fn, repeats, device):
+    """Fastest of `repeats` calls (after one warm-up), in ms: the run least disturbed by other work."""
     times = []
     for _ in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
-        fwd_bwd(mixer, x, grad)
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
-        mixer.zero_grad(set_to_none=True)
-        x.grad = None
-    return round(sorted(times[1:])[len(times[1:]) // 2], 2)
+    return round(min(times[1:]), 3)
+
+
+def conv_check(args):
+    """The short convolution as it is (one depthwise conv2d on the channels-last view) against the sum of shifted
+    products it replaced, fwd+bwd under bf16 autocast on --device, at the gated_deltanet q/k/v width."""
+    from x_transformers.mixers.base import ShortConvolution
+
+    width = 3 * args.dim
+    conv = ShortConvolution(width).to(args.device)
+    x = torch.randn(args.batch, args.seq_len, width, device=args.device, requires_grad=True)
+    grad = torch.randn_like(x, dtype=torch.bfloat16)
+
+    def shifted():
+        with torch.autocast(args.device, dtype=torch.bfloat16):
+            xb = x.to(torch.bfloat16)
+            padded = torch.nn.functional.pad(xb, (0, 0, conv.size - 1, 0))
+            weight = conv.conv.weight[:, 0].t().to(xb.dtype)
+            out = sum(padded[:, i : i + args.seq_len] * weight[i] for i in range(conv.size))
+            torch.nn.functional.silu(out).backward(grad)
+
+    def current():
+        with torch.autocast(args.device, dtype=torch.bfloat16):
+            conv(x.to(torch.bfloat16))[0].backward(grad)
+
+    device = torch.device(args.device)
+    result = {name: time_fwd_bwd(fn, args.repeats, device) for name, fn in (("conv2d", current), ("shifted", shifted))}
+    print(f"short conv fwd+bwd, (B={args.batch}, T={args.seq_len}, C={width}) on {args.device}: "
+          f"conv2d {result['conv2d']:.3f} ms, shifted products {result['shifted']:.3f} ms")
+    return result
 
 
 def main():
@@ -221,13 +261,17 @@ def main():
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--ops", action="store_true", help="print the per-op table of every mixer")
-    p.add_argument("--time", action="store_true", help="also time one CPU fwd+bwd (median, bf16 autocast)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--time", action="store_true", help="also time one fwd+bwd on --device (fastest of --repeats, "
+                   "bf16 autocast, kernels as they are, not counted)")
+    p.add_argument("--conv-check", action="store_true", help="also time the short convolution against shifted products")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--json", default=None, help="write the results here as JSON")
     args = p.parse_args()
 
-    torch.set_num_threads(torch.get_num_threads())
-    patch_kernels()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results = [count(name, args) for name in args.mixers]
 
     for r in results:
@@ -237,19 +281,21 @@ def main():
             for op, v in r["ops"].items():
                 print(f"  {op:<34}{v['calls']:>7}{v['mb']:>10.2f}")
     print(f"\nB={args.batch} T={args.seq_len} dim={args.dim} heads={args.heads}, bf16 autocast, one fwd+bwd, "
-          f"glue = every op outside the recurrence kernel (x_transformers from {mixers_pkg.__file__})")
+          f"{args.device}, glue = every op outside the recurrence kernel (x_transformers from {mixers_pkg.__file__})")
     header = f"{'mixer':<16}{'glue ops':>9}{'elementwise':>12}{'matmuls':>8}{'glue MB':>9}{'elemwise MB':>12}"
-    header += f"{'cpu ms':>8}" if args.time else ""
+    header += f"{'ms':>9}" if args.time else ""
     print(header)
     for r in results:
         line = f"{r['mixer']:<16}{r['glue_ops']:>9}{r['glue_elementwise_ops']:>12}{r['glue_matmuls']:>8}"
         line += f"{r['glue_mb']:>9.1f}{r['glue_elementwise_mb']:>12.1f}"
-        line += f"{r['cpu_fwd_bwd_ms']:>8.1f}" if args.time else ""
+        line += f"{r['fwd_bwd_ms']:>9.2f}" if args.time else ""
         print(line)
     payload = dict(
-        benchmark="count_mixer_ops", torch=torch.__version__, dim=args.dim, heads=args.heads, batch=args.batch,
-        seq_len=args.seq_len, results=results,
+        benchmark="count_mixer_ops", torch=torch.__version__, device=args.device, dim=args.dim, heads=args.heads,
+        batch=args.batch, seq_len=args.seq_len, results=results,
     )
+    if args.conv_check:
+        payload["conv_check_ms"] = conv_check(args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)
