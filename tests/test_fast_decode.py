@@ -436,6 +436,21 @@ def test_cuda_graph_matches_plain_path(mode, name):
 
 
 @cuda
+def test_cuda_graph_cross_attention():
+    torch.manual_seed(20)
+    model = build(max_seq_len=256, cross_attend=True, rotary_pos_emb=True, attn_kv_heads=2).cuda()
+    prompts = torch.randint(0, NUM_TOKENS, (3, 6), device="cuda")
+    for length in (9, 9, 5):  # the second call replays the graph, a new context length captures another
+        context = torch.randn(3, length, 32, device="cuda")
+        context_mask = torch.rand(3, length, device="cuda") > 0.3
+        context_mask[:, 0] = True
+        kwargs = dict(temperature=0.0, context=context, context_mask=context_mask)
+        plain_out = model.generate(prompts, 40, fast_decode=False, **kwargs)
+        assert torch.equal(model.generate(prompts, 40, **kwargs), plain_out)
+        assert model._fast_decoder.graph is not None
+
+
+@cuda
 def test_cuda_graph_replay_has_no_host_sync():
     torch.manual_seed(9)
     model = build(max_seq_len=256, **CONFIGS["rotary"]).cuda()

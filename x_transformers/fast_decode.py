@@ -11,8 +11,19 @@ runs a full Python forward per token, so it is bound by kernel launches and allo
   position, with no host sync;
 - on CUDA that step is captured once in a CUDA graph (optionally after `torch.compile`) and replayed per token.
 
-Only the model's own modules and weights are called (`attn.to_q`, norms, feedforwards, mixers...). Configurations
-it does not cover fall back to the plain path: `supports(net)` says which and why.
+Only the model's own modules and weights are called (`attn.fused_linear`, `attn.attend`, norms, feedforwards,
+mixers...), so the step computes what the plain path computes: the same greedy tokens in fp32, and in half
+precision the same arithmetic wherever the attention kernel rounds a masked call over the buffer as it rounds the
+plain path's call over exactly the keys so far (bit for bit on CPU when Attend forms its logits).
+
+Covered: softmax self attention with rotary (partial too), absolute or no positions, grouped / single kv heads,
+qk norm, memory key / values, attend-past windows, head scale, value and per-head gates, sigmoid / hard / sparse
+top-k / talking-heads / soft-clamped / l2-distance / zero-kv attention, attn_flash; cross attention (`context`,
+`context_mask`); every linear-attention / RNN mixer and hybrids of them; pre-norm residuals; left-padded prompts;
+eos; sampling filters. Anything else decodes on the plain path: `supports(net)` names the flag that prevents it
+(ALiBi / T5 / dynamic position bias, xPos, CoPE, data-dependent ALiBi, multi-latent attention, laser, value
+residual, hybrid-module attention, shift tokens, post-norm, sandwich norm, resi-dual, gated / hyper-connection
+residuals, mixture of experts, memory tokens, custom attention functions...).
 """
 
 from __future__ import annotations
