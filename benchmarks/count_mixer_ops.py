@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import sys
 import time
 from collections import Counter, defaultdict
 
@@ -59,13 +58,14 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
+        tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if not tensors:
+            return out  # metadata only (dtypes, sizes): no kernel
         if func.is_view or name in ("detach", "alias", "lift_fresh", "_unsafe_view"):
             self.views[name] += 1
             return out
         self.calls[self.region][name] += 1
-        self.bytes[self.region][name] += sum(
-            t.numel() * t.element_size() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)
-        )
+        self.bytes[self.region][name] += sum(t.numel() * t.element_size() for t in tensors)
         return out
 
 

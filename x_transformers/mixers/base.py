@@ -53,6 +53,18 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
         return F.rms_norm(x, weight.shape, weight.to(x.dtype), eps)
 
 
+def fused_linear(x: Tensor, *layers: nn.Linear | None) -> list[Tensor | None]:
+    """Bias-free Linears that read the same input, as one matmul: one launch forward, and one input gradient
+    instead of a sum of one per layer backward. Returns one output per layer (None for a None layer)."""
+    used = [layer for layer in layers if exists(layer)]
+    if len(used) == 1:
+        outs = iter([used[0](x)])
+    else:
+        weight = torch.cat([layer.weight for layer in used])
+        outs = iter(F.linear(x, weight).split([layer.out_features for layer in used], dim=-1))
+    return [next(outs) if exists(layer) else None for layer in layers]
+
+
 class L2Norm(torch.autograd.Function):
     """`x / max(|x|, eps)` over the last dim with a hand-written backward: one reduction and one product each way
     (autograd of F.normalize runs some ten elementwise passes over the full tensor in its backward)."""
@@ -61,7 +73,7 @@ class L2Norm(torch.autograd.Function):
     def forward(ctx, x: Tensor, eps: float):
         with torch.autocast(x.device.type, enabled=False):
             # statistics in fp32 at least, whatever the activation dtype
-            acc = torch.promote_types(x.dtype, torch.float32)
+            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
             norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc)
             inv = norm.clamp_min(eps).reciprocal()
             y = x * inv.to(x.dtype)
@@ -155,13 +167,14 @@ class HeadOutput(Module):
         self.to_gate = nn.Linear(dim, heads * dim_v, bias=False) if exists(gate) else None
         self.to_out = nn.Linear(heads * dim_v, dim, bias=False)
 
-    def forward(self, o: Tensor, x: Tensor) -> Tensor:
-        # o: (b, n, h, dv) in the kernel's output dtype, x: (b, n, dim) the mixer's input, for the gate
+    def forward(self, o: Tensor, x: Tensor, gate: Tensor | None = None) -> Tensor:
+        # o: (b, n, h, dv) in the kernel's output dtype, x: (b, n, dim) the mixer's input, for the gate (unless the
+        # mixer projected the gate logits `gate` (b, n, h * dv) already, in one matmul with its other projections)
         if exists(self.norm):
             o = rms_norm(o, self.norm.weight, self.norm.eps)
         o = rearrange(o.to(x.dtype), "b n h d -> b n (h d)")
         if exists(self.to_gate):
-            g = self.to_gate(x)
+            g = gate if exists(gate) else self.to_gate(x)
             o = o * (F.silu(g) if self.gate_kind == "swish" else g.sigmoid())
         return self.to_out(o)
 

@@ -13,6 +13,7 @@ from x_transformers.mixers.base import (
     HeadOutput,
     Mixer,
     QKVProjection,
+    fused_linear,
     l2_normalize,
     masked_fill_zero,
     pick_state,
@@ -31,10 +32,11 @@ class DeltaNet(Mixer):
         dim_v = int(dim * expand_v) // heads
         self.qkv = QKVProjection(dim, heads, self.dim_k, dim_v, use_short_conv, conv_size)
         self.to_beta = nn.Linear(dim, heads, bias=False)
+        self.to_a = None  # the gated variant's decay projection
         self.out = HeadOutput(dim, heads, dim_v, norm=output_norm, gate=output_gate)
 
-    def log_gate(self, x):
-        """Per-head log decay (b, n, h) or None; the gated variant overrides it."""
+    def log_gate(self, a):
+        """Per-head log decay (b, n, h) from the decay logits `a`, or None; the gated variant overrides it."""
         return None
 
     def mix(self, x, mask, state, want_state):
@@ -43,11 +45,12 @@ class DeltaNet(Mixer):
         if self.qkv.conv is None:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         q, k = l2_normalize(q), l2_normalize(k)
-        beta = self.to_beta(x).float().sigmoid()
-        g = self.log_gate(x)
+        # beta, the decay and the output gate logits: the small projections of x as one matmul
+        beta, a, gate = fused_linear(x, self.to_beta, self.to_a, self.out.to_gate)
+        beta, g = beta.float().sigmoid(), self.log_gate(a)
         k, v, beta, g = (masked_fill_zero(t, mask) for t in (k, v, beta, g))
         o, s = run_kernel(
             chunk_delta_rule, fused_recurrent_delta_rule, q, k, v, beta,
             g=g, scale=self.dim_k**-0.5, initial_state=pick_state(state, 0), want_state=want_state,
         )
-        return self.out(o, x), (s, conv_state) if want_state else None
+        return self.out(o, x, gate=gate), (s, conv_state) if want_state else None

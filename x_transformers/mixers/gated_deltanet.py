@@ -27,5 +27,5 @@ class GatedDeltaNet(DeltaNet):
         dt = torch.exp(torch.rand(heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
 
-    def log_gate(self, x):
-        return -self.A_log.float().exp() * F.softplus(self.to_a(x).float() + self.dt_bias)
+    def log_gate(self, a):
+        return -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
