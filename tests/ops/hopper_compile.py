@@ -144,7 +144,25 @@ def delta_rule(dtype):
                     torch.autograd.grad(loss, [q, k, v, beta])
 
 
-FAMILIES = {"simple_gla": simple_gla, "hgrn": hgrn, "single_token": single_token, "delta_rule": delta_rule}
+def conv(dtype):
+    from x_transformers.ops.conv.causal_conv import CausalConv1dFunction
+
+    # every flag combination at the benchmark's width (1536 channels), a short decode step, and widths 2 and 8
+    T, D = 300, 1536
+    for W, bias, act, cached, varlen in [
+        (4, b, a, c, v) for b in (False, True) for a in (False, True) for c in (False, True) for v in (False, True)
+        if not (c and v)
+    ] + [(2, False, False, False, False), (8, True, True, True, False)]:
+        x = torch.randn(1, T, D, dtype=dtype, requires_grad=True)
+        w = torch.randn(D, W, requires_grad=True)
+        b = torch.randn(D, requires_grad=True) if bias else None
+        cache = torch.randn(1, W - 1, D, dtype=dtype, requires_grad=True) if cached else None
+        seq_start = torch.zeros(T, dtype=torch.int32) if varlen else None
+        y = CausalConv1dFunction.apply(x, w, b, cache, seq_start, act)
+        torch.autograd.grad(y.float().sum(), [x, w])
+
+
+FAMILIES = {"simple_gla": simple_gla, "hgrn": hgrn, "single_token": single_token, "delta_rule": delta_rule, "conv": conv}
 
 if __name__ == "__main__":
     JITFunction.run = compile_instead_of_launch

@@ -8,6 +8,7 @@ from x_transformers.ops.simple_gla import chunk_simple_gla, fused_recurrent_simp
 from x_transformers.ops.gla import chunk_gla, fused_recurrent_gla
 from x_transformers.ops.delta_rule import chunk_delta_rule, fused_recurrent_delta_rule
 from x_transformers.ops.hgrn import hgrn_scan
+from x_transformers.ops.conv import causal_conv1d
 
 __all__ = [
     "chunk_simple_gla",
@@ -17,4 +18,5 @@ __all__ = [
     "chunk_delta_rule",
     "fused_recurrent_delta_rule",
     "hgrn_scan",
+    "causal_conv1d",
 ]

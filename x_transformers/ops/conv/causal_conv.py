@@ -1,0 +1,272 @@
+"""Causal depthwise 1-D convolution (the short convolution before DeltaNet / gated DeltaNet / Mamba2) in Triton.
+
+`out[t, c] = act(bias[c] + sum_j weight[c, j] * x[t - (w - 1) + j, c])` on (b, n, d) activations read in place, d
+contiguous. cuDNN runs the grouped conv on such views with a slow direct kernel (~0.9 ms forward at 2 x 8192 x 1536
+bf16 on an H100); this is a memory-bound pass instead. Each program owns BT rows and BD channels; the w shifted row
+blocks it loads overlap in all but w - 1 rows, which come from L1 / L2, so HBM sees about one read of x.
+
+The backward is one more pass: `dx[t] = sum_k weight[w - 1 - k] * dz[t + k]` (the conv reversed in time), where dz is
+the output gradient through the activation, whose input z is recomputed from x rather than stored. The weight and
+bias gradients are sums over time; each program writes its block's partial sums and one `sum` over blocks finishes
+them, so they come out the same on every run (no atomics). With a cache, one extra block of rows before the first token
+gives the cache's gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from x_transformers.ops.common.interpreter_compat import patch
+from x_transformers.ops.common.utils import check_cu_seqlens, check_float, check_shape, num_seqs, use_triton
+from x_transformers.ops.conv.naive import last_inputs, naive_causal_conv1d
+
+patch()
+
+MAX_WIDTH = 8  # wider kernels take the PyTorch path
+ACTIVATIONS = (None, "silu", "swish")
+# (rows, channels, warps) per program; module-level so benchmarks/bench_conv.py can sweep them. 8 channels per
+# thread (16-byte loads in bf16); the backward with a fused activation recomputes it at w shifts, so it takes fewer
+# rows to stay within the registers (sm_90: ~80 / ~105 / ~190 registers, no spills)
+FWD_BLOCKS = (64, 128, 8)
+BWD_BLOCKS = (64, 128, 8)
+BWD_ACT_BLOCKS = (32, 128, 8)
+
+
+@triton.jit
+def _load_rows(x, cache, o_src, o_bos, m_row, o_d, m_d, T, D: tl.constexpr, W: tl.constexpr, USE_CACHE: tl.constexpr):
+    """Rows `o_src` of x ([BT, BD] in fp32): zero before the sequence start `o_bos` (a per-row bound), and with a cache
+    the w - 1 inputs before the first token read from it."""
+    m = ((o_src >= o_bos) & (o_src >= 0) & (o_src < T) & m_row)[:, None] & m_d[None, :]
+    b_x = tl.load(x + o_src.to(tl.int64)[:, None] * D + o_d[None, :], mask=m, other=0).to(tl.float32)
+    if USE_CACHE:
+        m_c = ((o_src < 0) & (o_src >= 1 - W) & m_row)[:, None] & m_d[None, :]
+        b_x += tl.load(cache + (o_src + W - 1)[:, None] * D + o_d[None, :], mask=m_c, other=0).to(tl.float32)
+    return b_x
+
+
+@triton.jit
+def _conv_rows(x, w, bias, cache, o_t, o_bos, m_row, o_d, m_d, T,
+               D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+               HAS_BIAS: tl.constexpr, USE_CACHE: tl.constexpr):
+    """The pre-activation output z at rows o_t ([BT, BD] fp32)."""
+    b_z = tl.zeros([BT, BD], dtype=tl.float32)
+    if HAS_BIAS:
+        b_z += tl.load(bias + o_d, mask=m_d, other=0).to(tl.float32)[None, :]
+    for j in tl.static_range(W):
+        b_w = tl.load(w + o_d * W + j, mask=m_d, other=0).to(tl.float32)
+        b_z += _load_rows(x, cache, o_t - (W - 1) + j, o_bos, m_row, o_d, m_d, T, D, W, USE_CACHE) * b_w[None, :]
+    return b_z
+
+
+@triton.jit
+def causal_conv1d_fwd_kernel(
+    x, w, bias, cache, y, seq_start, T,
+    D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, USE_CACHE: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """grid (cdiv(D, BD) * cdiv(T, BT), B), channel blocks fastest. x, y: [B, T, D]; w: [D, W]; bias: [D];
+    cache: [B, W - 1, D]; seq_start: [T] int32, the first token of each token's sequence (packed batches)."""
+    i_dt, i_b = tl.program_id(0), tl.program_id(1)
+    ND = tl.cdiv(D, BD)
+    i_d, i_t = i_dt % ND, i_dt // ND
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    x += i_b.to(tl.int64) * T * D
+    y += i_b.to(tl.int64) * T * D
+    if USE_CACHE:
+        cache += i_b.to(tl.int64) * (W - 1) * D
+    o_bos = 0
+    if IS_VARLEN:
+        o_bos = tl.load(seq_start + o_t, mask=m_t, other=0)
+
+    b_z = _conv_rows(x, w, bias, cache, o_t, o_bos, m_t, o_d, m_d, T, D, W, BT, BD, HAS_BIAS, USE_CACHE)
+    if ACT:
+        b_z = b_z * tl.sigmoid(b_z)
+    tl.store(y + o_t.to(tl.int64)[:, None] * D + o_d[None, :], b_z.to(y.dtype.element_ty),
+             mask=m_t[:, None] & m_d[None, :])
+
+
+@triton.jit
+def causal_conv1d_bwd_kernel(
+    x, w, bias, cache, dy, dx, dcache, dw, db, seq_start, T,
+    D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, USE_CACHE: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """grid (cdiv(D, BD) * NT, B) with NT = cdiv(T, BT), plus one block of rows before the first token when there is
+    a cache (its last w - 1 rows are the cache's gradient). dx: [B, T, D] and dcache: [B, W - 1, D] in their inputs'
+    dtypes; dw: [B * NT, W, D] and db: [B * NT, D] fp32 partial sums, one row per block of rows."""
+    i_dt, i_b = tl.program_id(0), tl.program_id(1)
+    ND = tl.cdiv(D, BD)
+    NT = tl.num_programs(0) // ND
+    i_d, i_t = i_dt % ND, i_dt // ND
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    o_t = i_t * BT + tl.arange(0, BT)
+    if USE_CACHE:
+        o_t -= BT
+    m_t = (o_t >= 1 - W) & (o_t < T) if USE_CACHE else o_t < T
+    x += i_b.to(tl.int64) * T * D
+    dy += i_b.to(tl.int64) * T * D
+    dx += i_b.to(tl.int64) * T * D
+    if USE_CACHE:
+        cache += i_b.to(tl.int64) * (W - 1) * D
+        dcache += i_b.to(tl.int64) * (W - 1) * D
+
+    # dz at rows t + k reaches dx at row t through weight[w - 1 - k]
+    b_dx = tl.zeros([BT, BD], dtype=tl.float32)
+    b_dz0 = tl.zeros([BT, BD], dtype=tl.float32)
+    for k in tl.static_range(W):
+        o_u = o_t + k
+        m_u = (o_u >= 0) & (o_u < T)
+        o_bos = 0
+        if IS_VARLEN:
+            o_bos = tl.load(seq_start + o_u, mask=m_u, other=0)
+            # row t + k belongs to row t's sequence iff that sequence started at or before t
+            m_u = m_u & (o_bos <= o_t)
+        b_dz = tl.load(dy + o_u.to(tl.int64)[:, None] * D + o_d[None, :],
+                       mask=m_u[:, None] & m_d[None, :], other=0).to(tl.float32)
+        if ACT:
+            b_z = _conv_rows(x, w, bias, cache, o_u, o_bos, m_u, o_d, m_d, T, D, W, BT, BD, HAS_BIAS, USE_CACHE)
+            b_s = tl.sigmoid(b_z)
+            # d silu(z) / dz = s (1 + z (1 - s))
+            b_dz = b_dz * b_s * (1 + b_z * (1 - b_s))
+        b_w = tl.load(w + o_d * W + (W - 1 - k), mask=m_d, other=0).to(tl.float32)
+        b_dx += b_dz * b_w[None, :]
+        if k == 0:
+            b_dz0 = b_dz
+
+    tl.store(dx + o_t.to(tl.int64)[:, None] * D + o_d[None, :], b_dx.to(dx.dtype.element_ty),
+             mask=((o_t >= 0) & (o_t < T))[:, None] & m_d[None, :])
+    if USE_CACHE:
+        m_c = (o_t < 0) & (o_t >= 1 - W)
+        tl.store(dcache + (o_t + W - 1)[:, None] * D + o_d[None, :], b_dx.to(dcache.dtype.element_ty),
+                 mask=m_c[:, None] & m_d[None, :])
+
+    # this block's share of the weight and bias gradients (dz0 is zero outside the sequence)
+    i_p = (i_b * NT + i_t).to(tl.int64)
+    o_bos = 0
+    if IS_VARLEN:
+        o_bos = tl.load(seq_start + o_t, mask=(o_t >= 0) & (o_t < T), other=0)
+    for j in tl.static_range(W):
+        b_x = _load_rows(x, cache, o_t - (W - 1) + j, o_bos, m_t, o_d, m_d, T, D, W, USE_CACHE)
+        tl.store(dw + (i_p * W + j) * D + o_d, tl.sum(b_dz0 * b_x, axis=0), mask=m_d)
+    if HAS_BIAS:
+        tl.store(db + i_p * D + o_d, tl.sum(b_dz0, axis=0), mask=m_d)
+
+
+def _blocks(blocks, T, D):
+    # short inputs (decoding) get fewer rows per program; narrow ones fewer channels
+    BT, BD, num_warps = blocks
+    BT = min(BT, max(16, triton.next_power_of_2(T)))
+    BD = min(BD, max(16, triton.next_power_of_2(D)))
+    return BT, BD, num_warps
+
+
+def _seq_start(cu_seqlens: Tensor | None, T: int, device) -> Tensor | None:
+    """The first token of every token's sequence, [T] int32 (no host sync)."""
+    if cu_seqlens is None:
+        return None
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    seq = torch.searchsorted(cu[1:], torch.arange(T, device=device), right=True)
+    return cu[seq].to(torch.int32)
+
+
+def causal_conv1d_fwd(x, weight, bias, cache, seq_start, act):
+    B, T, D = x.shape
+    W = weight.shape[1]
+    y = torch.empty_like(x)
+    BT, BD, num_warps = _blocks(FWD_BLOCKS, T, D)
+    grid = (triton.cdiv(D, BD) * triton.cdiv(T, BT), B)
+    causal_conv1d_fwd_kernel[grid](
+        x, weight, bias, cache, y, seq_start, T, D=D, W=W, BT=BT, BD=BD,
+        HAS_BIAS=bias is not None, ACT=act, USE_CACHE=cache is not None, IS_VARLEN=seq_start is not None,
+        num_warps=num_warps,
+    )
+    return y
+
+
+def causal_conv1d_bwd(x, weight, bias, cache, seq_start, act, dy):
+    B, T, D = x.shape
+    W = weight.shape[1]
+    BT, BD, num_warps = _blocks(BWD_ACT_BLOCKS if act else BWD_BLOCKS, T + (W - 1 if cache is not None else 0), D)
+    NT = triton.cdiv(T, BT) + (cache is not None)
+    dx = torch.empty_like(x)
+    dcache = torch.empty_like(cache) if cache is not None else None
+    dw = x.new_empty(B * NT, W, D, dtype=torch.float32)
+    db = x.new_empty(B * NT, D, dtype=torch.float32) if bias is not None else None
+    causal_conv1d_bwd_kernel[(triton.cdiv(D, BD) * NT, B)](
+        x, weight, bias, cache, dy, dx, dcache, dw, db, seq_start, T, D=D, W=W, BT=BT, BD=BD,
+        HAS_BIAS=bias is not None, ACT=act, USE_CACHE=cache is not None, IS_VARLEN=seq_start is not None,
+        num_warps=num_warps,
+    )
+    dw = dw.sum(0).t().to(weight.dtype)
+    db = db.sum(0).to(bias.dtype) if bias is not None else None
+    return dx, dw, db, dcache
+
+
+class CausalConv1dFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, cache, seq_start, act):
+        y = causal_conv1d_fwd(x, weight, bias, cache, seq_start, act)
+        ctx.save_for_backward(x, weight, bias, cache, seq_start)
+        ctx.act = act
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, cache, seq_start = ctx.saved_tensors
+        dx, dw, db, dcache = causal_conv1d_bwd(x, weight, bias, cache, seq_start, ctx.act, dy.contiguous())
+        return dx, dw, db, dcache, None, None
+
+
+def causal_conv1d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    activation: str | None = None,
+    cache: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Causal depthwise convolution over time, `out[t] = act(bias + sum_j weight[:, j] * x[t - (w - 1) + j])`.
+
+    x: (b, n, d), any float dtype; weight: (d, w); bias: (d,); activation: None or "silu" (fused); cache: (b, w - 1, d),
+    the inputs before x (decoding, chunked prefill; n may be 1); cu_seqlens: offsets of packed sequences (b = 1, no
+    cache), which never see each other. Returns (out in x's dtype, new cache): the new cache is the last w - 1 inputs
+    of (cache, x), zero-padded on the left when there are fewer, or (N, w - 1, d), one per packed sequence.
+    Accumulates in fp32; gradients reach x, weight, bias and cache."""
+    where = "causal_conv1d"
+    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("cache", cache)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{where}: `{name}` must be a tensor, got {type(t).__name__}")
+        check_float(name, t, where)
+    if x.ndim != 3:
+        raise ValueError(f"{where}: `x` must have shape (b, n, d), got {tuple(x.shape)}")
+    B, T, D = x.shape
+    if weight.ndim != 2 or weight.shape[0] != D or weight.shape[1] < 1:
+        raise ValueError(f"{where}: `weight` must have shape (d, w) = ({D}, w) with w >= 1, got {tuple(weight.shape)}")
+    W = weight.shape[1]
+    check_shape("bias", bias, (D,), where)
+    check_shape("cache", cache, (B, W - 1, D), where)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{where}: `activation` must be one of {ACTIVATIONS}, got {activation!r}")
+    if cu_seqlens is not None and cache is not None:
+        raise ValueError(f"{where}: `cache` is not supported with `cu_seqlens` (packed sequences start from zeros)")
+    check_cu_seqlens(cu_seqlens, B, T, where)
+
+    act = activation is not None
+    if T == 0:
+        new_cache = last_inputs(x, cache, W) if cu_seqlens is None else x.new_zeros(num_seqs(B, cu_seqlens), W - 1, D)
+        return x.new_zeros(x.shape), new_cache
+    if W > MAX_WIDTH or not use_triton(x, weight, bias, cache):
+        return naive_causal_conv1d(x, weight, bias, activation, cache, cu_seqlens)
+    # a width-1 kernel has nothing to cache
+    conv_cache = cache.contiguous() if cache is not None and W > 1 else None
+    seq_start = _seq_start(cu_seqlens, T, x.device)
+    bias = bias.contiguous() if bias is not None else None
+    out = CausalConv1dFunction.apply(x.contiguous(), weight.contiguous(), bias, conv_cache, seq_start, act)
+    return out, last_inputs(x, cache, W, cu_seqlens)
