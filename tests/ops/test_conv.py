@@ -6,6 +6,7 @@ run on the GPU, plus the benchmark shape (b=2, n=8192, d=1536): `pytest tests/op
 """
 
 import os
+import sys
 
 import pytest
 import torch
@@ -217,3 +218,14 @@ def test_compiles_for_hopper(kernel_check):
 def test_blocks_shrink_for_short_inputs():
     assert conv_module._blocks((64, 128, 8), 1, 1536) == (16, 128, 8)
     assert conv_module._blocks((64, 128, 8), 8192, 24) == (64, 32, 8)
+
+
+def test_bench_conv_smoke():
+    """benchmarks/bench_conv.py runs end to end (tiny shapes; on CPU through the interpreter)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    import bench_conv
+
+    rows = bench_conv.main(["--smoke"])
+    assert [r["impl"] for r in rows] == list(bench_conv.IMPLS)
+    assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in rows)
+    assert all(r["max_abs_diff_vs_ours"] < 0.1 for r in rows[1:])
