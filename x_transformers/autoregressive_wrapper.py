@@ -299,7 +299,7 @@ class AutoregressiveWrapper(Module):
         past_max_len = last_len > self.max_seq_len and (restrict_to_max_seq_len or has_abs_pos)
 
         # cross attention's context is the one network kwarg the static decoder takes
-        context_kwargs = ("context", "context_mask") if getattr(self.net.attn_layers, "cross_attend", False) else ()
+        context_kwargs = ("context", "context_mask") if getattr(getattr(self.net, "attn_layers", None), "cross_attend", False) else ()
         other_kwargs = sorted(set(net_kwargs) - set(context_kwargs))
 
         blockers = dict(
