@@ -35,8 +35,11 @@ if interpreting():
 # the triangular solve substitutes row by row inside WY_SUB x WY_SUB diagonal blocks (4 or 16) and merges the rest
 # with tensor-core products: fewer serial steps of cross-warp reductions
 WY_SUB = 4
-# software-pipelining depth of the two sequential state passes: the next chunk's loads overlap this chunk's products
+# software-pipelining depth of the two sequential state passes: the next chunk's loads overlap this chunk's products.
+# Keep it at 2 or more: with 1, the bf16 state kernels hit an illegal memory access on an H100 (Triton 3.6).
 STATE_STAGES = 2
+# warps per kernel and chunk_bwd's value tile; 0 = the default of `_launch` (tuning knobs for bench_ops.py --set)
+WY_WARPS = STATE_WARPS = OUTPUT_WARPS = BWD_WARPS = BWD_BV = 0
 
 @triton.jit
 def _load_gates(gc, bos, i_t, i_h, T, H: tl.constexpr, BT: tl.constexpr):
@@ -380,13 +383,18 @@ def _state_bv(BV, V, NH, device):
 
 
 def _launch(dtype, K):
-    """(chunk size, tf32 mode of fp32 products, warps). Half-precision inputs multiply in their own dtype on the
-    tensor cores (fp32 accumulate); only the fp32 triangular solve uses tf32 there. fp32 inputs get near-fp32 products
-    from three tf32 passes (tests hold them to 5e-3) and 32-step chunks, which keeps them within shared memory.
-    8 warps hold the 64-step / wide-key tiles without register spills (tests/ops/hopper_compile.py reports them)."""
-    half = dtype in (torch.bfloat16, torch.float16)
-    BT = 64 if half and K <= 128 else 32
-    return BT, ("tf32" if half else "tf32x3"), (8 if K > 64 or BT == 64 else 4)
+    """(chunk size, tf32 mode of fp32 products, warps of the wy and output kernels, of the state passes, of chunk_bwd).
+
+    Half-precision inputs multiply in their own dtype on the tensor cores (fp32 accumulate); only the fp32 triangular
+    solve uses tf32 there. fp32 inputs get near-fp32 products from three tf32 passes (tests hold them to 5e-3) and
+    32-step chunks, which keeps them within shared memory. Warps: measured on an H100 at K = V = 128 bf16
+    (bench_ops.py --set ...WARPS=n): 4 warps beat 8 for the wy, state and output kernels (forward 1.19 -> ~0.75 ms
+    at B=16, T=1024), while chunk_bwd, which holds the most tiles, wants 8. Narrower keys keep the state passes at 8
+    warps, where the sm_90 compile check shows no register spills (not timed)."""
+    if dtype in (torch.bfloat16, torch.float16) and K <= 128:
+        return 64, "tf32", 4, (4 if K > 64 else 8), 8
+    warps = 8 if K > 64 else 4
+    return 32, "tf32x3", warps, warps, warps
 
 
 def _varlen_meta(cu_seqlens, B, T, BT):
@@ -401,7 +409,7 @@ def chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_st
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    (BT, prec, warps), (BK, BV) = _launch(q.dtype, K), _blocks(K, V)
+    (BT, prec, warps, state_warps, bwd_warps), (BK, BV) = _launch(q.dtype, K), _blocks(K, V)
     indices, offsets, NT_total, NT_grid = _varlen_meta(cu_seqlens, B, T, BT)
     varlen, grid_bh = cu_seqlens is not None, B * H if cu_seqlens is None else H
     f32 = dict(device=q.device, dtype=torch.float32)
@@ -412,7 +420,7 @@ def chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_st
     A, w, u = torch.empty(B, T, H, BT, **io), torch.empty(B, T, H, K, **io), torch.empty(B, T, H, V, **io)
     wy_fwd_kernel[(NT_grid, grid_bh)](
         k, v, beta, g, gc, A, w, u, cu_seqlens, indices, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, SUB=WY_SUB,
-        USE_G=g is not None, IS_VARLEN=varlen, PREC=prec, num_stages=1, num_warps=warps,
+        USE_G=g is not None, IS_VARLEN=varlen, PREC=prec, num_stages=1, num_warps=WY_WARPS or warps,
     )
     h, d = torch.empty(NT_total, H, K, V, **io), torch.empty(B, T, H, V, **io)
     ht = torch.empty(N, H, K, V, **f32) if output_final_state else None
@@ -420,12 +428,12 @@ def chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_st
     state_fwd_kernel[(triton.cdiv(V, BVs), N * H)](
         k, w, u, gc, h, d, initial_state, ht, cu_seqlens, offsets, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BVs,
         USE_G=g is not None, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
-        IS_VARLEN=varlen, PREC=prec, num_stages=STATE_STAGES, num_warps=warps,
+        IS_VARLEN=varlen, PREC=prec, num_stages=STATE_STAGES, num_warps=STATE_WARPS or state_warps,
     )
     o = torch.empty_like(v)
     output_fwd_kernel[(triton.cdiv(V, BV), NT_grid, grid_bh)](
         q, k, d, gc, h, o, cu_seqlens, indices, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-        USE_G=g is not None, IS_VARLEN=varlen, PREC=prec, num_warps=warps,
+        USE_G=g is not None, IS_VARLEN=varlen, PREC=prec, num_warps=OUTPUT_WARPS or warps,
     )
     return o, ht, (gc, A, w, h, d)
 
@@ -434,7 +442,7 @@ def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, sav
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    (BT, prec, warps), (BK, BV) = _launch(q.dtype, K), _blocks(K, V)
+    (BT, prec, warps, state_warps, bwd_warps), (BK, BV) = _launch(q.dtype, K), _blocks(K, V)
     indices, offsets, NT_total, NT_grid = _varlen_meta(cu_seqlens, B, T, BT)
     varlen, grid_bh = cu_seqlens is not None, B * H if cu_seqlens is None else H
     f32 = dict(device=q.device, dtype=torch.float32)
@@ -447,7 +455,7 @@ def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, sav
     state_bwd_kernel[(triton.cdiv(V, BVs), N * H)](
         q, k, w, gc, do, dh, dd, dht, dh0, cu_seqlens, offsets, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BVs,
         USE_INITIAL_STATE=initial_state is not None, USE_FINAL_STATE_GRADIENT=dht is not None,
-        IS_VARLEN=varlen, PREC=prec, num_stages=STATE_STAGES, num_warps=warps,
+        IS_VARLEN=varlen, PREC=prec, num_stages=STATE_STAGES, num_warps=STATE_WARPS or state_warps,
     )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbeta = torch.empty(B, T, H, **f32)
@@ -455,8 +463,8 @@ def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, sav
     # this kernel keeps many [BT, BK] blocks live at once: narrower value tiles keep it within shared memory
     chunk_bwd_kernel[(NT_grid, grid_bh)](
         q, k, v, beta, gc, A, h, d, dh, dd, do, dq, dk, dv, dbeta, dg, cu_seqlens, indices, scale, T,
-        H=H, K=K, V=V, BT=BT, BK=BK, BV=min(BV, 32), USE_G=g is not None, IS_VARLEN=varlen, PREC=prec,
-        num_warps=warps, num_stages=1,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=BWD_BV or min(BV, 32), USE_G=g is not None, IS_VARLEN=varlen, PREC=prec,
+        num_warps=BWD_WARPS or bwd_warps, num_stages=1,
     )
     return dq, dk, dv, dbeta, dg, dh0
 
