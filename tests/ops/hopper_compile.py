@@ -147,12 +147,14 @@ def delta_rule(dtype):
 def conv(dtype):
     from x_transformers.ops.conv.causal_conv import CausalConv1dFunction
 
-    # every flag combination at the benchmark's width (1536 channels), a short decode step, and widths 2 and 8
+    # each flag at the benchmark's width (1536 channels), with the fused SiLU where it changes the backward the most,
+    # and widths 2 and 8
     T, D = 300, 1536
     for W, bias, act, cached, varlen in [
-        (4, b, a, c, v) for b in (False, True) for a in (False, True) for c in (False, True) for v in (False, True)
-        if not (c and v)
-    ] + [(2, False, False, False, False), (8, True, True, True, False)]:
+        (4, False, False, False, False), (4, True, True, False, False), (4, False, False, True, False),
+        (4, False, True, True, False), (4, False, True, False, True), (2, False, False, False, False),
+        (8, True, False, True, False),
+    ]:
         x = torch.randn(1, T, D, dtype=dtype, requires_grad=True)
         w = torch.randn(D, W, requires_grad=True)
         b = torch.randn(D, requires_grad=True) if bias else None

@@ -77,6 +77,13 @@ def test_matches_reference(W, bias, activation, cache, kernel_check):
     check(make_inputs(2, T_SMALL, 40, W, bias=bias, cache=cache), activation=activation, kernel_check=kernel_check)
 
 
+@pytest.mark.parametrize("W, bias, activation, cache", [(3, True, "silu", True), (4, False, None, False)])
+def test_transposed_taps(W, bias, activation, cache, monkeypatch, kernel_check):
+    """Many tokens read the weight transposed to [w, d] (16-byte loads of each tap): same results."""
+    monkeypatch.setattr(conv_module, "TRANSPOSE_WEIGHT_FROM", 0)
+    check(make_inputs(2, T_SMALL, 40, W, bias=bias, cache=cache), activation=activation, kernel_check=kernel_check)
+
+
 @pytest.mark.parametrize("activation, cache", [(None, False), ("silu", True)])
 def test_matches_conv1d(activation, cache, kernel_check):
     check(make_inputs(2, T_SMALL, 24, 4, cache=cache), activation=activation, ref_fn=conv1d_oracle,
