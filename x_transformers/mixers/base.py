@@ -75,8 +75,8 @@ class L2Norm(torch.autograd.Function):
             # statistics in fp32 at least, whatever the activation dtype
             acc = torch.float64 if x.dtype == torch.float64 else torch.float32
             norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc)
-            inv = norm.clamp_min(eps).reciprocal()
-            y = x * inv.to(x.dtype)
+            inv = norm.clamp_min(eps).reciprocal().to(x.dtype)
+            y = x * inv
         ctx.save_for_backward(y, inv)
         return y
 
@@ -84,9 +84,9 @@ class L2Norm(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         y, inv = ctx.saved_tensors
         with torch.autocast(dy.device.type, enabled=False):
-            # d/dx (x / |x|) = (dy - y <y, dy>) / |x|
-            dot = (dy * y).sum(-1, keepdim=True, dtype=inv.dtype)
-            dx = torch.addcmul(dy, y, dot.to(y.dtype), value=-1.0) * inv.to(y.dtype)
+            # d/dx (x / |x|) = (dy - y <y, dy>) / |x|; the sum accumulates in fp32 even for half-precision inputs
+            dot = (dy * y).sum(-1, keepdim=True)
+            dx = torch.addcmul(dy, y, dot, value=-1.0) * inv
         return dx, None
 
 

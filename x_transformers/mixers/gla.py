@@ -11,7 +11,15 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from x_transformers.mixers.base import HeadOutput, Mixer, QKVProjection, masked_fill_zero, pick_state, run_kernel
+from x_transformers.mixers.base import (
+    HeadOutput,
+    Mixer,
+    QKVProjection,
+    fused_linear,
+    masked_fill_zero,
+    pick_state,
+    run_kernel,
+)
 from x_transformers.ops import chunk_gla, fused_recurrent_gla
 
 
@@ -34,11 +42,13 @@ class GLA(Mixer):
     def mix(self, x, mask, state, want_state):
         x = masked_fill_zero(x, mask)
         q, k, v, conv_state = self.qkv(x, pick_state(state, 1))
-        g = F.logsigmoid(self.to_gate(x).float()) / self.gate_logit_normalizer
+        # the low-rank decay projection and the output gate read x through one matmul
+        low_rank, gate = fused_linear(x, self.to_gate[0], self.out.to_gate)
+        g = F.logsigmoid(self.to_gate[1](low_rank).float()) / self.gate_logit_normalizer
         g = rearrange(g, "b n (h d) -> b n h d", h=self.heads)
         k, v, g = (masked_fill_zero(t, mask) for t in (k, v, g))
         o, s = run_kernel(
             chunk_gla, fused_recurrent_gla, q, k, v, g,
             scale=self.dim_k**-0.5, initial_state=pick_state(state, 0), want_state=want_state,
         )
-        return self.out(o, x), (s, conv_state) if want_state else None
+        return self.out(o, x, gate=gate), (s, conv_state) if want_state else None

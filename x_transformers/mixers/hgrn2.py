@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from x_transformers.mixers.base import HeadOutput, Mixer, masked_fill_zero, pick_state, run_kernel
+from x_transformers.mixers.base import HeadOutput, Mixer, fused_linear, masked_fill_zero, pick_state, run_kernel
 from x_transformers.ops import chunk_gla, fused_recurrent_gla
 
 
@@ -33,8 +33,10 @@ class HGRN2(Mixer):
     def mix(self, x, mask, state, want_state):
         x = masked_fill_zero(x, mask)
         split = lambda t: rearrange(t, "b n (h d) -> b n h d", h=self.heads)  # noqa: E731
-        q = F.silu(split(self.to_q(x)))
-        f_logit = split(self.to_f(x))
+        # query, forget gate and output gate read x through one matmul (the value gets its own: contiguous for the
+        # kernel)
+        q, f_logit, gate = fused_linear(x, self.to_q, self.to_f, self.out.to_gate)
+        q, f_logit = F.silu(split(q)), split(f_logit)
         lb = self.lower_bound
         # log f (fp32, for the kernel's running sums) and 1 - f (in the activation dtype, as a key), both from the
         # logit: stable for saturated gates
@@ -49,4 +51,4 @@ class HGRN2(Mixer):
             chunk_gla, fused_recurrent_gla, q, k, v, g,
             scale=1.0, initial_state=pick_state(state, 0), want_state=want_state,
         )
-        return self.out(o, x), (s,) if want_state else None
+        return self.out(o, x, gate=gate), (s,) if want_state else None

@@ -20,7 +20,6 @@ from torch import nn
 
 from x_transformers.mixers.base import Mixer, masked_fill_zero, pick_state, run_kernel
 from x_transformers.ops import chunk_gla, fused_recurrent_gla
-from x_transformers.utils import exists
 
 
 def shift_right(t, first=None):
