@@ -1,7 +1,7 @@
 """Normalization layers.
 
-All the RMS-style norms are written as `x / ||x|| * sqrt(dim)`, which equals `x / rms(x)` and needs no epsilon
-beyond F.normalize's guard against a zero vector. `unit_offset=True` stores gamma - 1, so that weight decay pulls
+All the RMS-style norms are `x / rms(x)` (upstream writes `x / ||x|| * sqrt(dim)`, the same function) through
+F.rms_norm: one fused op instead of a norm, clamp, divide and scale, each a kernel forward and backward. `unit_offset=True` stores gamma - 1, so that weight decay pulls
 the effective gain towards 1 instead of 0.
 """
 
@@ -17,6 +17,10 @@ from torch.nn import Module
 from x_transformers.utils import default
 
 LinearNoBias = partial(nn.Linear, bias=False)
+
+# F.rms_norm's default epsilon is the input dtype's (2^-7 for bf16, which would visibly damp small activations);
+# this one only guards the zero vector, as F.normalize's 1e-12 on the norm does upstream
+RMS_EPS = 1e-24
 
 
 def _as_sequence_condition(condition):
@@ -54,16 +58,18 @@ class AdaptiveLayerNorm(Module):
 
 
 class ScaleNorm(Module):
-    """ScaleNorm, arXiv 1910.05895: l2-normalize, then one learned scalar gain."""
+    """ScaleNorm, arXiv 1910.05895: l2-normalize, then one learned scalar gain (times sqrt(dim))."""
 
     def __init__(self, dim, unit_offset=False):
         super().__init__()
+        self.dim = dim
         self.unit_offset = unit_offset
         self.scale = dim**0.5
         self.g = nn.Parameter(torch.full((1,), 1.0 - float(unit_offset)))
 
     def forward(self, x):
-        return F.normalize(x, dim=-1) * self.scale * (self.g + float(self.unit_offset))
+        g = self.g + 1.0 if self.unit_offset else self.g
+        return F.rms_norm(x, (self.dim,), eps=RMS_EPS) * g
 
 
 class RMSNorm(Module):
@@ -71,12 +77,14 @@ class RMSNorm(Module):
 
     def __init__(self, dim, unit_offset=False):
         super().__init__()
+        self.dim = dim
         self.unit_offset = unit_offset
         self.scale = dim**0.5
         self.g = nn.Parameter(torch.full((dim,), 1.0 - float(unit_offset)))
 
     def forward(self, x):
-        return F.normalize(x, dim=-1) * self.scale * (self.g + float(self.unit_offset))
+        g = self.g + 1.0 if self.unit_offset else self.g
+        return F.rms_norm(x, (self.dim,), weight=g, eps=RMS_EPS)
 
 
 class AdaptiveRMSNorm(Module):
@@ -84,13 +92,14 @@ class AdaptiveRMSNorm(Module):
 
     def __init__(self, dim, dim_condition=None):
         super().__init__()
+        self.dim = dim
         self.scale = dim**0.5
         self.to_gamma = LinearNoBias(default(dim_condition, dim), dim)
         nn.init.zeros_(self.to_gamma.weight)
 
     def forward(self, x, *, condition):
         gamma = self.to_gamma(_as_sequence_condition(condition))
-        return F.normalize(x, dim=-1) * self.scale * (gamma + 1.0)
+        return F.rms_norm(x, (self.dim,), eps=RMS_EPS) * (gamma + 1.0)
 
 
 class SimpleRMSNorm(Module):
@@ -98,10 +107,11 @@ class SimpleRMSNorm(Module):
 
     def __init__(self, dim, **kwargs):
         super().__init__()
+        self.dim = dim
         self.scale = dim**0.5
 
     def forward(self, x):
-        return F.normalize(x, dim=-1) * self.scale
+        return F.rms_norm(x, (self.dim,), eps=RMS_EPS)
 
 
 class MultiheadRMSNorm(Module):
