@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from x_transformers.ops import causal_conv1d
-from x_transformers.ops.conv import naive_causal_conv1d
 from x_transformers.ops.conv import causal_conv as conv_module
+from x_transformers.ops.conv import naive_causal_conv1d
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

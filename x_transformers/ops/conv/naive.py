@@ -7,6 +7,8 @@ sequence of a packed batch), computed in fp32 and returned in x's dtype.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -61,7 +63,7 @@ def naive_causal_conv1d(
         else:
             # no mixing across the packed sequences: each is convolved on its own, from zeros
             bounds = cu_seqlens.tolist()
-            out = torch.cat([_conv(x[:, s:e], weight, bias, None) for s, e in zip(bounds[:-1], bounds[1:])], dim=1)
+            out = torch.cat([_conv(x[:, s:e], weight, bias, None) for s, e in pairwise(bounds)], dim=1)
         if activation is not None:
             out = F.silu(out)
     return out.to(x.dtype), last_inputs(x, cache, weight.shape[1], cu_seqlens)
