@@ -67,6 +67,17 @@ def check(inputs, dtype=torch.float32, activation=None, cu_seqlens=None, ref_fn=
 
 
 T_SMALL = 37 if not CUDA else 3000  # several row blocks, not a multiple of one
+BLOCK_NAMES = ("FWD_BLOCKS", "BWD_BLOCKS", "BWD_ACT_BLOCKS")
+DEFAULT_BLOCKS = {name: getattr(conv_module, name) for name in BLOCK_NAMES}
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """On CPU, blocks of 16 rows and 32 channels: the tiny test shapes then span several of each (and end in partial
+    ones), as real shapes do with the default blocks."""
+    if not CUDA:
+        for name in BLOCK_NAMES:
+            monkeypatch.setattr(conv_module, name, (16, 32, 4))
 
 
 @pytest.mark.parametrize("W", [2, 3, 4])
@@ -225,6 +236,13 @@ def test_compiles_for_hopper(kernel_check):
 def test_blocks_shrink_for_short_inputs():
     assert conv_module._blocks((64, 128, 8), 1, 1536) == (16, 128, 8)
     assert conv_module._blocks((64, 128, 8), 8192, 24) == (64, 32, 8)
+
+
+def test_default_blocks(monkeypatch, kernel_check):
+    """The shipped block sizes, over two row blocks and a partial channel block."""
+    for name in BLOCK_NAMES:
+        monkeypatch.setattr(conv_module, name, DEFAULT_BLOCKS[name])
+    check(make_inputs(1, 70, 136, 4, cache=True), activation="silu", kernel_check=kernel_check)
 
 
 def test_bench_conv_smoke():
