@@ -116,6 +116,35 @@ def counted_kernel(fn):
     return call
 
 
+class KernelStub(torch.autograd.Function):
+    """Stands in for a kernel when timing the glue alone: outputs and gradients are allocated, nothing computed."""
+
+    @staticmethod
+    def forward(ctx, value, state_shape, *inputs):
+        ctx.inputs = inputs
+        state = value.new_zeros(state_shape, dtype=torch.float32) if state_shape is not None else None
+        return torch.zeros_like(value), state
+
+    @staticmethod
+    def backward(ctx, do, dstate):
+        return (None, None, *(torch.zeros_like(t) if torch.is_tensor(t) else None for t in ctx.inputs))
+
+
+def stub_kernel(fn):
+    def call(*args, initial_state=None, output_final_state=False, **kwargs):
+        args = [a.contiguous() if torch.is_tensor(a) else a for a in args]
+        tensors = [*args, *(v.contiguous() for v in kwargs.values() if torch.is_tensor(v))]
+        value = args[0] if fn.__name__ == "hgrn_scan" else args[2]
+        if fn.__name__ == "hgrn_scan":
+            state_shape = value[:, 0].shape
+        else:
+            state_shape = (value.shape[0], value.shape[2], args[1].shape[-1], value.shape[-1])
+        return KernelStub.apply(value, state_shape if output_final_state else None, *tensors)
+
+    call.__name__ = fn.__name__
+    return call
+
+
 class FusedRMSNorm(torch.autograd.Function):
     """F.rms_norm counted as the one fused kernel each way that CUDA runs when input and weight share a dtype (the
     CPU build decomposes it into a dozen ops, which a GPU does not launch)."""
@@ -151,17 +180,19 @@ def rms_norm(x, normalized_shape, weight=None, eps=None):
 
 
 @contextlib.contextmanager
-def patched():
-    """Route every kernel the mixer modules imported through KernelRegion, and rms_norm through FusedRMSNorm."""
+def patched(wrap=counted_kernel, fuse_rms_norm=True):
+    """Route every kernel the mixer modules imported through `wrap` (KernelRegion by default), and rms_norm through
+    FusedRMSNorm."""
     undo = [(torch.nn.functional, "rms_norm", RMS_NORM)]
-    torch.nn.functional.rms_norm = rms_norm
+    if fuse_rms_norm:
+        torch.nn.functional.rms_norm = rms_norm
     for module_path, _ in MIXERS.values():
         module = __import__(module_path, fromlist=["_"])
         for name in KERNELS:
             fn = getattr(module, name, None)
             if fn is not None:
                 undo.append((module, name, fn))
-                setattr(module, name, counted_kernel(fn))
+                setattr(module, name, wrap(fn))
     try:
         yield
     finally:
@@ -207,6 +238,8 @@ def count(name, args):
     )
     if args.time:
         result["fwd_bwd_ms"] = time_fwd_bwd(lambda: fwd_bwd(mixer, x, grad), args.repeats, x.device)
+        with patched(stub_kernel, fuse_rms_norm=False):
+            result["glue_fwd_bwd_ms"] = time_fwd_bwd(lambda: fwd_bwd(mixer, x, grad), args.repeats, x.device)
     return result
 
 
@@ -263,7 +296,7 @@ def main():
     p.add_argument("--ops", action="store_true", help="print the per-op table of every mixer")
     p.add_argument("--device", default="cpu")
     p.add_argument("--time", action="store_true", help="also time one fwd+bwd on --device (fastest of --repeats, "
-                   "bf16 autocast, kernels as they are, not counted)")
+                   "bf16 autocast, not counted): the whole block, and the glue alone with the kernels stubbed out")
     p.add_argument("--conv-check", action="store_true", help="also time the short convolution against shifted products")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
@@ -283,12 +316,12 @@ def main():
     print(f"\nB={args.batch} T={args.seq_len} dim={args.dim} heads={args.heads}, bf16 autocast, one fwd+bwd, "
           f"{args.device}, glue = every op outside the recurrence kernel (x_transformers from {mixers_pkg.__file__})")
     header = f"{'mixer':<16}{'glue ops':>9}{'elementwise':>12}{'matmuls':>8}{'glue MB':>9}{'elemwise MB':>12}"
-    header += f"{'ms':>9}" if args.time else ""
+    header += f"{'ms':>9}{'glue ms':>9}" if args.time else ""
     print(header)
     for r in results:
         line = f"{r['mixer']:<16}{r['glue_ops']:>9}{r['glue_elementwise_ops']:>12}{r['glue_matmuls']:>8}"
         line += f"{r['glue_mb']:>9.1f}{r['glue_elementwise_mb']:>12.1f}"
-        line += f"{r['fwd_bwd_ms']:>9.2f}" if args.time else ""
+        line += f"{r['fwd_bwd_ms']:>9.2f}{r['glue_fwd_bwd_ms']:>9.2f}" if args.time else ""
         print(line)
     payload = dict(
         benchmark="count_mixer_ops", torch=torch.__version__, device=args.device, dim=args.dim, heads=args.heads,
