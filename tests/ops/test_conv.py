@@ -228,6 +228,17 @@ def test_decode_step_on_gpu(kernel_check):
     check(make_inputs(16, 1, 1536, 4, cache=True), torch.bfloat16, "silu", kernel_check=kernel_check)
 
 
+@pytest.mark.skipif(not CUDA, reason="needs a GPU (the interpreter's kernels cannot be traced)")
+def test_decode_step_under_torch_compile():
+    """The fast decoder compiles its step with fullgraph=True: the op must trace (Triton launch inside an autograd
+    Function) and give the eager results."""
+    x, weight, bias, cache = make_inputs(4, 1, 1536, 4, cache=True)
+    step = torch.compile(lambda x, w, b, c: causal_conv1d(x, w, b, "silu", c), fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        for got, want in zip(step(x, weight, bias, cache), causal_conv1d(x, weight, bias, "silu", cache)):
+            torch.testing.assert_close(got, want)
+
+
 @pytest.mark.skipif(os.environ.get("HOPPER_COMPILE") != "1", reason="slow; set HOPPER_COMPILE=1 to run")
 def test_compiles_for_hopper(kernel_check):
     kernel_check.hopper_compile("conv")
