@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import x_transformers.mixers as mixers_pkg
-from x_transformers.mixers import MIXERS, make_mixer
+from x_transformers.mixers import MIXERS, ShortConvolution, make_mixer
 
 KERNELS = ("chunk_delta_rule", "fused_recurrent_delta_rule", "chunk_simple_gla", "fused_recurrent_simple_gla",
            "chunk_gla", "fused_recurrent_gla", "hgrn_scan")
@@ -215,6 +215,8 @@ def count(name, args):
     with torch.autocast(args.device, dtype=torch.bfloat16), torch.no_grad():
         dtype = mixer(x[:, :2]).dtype
     grad = torch.randn(args.batch, args.seq_len, args.dim, device=args.device, dtype=dtype)
+    # count the CUDA path of the short convolution (its kernel), wherever this runs
+    ShortConvolution.use_depthwise_kernel = True
     with patched():
         fwd_bwd(mixer, x, grad)  # warm-up: lazily built buffers are not part of a step
         mixer.zero_grad(set_to_none=True)
@@ -223,6 +225,7 @@ def count(name, args):
         with COUNTER:
             fwd_bwd(mixer, x, grad)
         counter, COUNTER = COUNTER, None
+    ShortConvolution.use_depthwise_kernel = None
     glue, kernel = counter.calls["glue"], counter.calls["kernel"]
     glue_bytes = counter.bytes["glue"]
     result = dict(
@@ -258,31 +261,24 @@ def time_fwd_bwd(fn, repeats, device):
 
 
 def conv_check(args):
-    """The short convolution as it is (one depthwise conv2d on the channels-last view) against the sum of shifted
-    products it replaced, fwd+bwd under bf16 autocast on --device, at the gated_deltanet q/k/v width."""
-    from x_transformers.mixers.base import ShortConvolution
-
+    """The short convolution's two paths, fwd+bwd under bf16 autocast on --device at the gated_deltanet q/k/v width:
+    the depthwise conv kernel (one conv2d on the channels-last view) and the shifted products."""
     width = 3 * args.dim
     conv = ShortConvolution(width).to(args.device)
     x = torch.randn(args.batch, args.seq_len, width, device=args.device, requires_grad=True)
     grad = torch.randn_like(x, dtype=torch.bfloat16)
 
-    def shifted():
+    def run(fn):
         with torch.autocast(args.device, dtype=torch.bfloat16):
-            xb = x.to(torch.bfloat16)
-            padded = torch.nn.functional.pad(xb, (0, 0, conv.size - 1, 0))
-            weight = conv.conv.weight[:, 0].t().to(xb.dtype)
-            out = sum(padded[:, i : i + args.seq_len] * weight[i] for i in range(conv.size))
-            torch.nn.functional.silu(out).backward(grad)
-
-    def current():
-        with torch.autocast(args.device, dtype=torch.bfloat16):
-            conv(x.to(torch.bfloat16))[0].backward(grad)
+            fn(x.to(torch.bfloat16), args.seq_len, pad=True).backward(grad)
 
     device = torch.device(args.device)
-    result = {name: time_fwd_bwd(fn, args.repeats, device) for name, fn in (("conv2d", current), ("shifted", shifted))}
+    paths = (("depthwise_conv", conv.depthwise_conv), ("shifted_products", conv.shifted_products))
+    result = {name: time_fwd_bwd(lambda fn=fn: run(fn), args.repeats, device) for name, fn in paths}
     print(f"short conv fwd+bwd, (B={args.batch}, T={args.seq_len}, C={width}) on {args.device}: "
-          f"conv2d {result['conv2d']:.3f} ms, shifted products {result['shifted']:.3f} ms")
+          f"depthwise conv kernel {result['depthwise_conv']:.3f} ms, "
+          f"shifted products {result['shifted_products']:.3f} ms"
+          " (ShortConvolution.use_depthwise_kernel picks one)")
     return result
 
 
