@@ -232,7 +232,9 @@ def reference_rotary(t, freqs, scale=1.0):
     return torch.cat((t, t_pass), dim=-1)
 
 
-@pytest.mark.parametrize("rot_dim, xpos, ndim, n", [(8, False, 4, 10), (4, False, 4, 3), (8, True, 4, 10), (4, True, 3, 4)])
+@pytest.mark.parametrize(
+    "rot_dim, xpos, ndim, n", [(8, False, 4, 10), (4, False, 4, 3), (8, True, 4, 10), (4, True, 3, 4)]
+)
 def test_rotary_table_matches_reference(rot_dim, xpos, ndim, n):
     torch.manual_seed(0)
     rotary = RotaryEmbedding(rot_dim, use_xpos=xpos, scale_base=8)
@@ -245,7 +247,9 @@ def test_rotary_table_matches_reference(rot_dim, xpos, ndim, n):
     # bf16 in, bf16 out, computed in float32
     out = table.rotate(t.bfloat16())
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), reference_rotary(t.bfloat16().float(), freqs, q_scale), atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(
+        out.float(), reference_rotary(t.bfloat16().float(), freqs, q_scale), atol=2e-2, rtol=1e-2
+    )
 
 
 def test_rotary_table_rejects_a_wider_rotary_dimension():
