@@ -212,7 +212,7 @@ def count(name, args):
     torch.manual_seed(0)
     mixer = make_mixer(name, dim=args.dim, heads=args.heads).to(args.device)
     x = torch.randn(args.batch, args.seq_len, args.dim, device=args.device, requires_grad=True)
-    with torch.autocast(args.device, dtype=torch.bfloat16), torch.no_grad():
+    with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16), torch.no_grad():
         dtype = mixer(x[:, :2]).dtype
     grad = torch.randn(args.batch, args.seq_len, args.dim, device=args.device, dtype=dtype)
     # count the CUDA path of the short convolution (its kernel), wherever this runs
@@ -269,7 +269,7 @@ def conv_check(args):
     grad = torch.randn_like(x, dtype=torch.bfloat16)
 
     def run(fn):
-        with torch.autocast(args.device, dtype=torch.bfloat16):
+        with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16):
             fn(x.to(torch.bfloat16), args.seq_len, pad=True).backward(grad)
 
     device = torch.device(args.device)
