@@ -384,7 +384,10 @@ class RotaryEmbedding(Module):
         if t.ndim == 1:
             t = t[None]
 
-        freqs = t.type_as(self.inv_freq)[..., None] * self.inv_freq / self.interpolation_factor
+        freqs = t.type_as(self.inv_freq)[..., None] * self.inv_freq
+        # position interpolation - a division only where it changes something (each op is a kernel launch)
+        if self.interpolation_factor != 1.0:
+            freqs = freqs / self.interpolation_factor
         freqs = freqs.repeat_interleave(2, dim=-1)
 
         if not exists(self.scale):

@@ -766,7 +766,7 @@ class AttentionLayers(Module):
                 maybe_mem = first(mems, None)
                 mem_len = maybe_mem.shape[1] if exists(maybe_mem) else 0
                 if not exists(pos):
-                    pos = arange(seq_len + mem_len, device=x.device) - mem_len
+                    pos = arange(-mem_len, seq_len, device=x.device)
                 rotary_pos_emb = self.rotary_pos_emb(pos)
 
             # cos / sin once per forward, shared by every layer
