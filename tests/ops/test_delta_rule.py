@@ -216,3 +216,10 @@ def test_gpu_real_shapes(path, case, dtype):
 def test_gpu_benchmark_shape(gate, dtype):
     # the benchmark's shape and flags: no initial state, no final state (so no dht), 64 sequences * heads
     check(chunk_delta_rule, make_inputs(4, 4096, 16, 128, 128, gate=gate, h0=False), dtype=dtype, final_state=False)
+
+
+@pytest.mark.skipif(os.environ.get("HOPPER_COMPILE") != "1", reason="slow (~7 min on 2 cores); set HOPPER_COMPILE=1")
+def test_kernels_compile_for_hopper(kernel_check):
+    """Compile every kernel and state-flag combination for sm_90 without a GPU (dtype mismatches in tl.dot, shared
+    memory overflows: what the interpreter cannot see)."""
+    kernel_check.hopper_compile("delta_rule")

@@ -4,6 +4,8 @@ On CPU the Triton kernels run under TRITON_INTERPRET=1 at tiny shapes; on a CUDA
 real shapes in fp32 and bf16: `pytest tests/ops/test_gla.py -x -q`.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -183,3 +185,9 @@ def test_gpu_launch_configs(num_warps, dtype, monkeypatch, check):
 
     monkeypatch.setattr(chunk_module, "BIG_TILES", dict(num_warps=num_warps, num_stages=2))
     check(chunk_gla, make_inputs(B=1, T=1000, H=2, K=128, V=128, decay=5.0), dtype=dtype)
+
+
+@pytest.mark.skipif(os.environ.get("HOPPER_COMPILE") != "1", reason="slow; set HOPPER_COMPILE=1 to run")
+def test_kernels_compile_for_hopper(kernel_check):
+    """Compile every kernel for sm_90 without a GPU (catches what the interpreter cannot)."""
+    kernel_check.hopper_compile("gla")
