@@ -29,7 +29,9 @@ import x_transformers.mixers as mixers_pkg
 from x_transformers.mixers import MIXERS, ShortConvolution, make_mixer
 
 KERNELS = ("chunk_delta_rule", "fused_recurrent_delta_rule", "chunk_simple_gla", "fused_recurrent_simple_gla",
-           "chunk_gla", "fused_recurrent_gla", "hgrn_scan")
+           "chunk_gla", "fused_recurrent_gla", "hgrn_scan", "causal_conv1d")
+# kernels whose output has the dtype of their first input (the others: of the values, their third)
+INPUT_FIRST = ("hgrn_scan", "causal_conv1d")
 MATMULS = {"mm", "addmm", "bmm", "matmul", "linear", "_efficient_attention_forward"}
 
 
@@ -86,7 +88,7 @@ class KernelRegion(torch.autograd.Function):
             n = len(leaves) - len(tensor_kwargs)
             o, state = fn(*leaves[:n], **kwargs, **dict(zip(tensor_kwargs, leaves[n:])))
             # the Triton launchers return a contiguous output in the value's dtype
-            value = leaves[0] if fn.__name__ == "hgrn_scan" else leaves[2]
+            value = leaves[0] if fn.__name__ in INPUT_FIRST else leaves[2]
             o = o.to(value.dtype).contiguous()
         ctx.leaves, ctx.outputs = leaves, (o,)
         return o.detach(), state.detach() if state is not None else None
@@ -134,12 +136,17 @@ def stub_kernel(fn):
     def call(*args, initial_state=None, output_final_state=False, **kwargs):
         args = [a.contiguous() if torch.is_tensor(a) else a for a in args]
         tensors = [*args, *(v.contiguous() for v in kwargs.values() if torch.is_tensor(v))]
-        value = args[0] if fn.__name__ == "hgrn_scan" else args[2]
-        if fn.__name__ == "hgrn_scan":
+        value = args[0] if fn.__name__ in INPUT_FIRST else args[2]
+        if fn.__name__ == "causal_conv1d":
+            # the new decode cache: the last w - 1 inputs
+            state_shape = (value.shape[0], args[1].shape[-1] - 1, value.shape[-1])
+        elif not output_final_state:
+            state_shape = None
+        elif fn.__name__ == "hgrn_scan":
             state_shape = value[:, 0].shape
         else:
             state_shape = (value.shape[0], value.shape[2], args[1].shape[-1], value.shape[-1])
-        return KernelStub.apply(value, state_shape if output_final_state else None, *tensors)
+        return KernelStub.apply(value, state_shape, *tensors)
 
     call.__name__ = fn.__name__
     return call
@@ -186,7 +193,7 @@ def patched(wrap=counted_kernel, fuse_rms_norm=True):
     undo = [(torch.nn.functional, "rms_norm", RMS_NORM)]
     if fuse_rms_norm:
         torch.nn.functional.rms_norm = rms_norm
-    for module_path, _ in MIXERS.values():
+    for module_path in ("x_transformers.mixers.base", *(path for path, _ in MIXERS.values())):
         module = __import__(module_path, fromlist=["_"])
         for name in KERNELS:
             fn = getattr(module, name, None)
@@ -216,7 +223,7 @@ def count(name, args):
         dtype = mixer(x[:, :2]).dtype
     grad = torch.randn(args.batch, args.seq_len, args.dim, device=args.device, dtype=dtype)
     # count the CUDA path of the short convolution (its kernel), wherever this runs
-    ShortConvolution.use_depthwise_kernel = True
+    ShortConvolution.use_kernel = True
     with patched():
         fwd_bwd(mixer, x, grad)  # warm-up: lazily built buffers are not part of a step
         mixer.zero_grad(set_to_none=True)
@@ -225,7 +232,7 @@ def count(name, args):
         with COUNTER:
             fwd_bwd(mixer, x, grad)
         counter, COUNTER = COUNTER, None
-    ShortConvolution.use_depthwise_kernel = None
+    ShortConvolution.use_kernel = None
     glue, kernel = counter.calls["glue"], counter.calls["kernel"]
     glue_bytes = counter.bytes["glue"]
     result = dict(
@@ -262,23 +269,23 @@ def time_fwd_bwd(fn, repeats, device):
 
 def conv_check(args):
     """The short convolution's two paths, fwd+bwd under bf16 autocast on --device at the gated_deltanet q/k/v width:
-    the depthwise conv kernel (one conv2d on the channels-last view) and the shifted products."""
+    the kernel (ops.causal_conv1d, SiLU fused) and the shifted products (then SiLU)."""
     width = 3 * args.dim
     conv = ShortConvolution(width).to(args.device)
     x = torch.randn(args.batch, args.seq_len, width, device=args.device, requires_grad=True)
     grad = torch.randn_like(x, dtype=torch.bfloat16)
 
-    def run(fn):
+    def run(use_kernel):
+        conv.use_kernel = use_kernel
         with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16):
-            fn(x.to(torch.bfloat16), args.seq_len, pad=True).backward(grad)
+            conv(x.to(torch.bfloat16))[0].backward(grad)
+        conv.use_kernel = None
 
     device = torch.device(args.device)
-    paths = (("depthwise_conv", conv.depthwise_conv), ("shifted_products", conv.shifted_products))
-    result = {name: time_fwd_bwd(lambda fn=fn: run(fn), args.repeats, device) for name, fn in paths}
+    result = {name: time_fwd_bwd(lambda k=k: run(k), args.repeats, device) for name, k in (("kernel", True),
+                                                                                           ("shifted", False))}
     print(f"short conv fwd+bwd, (B={args.batch}, T={args.seq_len}, C={width}) on {args.device}: "
-          f"depthwise conv kernel {result['depthwise_conv']:.3f} ms, "
-          f"shifted products {result['shifted_products']:.3f} ms"
-          " (ShortConvolution.use_depthwise_kernel picks one)")
+          f"kernel {result['kernel']:.3f} ms, shifted products {result['shifted']:.3f} ms")
     return result
 
 

@@ -164,14 +164,19 @@ def test_short_convolution_matches_shifted_products_and_caches():
     out, cache = conv(x)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(cache, x[:, -3:])
-    # the depthwise conv kernel (the CUDA path) and the shifted products (the CPU path) agree, gradients too
-    for pad, n in ((True, 9), (False, 6)):
-        xs = x.clone().requires_grad_()
-        outs = [fn(xs, n, pad) for fn in (conv.depthwise_conv, conv.shifted_products)]
-        grads = [torch.autograd.grad(o.square().sum(), (xs, conv.conv.weight)) for o in outs]
-        torch.testing.assert_close(*outs)
-        for a, b in zip(*grads):
-            torch.testing.assert_close(a, b)
+    # the kernel path (ops.causal_conv1d: Triton on CUDA / under TRITON_INTERPRET=1) and the shifted products agree,
+    # gradients, caches and decoding from a cache too
+    xs = x.clone().requires_grad_()
+    results = []
+    for use_kernel in (True, False):
+        conv.use_kernel = use_kernel
+        out, cache = conv(xs)
+        step, step_cache = conv(xs[:, 7:], cache=xs[:, 4:7].detach())
+        grads = torch.autograd.grad((out.square().sum() + step.sum()), (xs, conv.conv.weight))
+        results.append((out, cache, step, step_cache, *grads))
+    conv.use_kernel = None
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
 
     # two tokens with a cache of the past three inputs continue the sequence; a short prompt pads its cache
     out2, cache2 = conv(x[:, 7:], cache=x[:, 4:7])

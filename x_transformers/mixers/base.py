@@ -23,6 +23,8 @@ from torch import Tensor, nn
 from torch.nn import Module
 
 from x_transformers.attend import Intermediates
+from x_transformers.ops import causal_conv1d
+from x_transformers.ops.common.utils import use_triton
 from x_transformers.utils import default, exists
 
 # up to this many new tokens the token-by-token kernel is used (decoding), above it the chunked one
@@ -101,9 +103,9 @@ class ShortConvolution(Module):
     mixer cheap local token mixing (arXiv:2406.06484, section 3.2).
     """
 
-    # the depthwise conv kernel, or the shifted products; None: the kernel on CUDA only (on CPU its bf16 backward is
-    # ~3x slower than the shifted products)
-    use_depthwise_kernel: bool | None = None
+    # the Triton kernel (ops.causal_conv1d, SiLU fused in) wherever the ops run Triton (CUDA, TRITON_INTERPRET=1), the
+    # shifted products elsewhere; True / False force either (the op's own fallback off CUDA is a grouped conv1d)
+    use_kernel: bool | None = None
 
     def __init__(self, dim: int, size: int = 4, activation: bool = True):
         super().__init__()
@@ -115,28 +117,20 @@ class ShortConvolution(Module):
 
     def forward(self, x: Tensor, cache: Tensor | None = None, activation: bool | None = None):
         # x: (b, n, d), cache: (b, size - 1, d) of the inputs before x
+        act = default(activation, self.activation)
+        if default(self.use_kernel, use_triton(x)):
+            # one kernel each way, where the shifted products take ~6 elementwise passes forward and ~20 backward
+            return causal_conv1d(x, self.conv.weight[:, 0], activation="silu" if act else None, cache=cache)
         n, past = x.shape[1], self.size - 1
         if exists(cache):
             x = torch.cat((cache.to(x.dtype), x), dim=1)
-        use_kernel = default(self.use_depthwise_kernel, x.is_cuda)
-        conv = self.depthwise_conv if use_kernel else self.shifted_products
-        out = conv(x, n, pad=not exists(cache))
+        out = self.shifted_products(x, n, pad=not exists(cache))
         new_cache = x[:, x.shape[1] - past :] if x.shape[1] >= past else F.pad(x, (0, 0, past - x.shape[1], 0))
-        if default(activation, self.activation):
-            out = F.silu(out)
-        return out, new_cache
-
-    def depthwise_conv(self, x: Tensor, n: int, pad: bool) -> Tensor:
-        # x (b, t, d) is the channels-last layout of a (b, d, 1, t) image: one depthwise conv2d reads it and writes its
-        # output in that layout, no transposes, one kernel each way (the shifted products take ~4 elementwise passes
-        # forward and ~20 backward; conv1d on the transposed view copies to channels-first on some backends)
-        image = x.transpose(1, 2).unsqueeze(2)  # (b, d, 1, t), channels last
-        padding = (0, self.size - 1 if pad else 0)
-        out = F.conv2d(image, self.conv.weight.unsqueeze(2), padding=padding, groups=x.shape[-1])
-        return out.squeeze(2)[..., :n].transpose(1, 2)
+        return (F.silu(out) if act else out), new_cache
 
     def shifted_products(self, x: Tensor, n: int, pad: bool) -> Tensor:
-        # the same causal sum over the `size` most recent inputs, one fused multiply-add pass per tap
+        # the causal sum over the `size` most recent inputs, one fused multiply-add pass per tap (on CPU this beats a
+        # depthwise conv, whose bf16 backward is ~3x slower)
         if pad:
             x = F.pad(x, (0, 0, self.size - 1, 0))
         weight = rearrange(self.conv.weight, "d 1 k -> k d").to(x.dtype)
@@ -160,13 +154,11 @@ class QKVProjection(Module):
     def forward(self, x: Tensor, conv_state: Tensor | None = None):
         """Returns (q, k, v) as (b, n, h, d) (q is None without `with_q`) and the new conv state."""
         new_conv_state = None
+        qkv = self.to_qkv(x)
         if exists(self.conv):
-            # one matmul, one convolution over all parts, then SiLU per part: the same single pass, and q, k, v come
-            # out contiguous, as the kernels want them
-            qkv, new_conv_state = self.conv(self.to_qkv(x), cache=conv_state, activation=False)
-            projs = [F.silu(t) for t in qkv.split(self.splits, dim=-1)]
-        else:
-            projs = self.to_qkv(x).split(self.splits, dim=-1)
+            # one convolution (SiLU fused on CUDA) over all parts
+            qkv, new_conv_state = self.conv(qkv, cache=conv_state)
+        projs = qkv.split(self.splits, dim=-1)
         projs = [rearrange(t, "b n (h d) -> b n h d", h=self.heads) for t in projs]
         if not self.with_q:
             projs = [None, *projs]

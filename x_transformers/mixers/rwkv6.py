@@ -83,6 +83,7 @@ class RWKV6(Mixer):
 
         new_state = None
         if want_state:
-            last = (log_w[:, -1].exp()[..., None] * s) + einsum(k[:, -1].float(), v[:, -1].float(), "b h k, b h v -> b h k v")
+            last = log_w[:, -1].exp()[..., None] * s
+            last = last + einsum(k[:, -1].float(), v[:, -1].float(), "b h k, b h v -> b h k v")
             new_state = (last, x[:, -1])
         return out, new_state
