@@ -281,3 +281,31 @@ def test_default_stack_compiles_without_graph_breaks():
     wrapper = AutoregressiveWrapper(build(Decoder, rotary_pos_emb=True))
     explanation = torch._dynamo.explain(wrapper)(torch.randint(0, NUM_TOKENS, (2, SEQ + 1)))
     assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_default_layer_takes_the_flash_kernel(monkeypatch):
+    # the jointly rotated q, k are strided views of one buffer: the flash kernel must take them as they are
+    torch.manual_seed(0)
+    model = TransformerWrapper(
+        num_tokens=256, max_seq_len=256, attn_layers=Decoder(dim=128, depth=2, heads=2, rotary_pos_emb=True)
+    ).cuda()
+    x = torch.randint(0, 256, (2, 256), device="cuda")
+
+    def run():
+        model.zero_grad()
+        counter = count_ops.OpCounter()
+        with counter, torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(x)
+            logits.float().square().mean().backward()
+        return logits.float(), [p.grad.float() for p in model.parameters()], counter.counts
+
+    logits, grads, counts = run()
+    assert counts["_scaled_dot_product_flash_attention"] == 2
+    assert counts["_scaled_dot_product_flash_attention_backward"] == 2
+
+    # bf16 on both paths: compare by relative error
+    force_explicit(monkeypatch)
+    ref_logits, ref_grads, _ = run()
+    for got, ref in zip([logits, *grads], [ref_logits, *ref_grads]):
+        assert (got - ref).norm() <= 0.05 * ref.norm() + 1e-6
