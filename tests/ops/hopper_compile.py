@@ -41,7 +41,7 @@ def register_stats(kernel):
 def compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
     bound = dict(zip(self.arg_names, args)) | kwargs
-    signature, constexprs = {}, {}
+    signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(self.arg_names):
         value = bound[name]
         # like the runtime, which specialises integer arguments equal to 1 into constants
@@ -50,8 +50,13 @@ def compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
             constexprs[name] = value
         elif isinstance(value, torch.Tensor):
             signature[name] = "*" + DTYPES[value.dtype]
+            # like the runtime: 16-byte aligned pointers (every fresh allocation) allow vectorised loads
+            if value.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(value, int):
             signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(value, float):
             signature[name] = "fp32"
         else:
@@ -60,7 +65,7 @@ def compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
     if key in seen:
         return None
     seen.add(key)
-    kernel = triton.compile(ASTSource(self, signature, constexprs), target=TARGET, options=options)
+    kernel = triton.compile(ASTSource(self, signature, constexprs, attrs), target=TARGET, options=options)
     flags = {k: v for k, v in constexprs.items() if v is not None}
     print(f"ok {self.__name__} shared={kernel.metadata.shared} {register_stats(kernel)} {flags}", flush=True)
     return None
