@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks and measurements quoted in the issue notes, in one pass (under 9 minutes on an H100): kernel tests at
+# The GPU checks and measurements quoted in the issue notes, in one pass (about 10 minutes on an H100): kernel tests at
 # real shapes (gradients included), the GPU tests of the fast paths, training throughput (ours vs the upstream release
 # when UPSTREAM points at a folder holding its `x_transformers` package), decoding, the op table and the short conv.
 #   OUT=out/h100 UPSTREAM=.upstream bash benchmarks/run_h100.sh
