@@ -130,6 +130,28 @@ def test_two_gloo_ranks_ddp_and_fsdp2_agree(tmp_path):
         assert float(fsdp_row["train_loss"]) == pytest.approx(float(ddp_row["train_loss"]), rel=1e-4)
 
 
+def test_checkpoints_resume_across_world_sizes(tmp_path):
+    """A 2-rank FSDP2 checkpoint resumes in one process, and a one-process checkpoint under 2 DDP ranks: the gathered
+    checkpoint is world-size free. After one more step every weight is within one Adam step (lr) of the checkpoint,
+    which a run that failed to load (fresh init) would not be."""
+    lr = 3e-3  # TINY's learning rate: Adam moves each weight by at most about lr per step
+    cases = [("fsdp2_to_1", dict(torchrun=True), ["--fsdp"], dict(torchrun=False), []),
+             ("1_to_ddp", dict(torchrun=False), [], dict(torchrun=True), [])]
+    for name, first, first_flags, second, second_flags in cases:
+        out = tmp_path / name
+        args = [*TINY, "--validate-every", "3", "--out-dir", str(out)]
+        run("train_enwik8.py", *args, *first_flags, "--num-batches", "3", **first)
+        before = torch.load(out / "checkpoint.pt", weights_only=False)
+        log = run("train_enwik8.py", *args, *second_flags, "--num-batches", "4", "--resume", **second)
+        assert "at step 3" in log and "reseeding" in log
+        after = torch.load(out / "checkpoint.pt", weights_only=False)
+        assert after["step"] == 4 and len(after["rng"]) == (2 if second["torchrun"] else 1)
+        assert before["model"].keys() == after["model"].keys()
+        moved = max((after["model"][k].float() - before["model"][k].float()).abs().max().item() for k in before["model"])
+        assert 0 < moved <= lr * 1.05, f"{name}: weights moved {moved:.2e} in one step"
+        assert [int(r["step"]) for r in read_metrics(out)] == [1, 2, 3, 4]
+
+
 # the shared pieces
 
 
