@@ -147,7 +147,8 @@ def test_checkpoints_resume_across_world_sizes(tmp_path):
         after = torch.load(out / "checkpoint.pt", weights_only=False)
         assert after["step"] == 4 and len(after["rng"]) == (2 if second["torchrun"] else 1)
         assert before["model"].keys() == after["model"].keys()
-        moved = max((after["model"][k].float() - before["model"][k].float()).abs().max().item() for k in before["model"])
+        old, new = before["model"], after["model"]
+        moved = max((new[k].float() - old[k].float()).abs().max().item() for k in old)
         assert 0 < moved <= lr * 1.05, f"{name}: weights moved {moved:.2e} in one step"
         assert [int(r["step"]) for r in read_metrics(out)] == [1, 2, 3, 4]
 
