@@ -159,6 +159,8 @@ def main(argv=None):
     bar.close()
     if train_time > 0:
         logger.info(f"average {train_tokens / train_time:,.0f} tokens/s over {train_tokens:,} training tokens")
+    if device.type == "cuda":
+        logger.info(f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GB per rank (rank 0)")
     logger.info(f"outputs in {out}: checkpoint.pt, metrics.csv, loss.png")
     T.finish(dist_info)
 

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Issue 8 in one pass on a 2-GPU host (nvidia-h200-x2, about 6 minutes): the enwik8 config (dim 512, depth 6, seq
+# 1024, bf16) for 200 steps on 1 GPU, then on 2 GPUs with DDP and with FSDP2 at the same global batch (16 sequences:
+# 4 x 4 on one GPU, 4 x 2 per rank on two) and the same seed; cross-resume of their checkpoints between 1 and 2 GPUs;
+# a gated_deltanet 'LLLN' hybrid under FSDP2; then a summary of tokens/s, scaling and loss agreement.
+#   OUT=out/h200x2 bash benchmarks/run_h200x2.sh
+set -uo pipefail
+OUT=${OUT:-out/h200x2}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+COMMON=(--num-batches 200 --validate-every 50 --generate-every 1000 --seed 0)
+
+train() {  # train NAME NPROC LIMIT ARGS...: one torchrun, its log kept, its summary lines shown
+    local name=$1 nproc=$2 limit=$3
+    shift 3
+    echo "=== $name on $nproc GPU(s) ($(date +%T))"
+    # EXTRA: more flags for every run, e.g. a tiny CPU smoke pass: EXTRA="--dim 32 --depth 1 --seq-len 32 --device cpu"
+    timeout "$limit" torchrun --standalone --nproc_per_node "$nproc" train_enwik8.py "$@" ${EXTRA:-} 2>&1 \
+        | tee "$OUT/$name.log" | grep -E "world|step .*val loss|average|peak memory|resumed|Error|error" | tail -8
+}
+
+nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpus.txt"
+train one 1 90 "${COMMON[@]}" --batch-size 4 --grad-accum 4 --out-dir "$OUT/one"
+train ddp 2 90 "${COMMON[@]}" --batch-size 4 --grad-accum 2 --out-dir "$OUT/ddp"
+train fsdp2 2 90 "${COMMON[@]}" --batch-size 4 --grad-accum 2 --fsdp --out-dir "$OUT/fsdp2"
+# cross-resume: the 2-GPU checkpoint continues on 1 GPU, the 1-GPU checkpoint on 2 GPUs (20 more steps each)
+cp -r "$OUT/fsdp2" "$OUT/fsdp2_to_one" && cp -r "$OUT/one" "$OUT/one_to_ddp"
+train fsdp2_to_one 1 40 --num-batches 220 --validate-every 20 --generate-every 1000 --batch-size 4 --grad-accum 4 \
+    --out-dir "$OUT/fsdp2_to_one" --resume
+train one_to_ddp 2 40 --num-batches 220 --validate-every 20 --generate-every 1000 --batch-size 4 --grad-accum 2 \
+    --out-dir "$OUT/one_to_ddp" --resume
+train hybrid_fsdp2 2 120 --num-batches 100 --validate-every 50 --generate-every 1000 --seed 0 --batch-size 4 \
+    --grad-accum 2 --fsdp --linear-attn gated_deltanet --hybrid-pattern LLLN --out-dir "$OUT/hybrid_fsdp2"
+
+python3 - "$OUT" <<'PY' | tee "$OUT/summary.txt"
+import csv, statistics, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+def rows(name):
+    path = out / name / "metrics.csv"
+    return list(csv.DictReader(open(path))) if path.exists() else []
+def tps(name):  # median tokens/s over the steps after the first 20 (compile, warm-up)
+    r = [float(x["tokens_per_s"]) for x in rows(name) if int(x["step"]) > 20 and x["tokens_per_s"]]
+    return statistics.median(r) if r else float("nan")
+one = tps("one")
+for name in ("one", "ddp", "fsdp2", "hybrid_fsdp2"):
+    print(f"{name:13s} {tps(name):>12,.0f} tokens/s   scaling vs 1 GPU {tps(name) / one:5.2f}x")
+for name in ("ddp", "fsdp2"):
+    a = {int(x["step"]): x for x in rows("one")}
+    b = {int(x["step"]): x for x in rows(name)}
+    vals = [(int(s), float(a[s]["val_loss"]), float(b[s]["val_loss"])) for s in a if s in b and a[s]["val_loss"]]
+    print(f"val loss 1 GPU vs {name}: " + ", ".join(f"step {s}: {x:.4f} / {y:.4f}" for s, x, y in sorted(vals)))
+for name in ("fsdp2_to_one", "one_to_ddp"):
+    last = rows(name)[-1] if rows(name) else {}
+    print(f"{name}: last step {last.get('step')}, val loss {last.get('val_loss')}")
+PY
+echo "=== done ($(date +%T))"
