@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from x_transformers.ops.common.bounds import seq_bounds
 from x_transformers.ops.common.chunk_index import prepare_chunk_offsets
 from x_transformers.ops.common.interpreter_compat import patch as patch_interpreter
 from x_transformers.ops.common.utils import check_delta_inputs, interpreting, use_triton
@@ -21,16 +22,6 @@ from x_transformers.ops.delta_rule.naive import naive_delta_rule
 
 if interpreting():
     patch_interpreter()
-
-
-@triton.jit
-def _seq_bounds(i_n, cu_seqlens, T, IS_VARLEN: tl.constexpr):
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
-    else:
-        bos = i_n.to(tl.int64) * T
-    return bos, T
 
 
 @triton.jit
@@ -43,7 +34,7 @@ def fused_recurrent_fwd_kernel(
     """grid (NV, N*H). q, k [B,T,H,K], v, o [B,T,H,V], beta, g [B,T,H], h0, ht [N,H,K,V]."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, T = _seq_bounds(i_n, cu_seqlens, T, IS_VARLEN)
+    bos, T = seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
@@ -85,7 +76,7 @@ def fused_recurrent_bwd_kernel(
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     NV = tl.num_programs(0)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, T = _seq_bounds(i_n, cu_seqlens, T, IS_VARLEN)
+    bos, T = seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
     if IS_VARLEN:
         boh = tl.load(offsets + i_n).to(tl.int64)
     else:

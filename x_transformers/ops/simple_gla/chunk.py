@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from x_transformers.ops.common.bounds import chunk_bounds
 from x_transformers.ops.common.chunk_index import prepare_chunk_indices, prepare_chunk_offsets
 from x_transformers.ops.common.cumsum import chunk_local_cumsum
 from x_transformers.ops.common.utils import check_linear_attn_inputs, default_scale, empty_input_result, use_triton
@@ -22,37 +23,22 @@ CHUNK_SIZE = 64
 
 
 @triton.jit
-def _chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, chunk_offsets, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    # -> (chunk within its sequence, first token of the sequence, sequence length, first chunk of the sequence)
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
-        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        bos = i_b.to(tl.int64) * T
-        boh = i_b.to(tl.int64) * tl.cdiv(T, BT)
-    return i_t, bos, T, boh
-
-
-@triton.jit
 def chunk_fwd_o_kernel(
-    q, k, v, h, gc, o, cu_seqlens, chunk_indices, chunk_offsets, scale, T,
+    q, k, v, h, gc, o, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """grid (NV, NT, B * H). o = scale * (exp(gc) q h + (causal decayed q k^T) v) for one chunk and V tile."""
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    i_t, bos, T, boh = _chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, chunk_offsets, BT, IS_VARLEN)
+    i_t, i_tg, bos, T = chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
 
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
         p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (K, T), (1, H * K), (i_k * BK, i_t * BT), (BK, BT), (0, 1))
-        p_h = tl.make_block_ptr(h + ((boh + i_t) * H + i_h) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
+        p_h = tl.make_block_ptr(h + (i_tg * H + i_h) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
         b_q = tl.load(p_q, boundary_check=(0, 1))
         b_k = tl.load(p_k, boundary_check=(0, 1))
         b_h = tl.load(p_h, boundary_check=(0, 1))
@@ -79,14 +65,14 @@ def chunk_fwd_o_kernel(
 
 @triton.jit
 def chunk_bwd_dv_kernel(
-    q, k, do, dh, gc, dv, cu_seqlens, chunk_indices, chunk_offsets, scale, T,
+    q, k, do, dh, gc, dv, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """grid (NV, NT, B * H). dv_j = exp(G_last - G_j) k_j dh + scale * sum_{i >= j} exp(G_i - G_j) (k_j.q_i) do_i."""
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    i_t, bos, T, boh = _chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, chunk_offsets, BT, IS_VARLEN)
+    i_t, i_tg, bos, T = chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
 
     b_dv = tl.zeros([BT, BV], dtype=tl.float32)
     # b_A[j, i] = k_j . q_i
@@ -94,7 +80,7 @@ def chunk_bwd_dv_kernel(
     for i_k in range(tl.cdiv(K, BK)):
         p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
         p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (K, T), (1, H * K), (i_k * BK, i_t * BT), (BK, BT), (0, 1))
-        p_dh = tl.make_block_ptr(dh + ((boh + i_t) * H + i_h) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
+        p_dh = tl.make_block_ptr(dh + (i_tg * H + i_h) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
         b_k = tl.load(p_k, boundary_check=(0, 1))
         b_q = tl.load(p_q, boundary_check=(0, 1))
         b_dh = tl.load(p_dh, boundary_check=(0, 1))
@@ -122,7 +108,7 @@ def chunk_bwd_dv_kernel(
 
 @triton.jit
 def chunk_bwd_dqk_kernel(
-    q, k, v, h, do, dh, gc, dq, dk, dg, cu_seqlens, chunk_indices, chunk_offsets, scale, T,
+    q, k, v, h, do, dh, gc, dq, dk, dg, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NK: tl.constexpr, USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
@@ -130,7 +116,7 @@ def chunk_bwd_dqk_kernel(
     gradient, written to dg: [B, T, H, NK] fp32."""
     i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    i_t, bos, T, boh = _chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, chunk_offsets, BT, IS_VARLEN)
+    i_t, i_tg, bos, T = chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
 
     # b_ds[i, j] = do_i . v_j
     b_ds = tl.zeros([BT, BT], dtype=tl.float32)
@@ -141,8 +127,8 @@ def chunk_bwd_dqk_kernel(
     for i_v in range(tl.cdiv(V, BV)):
         p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
         p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
-        p_h = tl.make_block_ptr(h + ((boh + i_t) * H + i_h) * K * V, (V, K), (1, V), (i_v * BV, i_k * BK), (BV, BK), (0, 1))
-        p_dh = tl.make_block_ptr(dh + ((boh + i_t) * H + i_h) * K * V, (V, K), (1, V), (i_v * BV, i_k * BK), (BV, BK), (0, 1))
+        p_h = tl.make_block_ptr(h + (i_tg * H + i_h) * K * V, (V, K), (1, V), (i_v * BV, i_k * BK), (BV, BK), (0, 1))
+        p_dh = tl.make_block_ptr(dh + (i_tg * H + i_h) * K * V, (V, K), (1, V), (i_v * BV, i_k * BK), (BV, BK), (0, 1))
         b_v = tl.load(p_v, boundary_check=(0, 1))
         b_do = tl.load(p_do, boundary_check=(0, 1))
         b_h = tl.load(p_h, boundary_check=(0, 1))
@@ -214,7 +200,7 @@ def chunk_simple_gla_fwd(q, k, v, gc, scale, h0, output_final_state, cu_seqlens,
     BK, BV = tile(K), tile(V)
     if grid_t > 0:
         chunk_fwd_o_kernel[(triton.cdiv(V, BV), grid_t, B * H)](
-            q, k, v, h, gc, o, cu_seqlens, chunk_indices, chunk_offsets, scale, T,
+            q, k, v, h, gc, o, cu_seqlens, chunk_indices, scale, T,
             H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None, IS_VARLEN=cu_seqlens is not None,
             num_warps=4, num_stages=2,
         )
@@ -235,11 +221,11 @@ def chunk_simple_gla_bwd(q, k, v, gc, scale, h0, do, dht, cu_seqlens, meta, BT=C
     if grid_t > 0:
         common = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None, IS_VARLEN=cu_seqlens is not None)
         chunk_bwd_dv_kernel[(triton.cdiv(V, BV), grid_t, B * H)](
-            q, k, do, dh, gc, dv, cu_seqlens, chunk_indices, chunk_offsets, scale, T, **common,
+            q, k, do, dh, gc, dv, cu_seqlens, chunk_indices, scale, T, **common,
             num_warps=4, num_stages=2,
         )
         chunk_bwd_dqk_kernel[(NK, grid_t, B * H)](
-            q, k, v, h, do, dh, gc, dq, dk, dg, cu_seqlens, chunk_indices, chunk_offsets, scale, T, NK=NK, **common,
+            q, k, v, h, do, dh, gc, dq, dk, dg, cu_seqlens, chunk_indices, scale, T, NK=NK, **common,
             # five [BT, BT] / [BT, BK] fp32 blocks live at once: spread them over more threads
             num_warps=8, num_stages=2,
         )
