@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+
+# the same CUDA-event timing as the op benchmark (this folder is on sys.path when a script in it runs)
+from bench_ops import log, timed
 
 IMPLS = ("ours", "conv1d", "conv2d_channels_last")
 # (rows, channels, warps): forward, backward and the backward with the fused activation use the same candidates
@@ -45,32 +46,6 @@ def parse_args(argv=None):
     if args.smoke:
         args.shapes, args.warmup, args.reps = "2x40x48", 0, 1
     return args
-
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
-def timed(fn, warmup, reps, device):
-    """Median milliseconds of fn() over reps runs after warmup runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device == "cuda":
-        torch.cuda.synchronize()
-    for _ in range(reps):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def make_fn(impl, x, weight, activation):
