@@ -71,18 +71,23 @@ def compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
     return None
 
 
+def attention_inputs(K, V, H, varlen, dtype, T=300):
+    """(cu_seqlens, q, k, v, initial state) of one linear-attention call: a batch of one sequence, or three packed
+    ones (an empty one among them)."""
+    cu = torch.tensor([0, 100, 100, T]) if varlen else None
+    N = 3 if varlen else 1
+    q, k = (torch.randn(1, T, H, K, dtype=dtype, requires_grad=True) for _ in range(2))
+    v = torch.randn(1, T, H, V, dtype=dtype, requires_grad=True)
+    return cu, q, k, v, torch.randn(N, H, K, V, requires_grad=True)
+
+
 def simple_gla(dtype):
     from x_transformers.ops.simple_gla.chunk import ChunkSimpleGLAFunction
     from x_transformers.ops.simple_gla.fused_recurrent import FusedRecurrentSimpleGLAFunction
 
     for K, V, varlen in ((128, 128, False), (100, 64, True)):
-        T = 300
-        cu = torch.tensor([0, 100, 100, T]) if varlen else None
-        N = 3 if varlen else 1
-        q, k = (torch.randn(1, T, 2, K, dtype=dtype, requires_grad=True) for _ in range(2))
-        v = torch.randn(1, T, 2, V, dtype=dtype, requires_grad=True)
-        g = torch.randn(1, T, 2, requires_grad=True)
-        h0 = torch.randn(N, 2, K, V, requires_grad=True)
+        cu, q, k, v, h0 = attention_inputs(K, V, 2, varlen, dtype)
+        g = torch.randn(1, q.shape[1], 2, requires_grad=True)
         for fn in (ChunkSimpleGLAFunction, FusedRecurrentSimpleGLAFunction):
             for gate in (g, None):
                 o, ht = fn.apply(q, k, v, gate, 0.1, h0, True, cu)
@@ -131,14 +136,9 @@ def delta_rule(dtype):
     chunk_module._sm_count = lambda index: 132
     cases = ((64, 64, 2, False), (128, 128, 2, False), (64, 64, 16, True), (100, 64, 2, True), (128, 128, 16, False))
     for K, V, H, varlen in cases:
-        T = 300
-        cu = torch.tensor([0, 100, 100, T]) if varlen else None
-        N = 3 if varlen else 1
-        q, k = (torch.randn(1, T, H, K, dtype=dtype, requires_grad=True) for _ in range(2))
-        v = torch.randn(1, T, H, V, dtype=dtype, requires_grad=True)
-        beta = torch.rand(1, T, H, dtype=dtype, requires_grad=True)
-        g = torch.randn(1, T, H, requires_grad=True)
-        h0 = torch.randn(N, H, K, V, requires_grad=True)
+        cu, q, k, v, h0 = attention_inputs(K, V, H, varlen, dtype)
+        beta = torch.rand(1, q.shape[1], H, dtype=dtype, requires_grad=True)
+        g = torch.randn(1, q.shape[1], H, requires_grad=True)
         for fn in (ChunkDeltaRuleFunction, FusedRecurrentDeltaRuleFunction):
             for gate in (g, None):
                 # with and without initial / final state: each flag combination is its own compiled kernel
@@ -176,13 +176,8 @@ def gla(dtype):
     # the public entry points pick the torch path for CPU tensors: make them take the Triton one
     chunk_module.use_triton = recurrent_module.use_triton = lambda *tensors: True
     for K, V, varlen in ((128, 128, False), (100, 64, True)):
-        T = 300
-        cu = torch.tensor([0, 100, 100, T]) if varlen else None
-        N = 3 if varlen else 1
-        q, k = (torch.randn(1, T, 2, K, dtype=dtype, requires_grad=True) for _ in range(2))
-        v = torch.randn(1, T, 2, V, dtype=dtype, requires_grad=True)
-        g = (-torch.rand(1, T, 2, K)).requires_grad_()
-        h0 = torch.randn(N, 2, K, V, requires_grad=True)
+        cu, q, k, v, h0 = attention_inputs(K, V, 2, varlen, dtype)
+        g = (-torch.rand(1, q.shape[1], 2, K)).requires_grad_()
         for fn in (chunk_module.chunk_gla, recurrent_module.fused_recurrent_gla):
             for state in (h0, None):
                 o, ht = fn(q, k, v, g, initial_state=state, output_final_state=state is not None, cu_seqlens=cu)
