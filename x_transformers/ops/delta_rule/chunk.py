@@ -373,10 +373,12 @@ def _state_bv(BV, V, NH, device):
     """Value tile of the two sequential state passes. They run one program per (value tile, sequence * head), each
     walking every chunk in turn, so with few sequences * heads most SMs would idle: narrower value tiles (down to 16,
     the narrowest tensor-core tile) give more programs, each a shorter chain of smaller products. Every value tile
-    re-reads the chunk's keys, mostly from L2."""
+    re-reads the chunk's keys, mostly from L2. Off CUDA (the interpreter, the offline sm_90 compile check) it assumes
+    an H100's 132 SMs, so the tests see the tiles such a GPU gets."""
     if device.type != "cuda":
-        return BV
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        sms = 132
+    else:
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     while BV > 16 and NH * triton.cdiv(V, BV) < sms:
         BV //= 2
     return BV
@@ -511,7 +513,7 @@ def chunk_delta_rule(
         # the chunk kernels hold all K columns of a chunk in one block, which no longer fits in shared memory
         return fused_recurrent_delta_rule(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens)
     # the kernels multiply in v's dtype: q and k follow it (under autocast L2-normalised q, k arrive in fp32)
-    q, k, v, beta = (x.to(v.dtype).contiguous() if x is not beta else x.contiguous() for x in (q, k, v, beta))
+    q, k, v, beta = q.to(v.dtype).contiguous(), k.to(v.dtype).contiguous(), v.contiguous(), beta.contiguous()
     g = g.contiguous() if g is not None else None
     initial_state = initial_state.contiguous() if initial_state is not None else None
     o, ht = ChunkDeltaRuleFunction.apply(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens)
