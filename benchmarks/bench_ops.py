@@ -13,6 +13,7 @@ then a markdown table; --out writes the rows as JSON.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -245,11 +246,12 @@ def main(argv=None):
         os.environ.setdefault("TRITON_INTERPRET", "1")
     dtype = getattr(torch, args.dtype)
     for item in args.set:
-        import importlib
-
-        target, value = item.split("=", 1)
-        module, name = target.rsplit(".", 1)
-        setattr(importlib.import_module(module), name, type(getattr(importlib.import_module(module), name))(value))
+        target, _, value = item.partition("=")
+        module_name, _, name = target.rpartition(".")
+        module = importlib.import_module(module_name) if module_name and value else None
+        if module is None or not hasattr(module, name):
+            raise SystemExit(f"--set wants MODULE.NAME=VALUE naming an existing constant, got {item!r}")
+        setattr(module, name, type(getattr(module, name))(value))
         log(f"set {target} = {value}")
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     unknown = sorted(set(ops) - set(OPS))
