@@ -24,6 +24,16 @@ def prepare_chunk_offsets(cu_seqlens: Tensor, chunk_size: int) -> Tensor:
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32).contiguous()
 
 
+def chunk_meta(cu_seqlens: Tensor | None, batch: int, seqlen: int, chunk_size: int):
+    """(chunk_indices, chunk_offsets, chunks of all sequences, chunks along a kernel grid's time axis) for a call of
+    `batch` rows of `seqlen` tokens, or of packed sequences (the grid then enumerates every chunk)."""
+    if cu_seqlens is None:
+        per_row = (seqlen + chunk_size - 1) // chunk_size
+        return None, None, batch * per_row, per_row
+    chunk_indices = prepare_chunk_indices(cu_seqlens, chunk_size)
+    return chunk_indices, prepare_chunk_offsets(cu_seqlens, chunk_size), len(chunk_indices), len(chunk_indices)
+
+
 def last_positions(cu_seqlens: Tensor | None, batch: int, seqlen: int, device) -> tuple[Tensor, Tensor]:
     """`(rows, cols)` into a `[B, T, ...]` tensor at the last token of every non-empty sequence, and which sequence
     each belongs to (for adding final-state terms to per-token gradients)."""

@@ -17,13 +17,14 @@ one chunk). The full key dimension is one register block (BK = next power of 2 o
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from x_transformers.ops.common.bounds import chunk_bounds, seq_chunk_bounds
-from x_transformers.ops.common.chunk_index import prepare_chunk_indices, prepare_chunk_offsets
+from x_transformers.ops.common.chunk_index import chunk_meta
 from x_transformers.ops.common.interpreter_compat import patch as patch_interpreter
 from x_transformers.ops.common.utils import check_delta_inputs, interpreting, use_triton
 from x_transformers.ops.delta_rule.chunk_torch import chunk_delta_rule_torch
@@ -399,20 +400,40 @@ def _launch(dtype, K):
     return 32, "tf32x3", warps, warps, warps
 
 
-def _varlen_meta(cu_seqlens, B, T, BT):
-    """(chunk_indices, chunk_offsets, total chunks, chunks in the grid)."""
-    if cu_seqlens is None:
-        return None, None, B * triton.cdiv(T, BT), triton.cdiv(T, BT)
-    indices = prepare_chunk_indices(cu_seqlens, BT)
-    return indices, prepare_chunk_offsets(cu_seqlens, BT), indices.shape[0], indices.shape[0]
+class _Plan(NamedTuple):
+    """Shapes and launch parameters of one call, made once in the forward and reused by the backward."""
+
+    B: int
+    T: int
+    H: int
+    K: int
+    V: int
+    N: int  # independent sequences
+    BT: int
+    BK: int
+    BV: int
+    BVs: int  # value tile of the state passes
+    prec: str
+    warps: int
+    state_warps: int
+    bwd_warps: int
+    chunk_indices: torch.Tensor | None
+    chunk_offsets: torch.Tensor | None
+    NT_total: int  # chunks of all sequences
+    NT_grid: int  # chunks along the grid's time axis
 
 
-def chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens):
+def _plan(q, v, cu_seqlens):
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     (BT, prec, warps, state_warps, bwd_warps), (BK, BV) = _launch(q.dtype, K), _blocks(K, V)
-    indices, offsets, NT_total, NT_grid = _varlen_meta(cu_seqlens, B, T, BT)
+    return _Plan(B, T, H, K, V, N, BT, BK, BV, _state_bv(BV, V, N * H, q.device), prec, warps, state_warps, bwd_warps,
+                 *chunk_meta(cu_seqlens, B, T, BT))
+
+
+def chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, plan):
+    B, T, H, K, V, N, BT, BK, BV, BVs, prec = plan[:11]
     varlen, grid_bh = cu_seqlens is not None, B * H if cu_seqlens is None else H
     f32 = dict(device=q.device, dtype=torch.float32)
     # intermediates that only feed tensor-core products are kept in the input dtype (half the traffic for bf16)
@@ -420,53 +441,47 @@ def chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_st
 
     gc = torch.zeros(B, T, H, **f32)
     A, w, u = torch.empty(B, T, H, BT, **io), torch.empty(B, T, H, K, **io), torch.empty(B, T, H, V, **io)
-    wy_fwd_kernel[(NT_grid, grid_bh)](
-        k, v, beta, g, gc, A, w, u, cu_seqlens, indices, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, SUB=WY_SUB,
-        USE_G=g is not None, IS_VARLEN=varlen, PREC=prec, num_stages=1, num_warps=WY_WARPS or warps,
+    wy_fwd_kernel[(plan.NT_grid, grid_bh)](
+        k, v, beta, g, gc, A, w, u, cu_seqlens, plan.chunk_indices, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        SUB=WY_SUB, USE_G=g is not None, IS_VARLEN=varlen, PREC=prec, num_stages=1, num_warps=WY_WARPS or plan.warps,
     )
-    h, d = torch.empty(NT_total, H, K, V, **io), torch.empty(B, T, H, V, **io)
+    h, d = torch.empty(plan.NT_total, H, K, V, **io), torch.empty(B, T, H, V, **io)
     ht = torch.empty(N, H, K, V, **f32) if output_final_state else None
-    BVs = _state_bv(BV, V, N * H, q.device)
     state_fwd_kernel[(triton.cdiv(V, BVs), N * H)](
-        k, w, u, gc, h, d, initial_state, ht, cu_seqlens, offsets, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BVs,
+        k, w, u, gc, h, d, initial_state, ht, cu_seqlens, plan.chunk_offsets, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BVs,
         USE_G=g is not None, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
-        IS_VARLEN=varlen, PREC=prec, num_stages=STATE_STAGES, num_warps=STATE_WARPS or state_warps,
+        IS_VARLEN=varlen, PREC=prec, num_stages=STATE_STAGES, num_warps=STATE_WARPS or plan.state_warps,
     )
     o = torch.empty_like(v)
-    output_fwd_kernel[(triton.cdiv(V, BV), NT_grid, grid_bh)](
-        q, k, d, gc, h, o, cu_seqlens, indices, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-        USE_G=g is not None, IS_VARLEN=varlen, PREC=prec, num_warps=OUTPUT_WARPS or warps,
+    output_fwd_kernel[(triton.cdiv(V, BV), plan.NT_grid, grid_bh)](
+        q, k, d, gc, h, o, cu_seqlens, plan.chunk_indices, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        USE_G=g is not None, IS_VARLEN=varlen, PREC=prec, num_warps=OUTPUT_WARPS or plan.warps,
     )
     return o, ht, (gc, A, w, h, d)
 
 
-def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, saved, do, dht):
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    (BT, prec, warps, state_warps, bwd_warps), (BK, BV) = _launch(q.dtype, K), _blocks(K, V)
-    indices, offsets, NT_total, NT_grid = _varlen_meta(cu_seqlens, B, T, BT)
+def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, plan, saved, do, dht):
+    B, T, H, K, V, N, BT, BK, BV, BVs, prec = plan[:11]
     varlen, grid_bh = cu_seqlens is not None, B * H if cu_seqlens is None else H
     f32 = dict(device=q.device, dtype=torch.float32)
     io = dict(device=q.device, dtype=q.dtype)
     gc, A, w, h, d = saved
 
-    dh, dd = torch.empty(NT_total, H, K, V, **io), torch.empty(B, T, H, V, **io)
+    dh, dd = torch.empty(plan.NT_total, H, K, V, **io), torch.empty(B, T, H, V, **io)
     dh0 = torch.empty(N, H, K, V, **f32) if initial_state is not None else None
-    BVs = _state_bv(BV, V, N * H, q.device)
     state_bwd_kernel[(triton.cdiv(V, BVs), N * H)](
-        q, k, w, gc, do, dh, dd, dht, dh0, cu_seqlens, offsets, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BVs,
-        USE_INITIAL_STATE=initial_state is not None, USE_FINAL_STATE_GRADIENT=dht is not None,
-        IS_VARLEN=varlen, PREC=prec, num_stages=STATE_STAGES, num_warps=STATE_WARPS or state_warps,
+        q, k, w, gc, do, dh, dd, dht, dh0, cu_seqlens, plan.chunk_offsets, scale, T, H=H, K=K, V=V, BT=BT, BK=BK,
+        BV=BVs, USE_INITIAL_STATE=initial_state is not None, USE_FINAL_STATE_GRADIENT=dht is not None,
+        IS_VARLEN=varlen, PREC=prec, num_stages=STATE_STAGES, num_warps=STATE_WARPS or plan.state_warps,
     )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbeta = torch.empty(B, T, H, **f32)
     dg = torch.empty(B, T, H, **f32) if g is not None else None
     # this kernel keeps many [BT, BK] blocks live at once: narrower value tiles keep it within shared memory
-    chunk_bwd_kernel[(NT_grid, grid_bh)](
-        q, k, v, beta, gc, A, h, d, dh, dd, do, dq, dk, dv, dbeta, dg, cu_seqlens, indices, scale, T,
+    chunk_bwd_kernel[(plan.NT_grid, grid_bh)](
+        q, k, v, beta, gc, A, h, d, dh, dd, do, dq, dk, dv, dbeta, dg, cu_seqlens, plan.chunk_indices, scale, T,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BWD_BV or min(BV, 32), USE_G=g is not None, IS_VARLEN=varlen, PREC=prec,
-        num_warps=BWD_WARPS or bwd_warps, num_stages=1,
+        num_warps=BWD_WARPS or plan.bwd_warps, num_stages=1,
     )
     return dq, dk, dv, dbeta, dg, dh0
 
@@ -474,16 +489,20 @@ def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, sav
 class ChunkDeltaRuleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens):
-        o, ht, saved = chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens)
+        # the chunk bookkeeping of packed sequences syncs with the host: once per call, not again in the backward
+        plan = _plan(q, v, cu_seqlens)
+        o, ht, saved = chunk_delta_rule_fwd(
+            q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, plan
+        )
         ctx.save_for_backward(q, k, v, beta, g, initial_state, cu_seqlens, *saved)
-        ctx.scale = scale
+        ctx.scale, ctx.plan = scale, plan
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, beta, g, initial_state, cu_seqlens, *saved = ctx.saved_tensors
         dq, dk, dv, dbeta, dg, dh0 = chunk_delta_rule_bwd(
-            q, k, v, beta, g, ctx.scale, initial_state, cu_seqlens, saved, do.contiguous(),
+            q, k, v, beta, g, ctx.scale, initial_state, cu_seqlens, ctx.plan, saved, do.contiguous(),
             dht.contiguous() if dht is not None else None,
         )
         dbeta = dbeta.to(beta.dtype)

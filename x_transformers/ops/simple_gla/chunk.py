@@ -13,7 +13,7 @@ import triton.language as tl
 from torch import Tensor
 
 from x_transformers.ops.common.bounds import chunk_bounds
-from x_transformers.ops.common.chunk_index import prepare_chunk_indices, prepare_chunk_offsets
+from x_transformers.ops.common.chunk_index import chunk_meta
 from x_transformers.ops.common.cumsum import chunk_local_cumsum
 from x_transformers.ops.common.utils import check_linear_attn_inputs, default_scale, empty_input_result, use_triton
 from x_transformers.ops.simple_gla.chunk_h import chunk_bwd_dh, chunk_fwd_h, tile
@@ -182,15 +182,6 @@ def chunk_bwd_dqk_kernel(
     tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
 
 
-def _chunk_meta(q, cu_seqlens, BT):
-    B, T = q.shape[:2]
-    if cu_seqlens is None:
-        return None, None, B * triton.cdiv(T, BT), triton.cdiv(T, BT)
-    chunk_indices = prepare_chunk_indices(cu_seqlens, BT)
-    chunk_offsets = prepare_chunk_offsets(cu_seqlens, BT)
-    return chunk_indices, chunk_offsets, len(chunk_indices), len(chunk_indices)
-
-
 def chunk_simple_gla_fwd(q, k, v, gc, scale, h0, output_final_state, cu_seqlens, meta, BT=CHUNK_SIZE):
     chunk_indices, chunk_offsets, num_chunks, grid_t = meta
     B, T, H, K = q.shape
@@ -237,7 +228,7 @@ def chunk_simple_gla_bwd(q, k, v, gc, scale, h0, do, dht, cu_seqlens, meta, BT=C
 class ChunkSimpleGLAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
-        meta = _chunk_meta(q, cu_seqlens, CHUNK_SIZE)
+        meta = chunk_meta(cu_seqlens, q.shape[0], q.shape[1], CHUNK_SIZE)
         gc = chunk_local_cumsum(g, CHUNK_SIZE, cu_seqlens, meta[0]) if g is not None else None
         h0 = initial_state.float().contiguous() if initial_state is not None else None
         o, ht = chunk_simple_gla_fwd(q, k, v, gc, scale, h0, output_final_state, cu_seqlens, meta)
