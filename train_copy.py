@@ -46,6 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 fully_shard instead of DDP")
+    p.add_argument("--fsdp-keep-params", action="store_true",
+                   help="with --fsdp: keep each layer's gathered weights from forward to backward (one all-gather per "
+                        "layer and micro-batch instead of two; unsharded weights in memory)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, help="autocast dtype: bf16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--seed", type=int, default=42)
@@ -167,7 +170,7 @@ def accuracy(model, args, val_gen, device, dtype, dist_info, show=False):
     model.eval()
     src, _, mask = make_batch(args, args.val_size, val_gen, device)
     start = torch.full((args.val_size, 1), START, device=device)
-    with T.autocast(device, dtype):
+    with T.autocast(device, dtype), T.root_gathered(model):
         pred = model.generate(src, start, args.seq_len, mask=mask, temperature=0.0)
     correct = pred == src
     token_acc = T.all_reduce_mean(correct.float().mean().item(), dist_info, device)

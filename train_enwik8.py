@@ -49,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step's model")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 fully_shard instead of DDP")
+    p.add_argument("--fsdp-keep-params", action="store_true",
+                   help="with --fsdp: keep each layer's gathered weights from forward to backward (one all-gather per "
+                        "layer and micro-batch instead of two; unsharded weights in memory)")
     p.add_argument("--device", default=None, help="cpu / cuda / cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="autocast dtype: bf16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--seed", type=int, default=42)
@@ -186,7 +189,7 @@ def sample(model, val_data, step, args, device, dtype, dist_info):
     # that samples at some step (e.g. its last before a --resume) trains exactly like one that does not
     prompt_gen = torch.Generator().manual_seed(args.seed + step)
     prime = T.random_crops(val_data, 1, min(args.prime_length, args.seq_len), prompt_gen)[0].to(device)
-    with T.fork_rng(device), T.autocast(device, dtype):
+    with T.fork_rng(device), T.autocast(device, dtype), T.root_gathered(model):
         out = model.generate(prime[None], args.generate_length, cache_kv=True)
     if dist_info.is_main:
         rule = "-" * 80

@@ -404,6 +404,37 @@ def test_not_a_transformer_wrapper():
     assert not ok and "TransformerWrapper" in reason
 
 
+def test_fsdp2_sharded_model_decodes_on_the_plain_path(tmp_path):
+    """Under FSDP2 the weights are sharded DTensors, all-gathered by hooks the fast path's layer loop never calls:
+    `supports` says so, and auto-mode generation takes the plain path (same tokens as the unsharded model) once the
+    root group is gathered (the training scripts' `root_gathered`)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from x_transformers.training import root_gathered
+
+    torch.manual_seed(0)
+    model = AutoregressiveWrapper(TransformerWrapper(
+        num_tokens=NUM_TOKENS, max_seq_len=32, attn_layers=Decoder(dim=16, depth=2, heads=2, rotary_pos_emb=True)
+    ))
+    prompt = torch.randint(0, NUM_TOKENS, (1, 4))
+    expected = model.generate(prompt, 6, temperature=0.0, cache_kv=True, fast_decode=False)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for layer in model.net.attn_layers.layers:
+            fully_shard(layer[1])
+        fully_shard(model)
+        ok, reason = supports(model.net)
+        assert not ok and "DTensor" in reason
+        with root_gathered(model):
+            with pytest.raises(ValueError, match="DTensor"):
+                model.generate(prompt, 6, temperature=0.0, cache_kv=True, fast_decode=True)
+            out = model.generate(prompt, 6, temperature=0.0, cache_kv=True)
+    finally:
+        dist.destroy_process_group()
+    assert torch.equal(out, expected)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_sdpa_gqa_matches_math_path(causal):
     # the SDPA path regroups query heads for enable_gqa: query head h must still read kv head h % kv_heads

@@ -109,10 +109,11 @@ def test_copy_task_learns(tmp_path):
 
 
 def test_two_gloo_ranks_ddp_and_fsdp2_agree(tmp_path):
-    """torchrun with 2 CPU ranks: DDP, then FSDP2 (fully_shard) on the same data; both resume, and their losses agree
-    step for step (FSDP2 shards parameters but must compute the same gradients)."""
+    """torchrun with 2 CPU ranks: DDP, then FSDP2 (fully_shard; also keeping gathered weights from forward to
+    backward) on the same data; all resume, and their losses agree step for step (FSDP2 shards parameters but must
+    compute the same gradients)."""
     runs = {}
-    for name, flags in [("ddp", []), ("fsdp2", ["--fsdp"])]:
+    for name, flags in [("ddp", []), ("fsdp2", ["--fsdp"]), ("fsdp2_keep", ["--fsdp", "--fsdp-keep-params"])]:
         out = tmp_path / name
         args = [*TINY, "--validate-every", "3", "--out-dir", str(out), *flags]
         log = run("train_enwik8.py", *args, "--num-batches", "3", torchrun=True)
@@ -126,8 +127,9 @@ def test_two_gloo_ranks_ddp_and_fsdp2_agree(tmp_path):
         assert "at step 3" in log
         runs[name] = read_metrics(out)
         assert [int(r["step"]) for r in runs[name]] == list(range(1, 7))
-    for ddp_row, fsdp_row in zip(runs["ddp"], runs["fsdp2"]):
-        assert float(fsdp_row["train_loss"]) == pytest.approx(float(ddp_row["train_loss"]), rel=1e-4)
+    for name in ("fsdp2", "fsdp2_keep"):
+        for ddp_row, fsdp_row in zip(runs["ddp"], runs[name]):
+            assert float(fsdp_row["train_loss"]) == pytest.approx(float(ddp_row["train_loss"]), rel=1e-4), name
 
 
 def test_checkpoints_resume_across_world_sizes(tmp_path):

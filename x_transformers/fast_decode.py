@@ -89,6 +89,14 @@ def _attention_unsupported(attn: Attention) -> str | None:
     return next((name for name, on in flags.items() if on), None)
 
 
+def _is_dtensor(t: Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def supports(net) -> tuple[bool, str]:
     """Whether `net` (a `TransformerWrapper` around a `Decoder`) can decode on the fast path; if not, the reason,
     naming the flag that prevents it."""
@@ -97,6 +105,10 @@ def supports(net) -> tuple[bool, str]:
 
     if not isinstance(net, TransformerWrapper):
         return False, f"the network is a {type(net).__name__}, the fast path decodes a TransformerWrapper"
+
+    if any(_is_dtensor(p) for p in net.parameters()):
+        # FSDP2 all-gathers weights in its forward hooks, which the fast path's own layer loop never calls
+        return False, "the parameters are sharded DTensors (FSDP2): the plain path decodes through FSDP's hooks"
 
     layers = net.attn_layers
     if not isinstance(layers, AttentionLayers):

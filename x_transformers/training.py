@@ -110,8 +110,12 @@ def setup_logging(dist_info: Dist, write=None):
     logger.add(lambda msg: sink(msg.rstrip("\n")), level=level, format="{time:HH:mm:ss} | {level: <7} | {message}")
 
 
-def wrap_model(model: nn.Module, dist_info: Dist, device: torch.device, fsdp: bool = False) -> nn.Module:
-    """DDP by default; FSDP2 `fully_shard` per layer block then the root when `fsdp` is set."""
+def wrap_model(
+    model: nn.Module, dist_info: Dist, device: torch.device, fsdp: bool = False, reshard_after_forward: bool = True
+) -> nn.Module:
+    """DDP by default; with `fsdp`, FSDP2 `fully_shard` on each layer's block then the root.
+    `reshard_after_forward=False` keeps each block's gathered weights from forward to backward: one all-gather per
+    block and micro-batch instead of two, at the memory of unsharded weights (ZeRO-2-like)."""
     if not dist_info.enabled:
         return model
     if not fsdp:
@@ -124,11 +128,27 @@ def wrap_model(model: nn.Module, dist_info: Dist, device: torch.device, fsdp: bo
     # blocks return reshaped (view) outputs and the residual adds out of place, so FSDP2's warning about in-place
     # ops on views does not apply; tests/test_train.py checks FSDP2 losses equal DDP's step for step
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-    # shard each residual block on its own so only one block's full weights are gathered at a time
+    # one group per block: one all-gather and one reduce-scatter per layer, one block's full weights at a time; the
+    # root group (embeddings, norms, logits) stays gathered after forward, as backward starts with it
     for block in find_layer_blocks(model):
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, reshard_after_forward=False)
     return model
+
+
+@contextlib.contextmanager
+def root_gathered(model: nn.Module):
+    """Generation calls the wrapped network's parts (embeddings, `net`, encoder / decoder) rather than the root's
+    forward, so FSDP2's root hooks never gather the root group: gather it here for the duration. Block groups
+    gather themselves when called. A no-op for DDP or a single process."""
+    if not hasattr(model, "unshard"):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 def gradient_sync(model: nn.Module, sync: bool):
@@ -142,19 +162,18 @@ def gradient_sync(model: nn.Module, sync: bool):
 
 
 def find_layer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The attention / feedforward blocks of every AttentionLayers inside `model`. Each entry of its `layers` is a
-    ModuleList (norms, block, residual); fully_shard needs modules with a forward, so the entry's own children with
-    parameters are taken, not the container."""
+    """The attention / feedforward / mixer block of each layer of every AttentionLayers inside `model`. Each entry of
+    `layers` is a ModuleList (norms, block, residual); the block is its middle item. Norms and gated residuals are
+    left to the root group: their weights are tiny, and a group costs host time per micro-batch (hooks, copy-in/out)."""
     blocks = []
     for module in model.modules():
         layers = getattr(module, "layers", None)
         if not (isinstance(layers, nn.ModuleList) and hasattr(module, "layer_types")):
             continue
         for entry in layers:
-            parts = entry.children() if isinstance(entry, nn.ModuleList) else [entry]
-            for part in parts:
-                if not isinstance(part, (nn.ModuleList, nn.ModuleDict)) and any(True for _ in part.parameters()):
-                    blocks.append(part)
+            block = entry[1] if isinstance(entry, nn.ModuleList) and len(entry) == 3 else entry
+            if any(True for _ in block.parameters()):
+                blocks.append(block)
     return blocks
 
 
@@ -338,7 +357,8 @@ def prepare_run(model, args, out: Path, generators: dict, metric_columns: list[s
     """The setup both training scripts share: wrap the model (DDP / FSDP2), Adam, optional torch.compile, resume from
     `out/checkpoint.pt`, and the metrics CSV. Returns (model, optimizer, plain, train_model, start, metrics, save):
     `plain` is the unwrapped module for validation and generation, `save(step)` writes the checkpoint atomically."""
-    model = wrap_model(model, dist_info, device, fsdp=args.fsdp)
+    model = wrap_model(model, dist_info, device, fsdp=args.fsdp,
+                       reshard_after_forward=not getattr(args, "fsdp_keep_params", False))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     plain = unwrap(model)
     train_model = torch.compile(model) if args.compile else model
