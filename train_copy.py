@@ -9,7 +9,6 @@ Small enough to reach 100% copy accuracy on a laptop CPU within the default run 
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -39,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--hybrid-pattern", default=None, help="mixer / softmax tiling, e.g. LN (with --linear-attn)")
     p.add_argument("--config", default=None, help="JSON object of extra XTransformer kwargs (enc_/dec_ prefixed)")
     p.add_argument("--validate-every", type=int, default=50, help="steps between accuracy checks and checkpoints")
+    p.add_argument("--log-every", type=int, default=10,
+                   help="steps between reads of the training loss (each read waits for the GPU)")
     p.add_argument("--val-size", type=int, default=64, help="sequences decoded per accuracy check")
     p.add_argument("--generate-every", type=int, default=250, help="steps between printed examples")
     p.add_argument("--target-acc", type=float, default=1.0, help="stop once sequence accuracy reaches this")
@@ -108,11 +109,11 @@ def main(argv=None):
     tokens_per_step = args.batch_size * args.grad_accum * (2 * args.seq_len + 1) * dist_info.world_size
     bar = tqdm(range(start, args.num_batches), initial=start, total=args.num_batches, disable=not dist_info.is_main,
                desc="copy", dynamic_ncols=True, mininterval=0.5)
-    train_time, train_tokens = 0.0, 0
+    # losses stay on the GPU and are read every --log-every steps (no host sync per step)
+    losses = T.StepLosses(dist_info, device, tokens_per_step)
     seq_acc = None
     with T.StopOnSignal() as stop:
         for step in bar:
-            t0 = time.perf_counter()
             model.train()
             loss_sum = torch.zeros((), device=device)
             for micro in range(args.grad_accum):
@@ -127,15 +128,19 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
 
             done = step + 1
-            train_loss = T.all_reduce_mean(loss_sum.item() / args.grad_accum, dist_info, device)
-            step_time = time.perf_counter() - t0
-            train_time, train_tokens = train_time + step_time, train_tokens + tokens_per_step
-            bar.set_postfix(loss=f"{train_loss:.3f}", acc=seq_acc, tok_s=f"{train_tokens / train_time:,.0f}")
-            row = dict(step=done, train_loss=train_loss, tokens_per_s=tokens_per_step / step_time,
-                       lr=optimizer.param_groups[0]["lr"])
-
+            losses.add(done, loss_sum / args.grad_accum)
             last = done == args.num_batches
             evaluate = done % args.validate_every == 0 or last
+            # all ranks log at the same steps (a collective); a single process also at once when interrupted
+            if not (done % args.log_every == 0 or evaluate or (stop.requested and not dist_info.enabled)):
+                continue
+
+            lr = optimizer.param_groups[0]["lr"]
+            *earlier, (_, train_loss, tokens_per_s) = losses.flush()
+            for s, loss_s, tps in earlier:
+                metrics.log(step=s, train_loss=loss_s, tokens_per_s=tps, lr=lr)
+            bar.set_postfix(loss=f"{train_loss:.3f}", acc=seq_acc, tok_s=f"{losses.tokens_per_s:,.0f}")
+            row = dict(step=done, train_loss=train_loss, tokens_per_s=tokens_per_s, lr=lr)
             if evaluate:
                 show = done % args.generate_every == 0 or last
                 token_acc, seq_acc = accuracy(plain, args, val_gen, device, dtype, dist_info, show=show)
@@ -157,9 +162,10 @@ def main(argv=None):
                     save(done)
                 logger.warning(f"stopped at step {done}: checkpoint in {out / 'checkpoint.pt'}, continue with --resume")
                 break
+            losses.resume()
     bar.close()
-    if train_time > 0:
-        logger.info(f"average {train_tokens / train_time:,.0f} tokens/s over {train_tokens:,} training tokens")
+    if losses.train_time > 0:
+        logger.info(f"average {losses.tokens_per_s:,.0f} tokens/s over {losses.train_tokens:,} training tokens")
     logger.info(f"outputs in {out}: checkpoint.pt, metrics.csv, loss.png")
     T.finish(dist_info)
 

@@ -8,7 +8,6 @@
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -41,6 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--hybrid-pattern", default=None, help="mixer / softmax tiling, e.g. LLLN (with --linear-attn)")
     p.add_argument("--config", default=None, help="JSON object of extra Decoder kwargs, or a path to one")
     p.add_argument("--validate-every", type=int, default=100)
+    p.add_argument("--log-every", type=int, default=10,
+                   help="steps between reads of the training loss (each read waits for the GPU)")
     p.add_argument("--val-batches", type=int, default=1, help="micro-batches averaged per validation")
     p.add_argument("--generate-every", type=int, default=500)
     p.add_argument("--generate-length", type=int, default=512)
@@ -111,11 +112,11 @@ def main(argv=None):
     tokens_per_step = args.batch_size * args.grad_accum * args.seq_len * dist_info.world_size
     bar = tqdm(range(start, args.num_batches), initial=start, total=args.num_batches, disable=not dist_info.is_main,
                desc="training", dynamic_ncols=True, mininterval=0.5)
-    # tokens/s on the bar and in the final log: training steps only, averaged since this run started
-    train_time, train_tokens = 0.0, 0
+    # losses stay on the GPU and are read every --log-every steps (no host sync per step); tokens/s on the bar and
+    # in the final log count training steps only, averaged since this run started
+    losses = T.StepLosses(dist_info, device, tokens_per_step)
     with T.StopOnSignal() as stop:
         for step in bar:
-            t0 = time.perf_counter()
             model.train()
             loss_sum = torch.zeros((), device=device)
             for micro in range(args.grad_accum):
@@ -131,37 +132,44 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
 
             done = step + 1
-            train_loss = T.all_reduce_mean(loss_sum.item() / args.grad_accum, dist_info, device)
-            step_time = time.perf_counter() - t0
-            tokens_per_s = tokens_per_step / step_time
-            train_time, train_tokens = train_time + step_time, train_tokens + tokens_per_step
-            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{train_tokens / train_time:,.0f}")
-            row = dict(step=done, train_loss=train_loss, tokens_per_s=tokens_per_s, lr=optimizer.param_groups[0]["lr"])
-
+            losses.add(done, loss_sum / args.grad_accum)
             last = done == args.num_batches
-            if done % args.validate_every == 0 or last:
+            validating = done % args.validate_every == 0 or last
+            sampling = done % args.generate_every == 0 or last
+            # all ranks log at the same steps (a collective); a single process also at once when interrupted
+            if not (done % args.log_every == 0 or validating or sampling or (stop.requested and not dist_info.enabled)):
+                continue
+
+            lr = optimizer.param_groups[0]["lr"]
+            *earlier, (_, train_loss, tokens_per_s) = losses.flush()
+            for s, loss_s, tps in earlier:
+                metrics.log(step=s, train_loss=loss_s, tokens_per_s=tps, lr=lr)
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{losses.tokens_per_s:,.0f}")
+            row = dict(step=done, train_loss=train_loss, tokens_per_s=tokens_per_s, lr=lr)
+            if validating:
                 val_loss = validate(plain, val_data, val_gen, args, device, dtype, dist_info)
                 row.update(val_loss=val_loss, val_bpc=T.bits_per_byte(val_loss))
                 logger.info(f"step {done}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
                             f"val bpc {T.bits_per_byte(val_loss):.3f}, {tokens_per_s:,.0f} tokens/s")
             metrics.log(**row)
 
-            if done % args.generate_every == 0 or last:
+            if sampling:
                 sample(plain, val_data, done, args, device, dtype, dist_info)
-            if done % args.validate_every == 0 or last:
+            if validating:
                 if dist_info.is_main:
                     T.plot_metrics(out / "metrics.csv", out / "loss.png", {"train_loss": "train", "val_loss": "val"},
                                    title=f"{path.name}: byte-level LM")
                 save(done)
 
             if T.any_rank(stop.requested, dist_info, device):
-                if not (done % args.validate_every == 0 or last):
+                if not validating:
                     save(done)
                 logger.warning(f"stopped at step {done}: checkpoint in {out / 'checkpoint.pt'}, continue with --resume")
                 break
+            losses.resume()
     bar.close()
-    if train_time > 0:
-        logger.info(f"average {train_tokens / train_time:,.0f} tokens/s over {train_tokens:,} training tokens")
+    if losses.train_time > 0:
+        logger.info(f"average {losses.tokens_per_s:,.0f} tokens/s over {losses.train_tokens:,} training tokens")
     if device.type == "cuda":
         logger.info(f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GB per rank (rank 0)")
     logger.info(f"outputs in {out}: checkpoint.pt, metrics.csv, loss.png")

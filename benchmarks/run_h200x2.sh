@@ -3,7 +3,8 @@
 # 1024, bf16) for 200 steps on 1 GPU, then on 2 GPUs with DDP, FSDP2 and FSDP2 keeping gathered weights
 # (--fsdp-keep-params), at the same global batch of 16 sequences in micro-batches of MICRO (default 8: 8 x 2 on one
 # GPU, 8 x 1 per rank on two) and the same seed; cross-resume of their checkpoints between 1 and 2 GPUs (skipped with
-# RESUME=0); a gated_deltanet 'LLLN' hybrid under FSDP2; then a summary of tokens/s, scaling and loss agreement.
+# RESUME=0); a gated_deltanet 'LLLN' hybrid under FSDP2 (skipped with HYBRID=0); then a summary of tokens/s,
+# scaling and loss agreement.
 #   OUT=out/h200x2 bash benchmarks/run_h200x2.sh
 #   OUT=out/h200x2 MICRO=4 RESUME=0 bash benchmarks/run_h200x2.sh   # upstream's micro-batch of 4
 set -uo pipefail
@@ -37,7 +38,7 @@ if [ "${RESUME:-1}" = 1 ]; then
     train one_to_ddp 2 40 --num-batches 220 --validate-every 20 --generate-every 1000 "${TWO[@]}" \
         --out-dir "$OUT/one_to_ddp" --resume
 fi
-train hybrid_fsdp2 2 120 --num-batches 100 --validate-every 50 --generate-every 1000 --seed 0 "${TWO[@]}" --fsdp \
+[ "${HYBRID:-1}" = 1 ] && train hybrid_fsdp2 2 120 --num-batches 100 --validate-every 50 --generate-every 1000 --seed 0 "${TWO[@]}" --fsdp \
     --linear-attn gated_deltanet --hybrid-pattern LLLN --out-dir "$OUT/hybrid_fsdp2"
 
 python3 - "$OUT" <<'PY' | tee "$OUT/summary.txt"

@@ -235,3 +235,19 @@ def test_benchmarks_smoke(tmp_path, capsys):
     assert result["greedy_match_with_plain_path"] in (None, 1.0)
     saved = __import__("json").loads((tmp_path / "decode.json").read_text())
     assert saved["results"][0]["config"]["prompt_len"] == 16
+
+
+def test_step_losses_read_back_once_per_log_step():
+    losses = T.StepLosses(T.Dist(), torch.device("cpu"), tokens_per_step=100)
+    assert losses.flush() == [] and losses.tokens_per_s == 0.0
+    for step, value in [(1, 3.0), (2, 2.5), (3, 2.0)]:
+        losses.add(step, torch.tensor(value))
+    rows = losses.flush()
+    assert [(s, v) for s, v, _ in rows] == [(1, 3.0), (2, 2.5), (3, 2.0)]
+    assert len({tps for _, _, tps in rows}) == 1 and rows[0][2] > 0  # the interval's average for each step
+    assert losses.train_tokens == 300 and losses.flush() == []
+    time.sleep(0.05)
+    losses.resume()  # time outside training (validation, checkpoints) does not count
+    losses.add(4, torch.tensor(1.0))
+    (step, value, tps), = losses.flush()
+    assert (step, value) == (4, 1.0) and tps > 100 / 0.05

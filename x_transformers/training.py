@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,6 +196,53 @@ def all_reduce_mean(value: float, dist_info: Dist, device: torch.device) -> floa
     return t.item() / dist_info.world_size
 
 
+class StepLosses:
+    """Per-step training losses kept on the device and read back in one transfer (one all-reduce across ranks) when
+    the loop logs, every few steps. Reading a loss (`.item()`) waits for the GPU to drain its queue and leaves it
+    idle while the host launches the next step; a small model's loop is host-bound, so once a step costs that.
+
+        losses = StepLosses(dist_info, device, tokens_per_step)
+        losses.add(step, loss_sum / grad_accum)       # no sync
+        for step, loss, tokens_per_s in losses.flush(): ...   # every log step: rows for the steps since the last
+        losses.pause() / losses.resume()              # keep validation and checkpoints out of the tokens/s clock
+    """
+
+    def __init__(self, dist_info: Dist, device: torch.device, tokens_per_step: int):
+        self.dist_info, self.device, self.tokens_per_step = dist_info, device, tokens_per_step
+        self.pending: list[tuple[int, torch.Tensor]] = []
+        self.train_time, self.train_tokens = 0.0, 0
+        self.mark = time.perf_counter()
+
+    def add(self, step: int, loss: torch.Tensor):
+        self.pending.append((step, loss.detach().float().reshape(())))
+
+    def flush(self) -> list[tuple[int, float, float]]:
+        """(step, loss averaged over ranks, tokens/s averaged over the flushed steps) for each pending step. Every
+        rank must call it at the same steps (a collective under torchrun)."""
+        if not self.pending:
+            return []
+        values = torch.stack([loss for _, loss in self.pending]).double()
+        if self.dist_info.enabled:
+            dist.all_reduce(values)
+            values /= self.dist_info.world_size
+        values = values.tolist()  # the one host sync
+        elapsed = time.perf_counter() - self.mark
+        tokens = self.tokens_per_step * len(self.pending)
+        self.train_time, self.train_tokens = self.train_time + elapsed, self.train_tokens + tokens
+        rows = [(step, value, tokens / elapsed) for (step, _), value in zip(self.pending, values)]
+        self.pending = []
+        self.mark = time.perf_counter()
+        return rows
+
+    def resume(self):
+        """Restart the clock (after validation, sampling or a checkpoint, which are not training time)."""
+        self.mark = time.perf_counter()
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.train_tokens / self.train_time if self.train_time > 0 else 0.0
+
+
 def any_rank(flag: bool, dist_info: Dist, device: torch.device) -> bool:
     """True on every rank when `flag` is True on at least one (so all ranks stop at the same step)."""
     if not dist_info.enabled:
@@ -359,7 +407,8 @@ def prepare_run(model, args, out: Path, generators: dict, metric_columns: list[s
     `plain` is the unwrapped module for validation and generation, `save(step)` writes the checkpoint atomically."""
     model = wrap_model(model, dist_info, device, fsdp=args.fsdp,
                        reshard_after_forward=not getattr(args, "fsdp_keep_params", False))
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    # fused Adam on CUDA: one kernel for all parameters (also sharded DTensors) instead of a dozen foreach launches
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda")
     plain = unwrap(model)
     train_model = torch.compile(model) if args.compile else model
 
@@ -456,8 +505,8 @@ def plot_metrics(csv_path, png_path, curves: dict[str, str], title: str = "", yl
 
 
 class StopOnSignal:
-    """First SIGINT/SIGTERM asks the loop to stop after the current step (so it can checkpoint); a second one
-    interrupts at once."""
+    """First SIGINT/SIGTERM asks the loop to stop (after the current step alone; under torchrun at the next step all
+    ranks log, --log-every) and checkpoint; a second one interrupts at once."""
 
     def __init__(self):
         self.requested = False
@@ -472,7 +521,7 @@ class StopOnSignal:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        logger.warning("interrupt received: finishing this step, then saving a checkpoint (again to abort now)")
+        logger.warning("interrupt received: stopping at the next logged step with a checkpoint (again to abort now)")
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
