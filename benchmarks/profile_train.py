@@ -47,7 +47,7 @@ def main():
         attn_layers=Decoder(dim=args.dim, depth=args.depth, heads=args.heads, rotary_pos_emb=True, **extra),
     )
     wrapper = AutoregressiveWrapper(model).to(device)
-    opt = torch.optim.Adam(wrapper.parameters(), lr=1e-4)
+    opt = torch.optim.Adam(wrapper.parameters(), lr=1e-4, fused=torch.cuda.is_available())
     x = torch.randint(0, 256, (args.batch, args.seq_len + 1), device=device)
 
     def step():
