@@ -114,12 +114,15 @@ def main(argv=None):
         for impl in args.impls.split(","):
             rows.append(bench_one(impl, B, N, D, args, device, dtype))
         if args.sweep:
-            defaults = conv_module.FWD_BLOCKS, conv_module.BWD_BLOCKS, conv_module.BWD_ACT_BLOCKS
+            names = ("FWD_BLOCKS", "BWD_WEIGHT_BLOCKS", "BWD_INPUT_BLOCKS")
+            defaults = [getattr(conv_module, name) for name in names]
             for blocks in SWEEP[: 2 if args.smoke else None]:
-                conv_module.FWD_BLOCKS = conv_module.BWD_BLOCKS = conv_module.BWD_ACT_BLOCKS = blocks
+                for name in names:
+                    setattr(conv_module, name, blocks)
                 label = "ours BT={} BD={} warps={}".format(*blocks)
                 rows.append(bench_one("ours", B, N, D, args, device, dtype, label) | dict(blocks=blocks))
-            conv_module.FWD_BLOCKS, conv_module.BWD_BLOCKS, conv_module.BWD_ACT_BLOCKS = defaults
+            for name, value in zip(names, defaults):
+                setattr(conv_module, name, value)
 
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"\n{device_name}, width {args.width}, {args.dtype}, activation {args.activation}\n")

@@ -67,7 +67,7 @@ def check(inputs, dtype=torch.float32, activation=None, cu_seqlens=None, ref_fn=
 
 
 T_SMALL = 37 if not CUDA else 3000  # several row blocks, not a multiple of one
-BLOCK_NAMES = ("FWD_BLOCKS", "BWD_BLOCKS", "BWD_ACT_BLOCKS")
+BLOCK_NAMES = ("FWD_BLOCKS", "BWD_WEIGHT_BLOCKS", "BWD_INPUT_BLOCKS")
 DEFAULT_BLOCKS = {name: getattr(conv_module, name) for name in BLOCK_NAMES}
 
 

@@ -5,11 +5,13 @@ contiguous. cuDNN runs the grouped conv on such views with a slow direct kernel 
 bf16 on an H100); this is a memory-bound pass instead. Each program owns BT rows and BD channels; the w shifted row
 blocks it loads overlap in all but w - 1 rows, which come from L1 / L2, so HBM sees about one read of x.
 
-The backward is one more pass: `dx[t] = sum_k weight[w - 1 - k] * dz[t + k]` (the conv reversed in time), where dz is
-the output gradient through the activation, whose input z is recomputed from x rather than stored. The weight and
-bias gradients are sums over time; each program writes its block's partial sums and one `sum` over blocks finishes
-them, so they come out the same on every run (no atomics). With a cache, one extra block of rows before the first token
-gives the cache's gradient.
+The backward takes two passes. The first recomputes the pre-activation z from x (one conv, as forward), takes dy
+through the activation to dz (stored only when there is an activation) and sums the weight and bias gradients over
+its rows: each program writes its block's partial sums and one `sum` over blocks finishes them, so they come out the
+same on every run (no atomics). The second is the conv reversed in time over dz, `dx[t] = sum_k weight[w - 1 - k] *
+dz[t + k]`; with a cache, one extra block of rows before the first token gives the cache's gradient. (A single pass
+that recomputed z at each of the w shifts ran 4x the instructions and 184 registers: 447 us at 16 x 1024 x 1536 bf16
+with silu on an H100, at 12% occupancy.)
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ patch()
 MAX_WIDTH = 8  # wider kernels take the PyTorch path
 ACTIVATIONS = (None, "silu", "swish")
 # (rows, channels, warps) per program; module-level so benchmarks/bench_conv.py can sweep them. 8 channels per
-# thread (16-byte loads in bf16); the backward with a fused activation recomputes it at w shifts, so it takes fewer
-# rows to stay within the registers (sm_90, 16-byte aligned inputs: ~80 / ~115 / ~185 registers, no spills)
+# thread (16-byte loads in bf16). The backward is two passes: the weight pass (dz through the activation, recomputed
+# from x, and the weight / bias partial sums) and the input pass (dx, the conv reversed in time over dz). sm_90
+# registers with silu (tests/ops/hopper_compile.py conv): forward 74, weight pass 76 at 32 rows (220 at 64), input 100
 FWD_BLOCKS = (64, 128, 8)
-BWD_BLOCKS = (64, 128, 8)
-BWD_ACT_BLOCKS = (32, 128, 8)
+BWD_WEIGHT_BLOCKS = (32, 128, 8)
+BWD_INPUT_BLOCKS = (64, 128, 8)
 TRANSPOSE_WEIGHT_FROM = 256  # tokens (b * n)
 
 
@@ -94,14 +97,14 @@ def causal_conv1d_fwd_kernel(
 
 
 @triton.jit
-def causal_conv1d_bwd_kernel(
-    x, w, s_wj, s_wd, bias, cache, dy, dx, dcache, dw, db, seq_start, T,
+def causal_conv1d_bwd_weight_kernel(
+    x, w, s_wj, s_wd, bias, cache, dy, dz, dw, db, seq_start, T,
     D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, USE_CACHE: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """grid (cdiv(D, BD) * NT, B) with NT = cdiv(T, BT), plus one block of rows before the first token when there is
-    a cache (its last w - 1 rows are the cache's gradient). dx: [B, T, D] and dcache: [B, W - 1, D] in their inputs'
-    dtypes; dw: [B * NT, W, D] and db: [B * NT, D] fp32 partial sums, one row per block of rows."""
+    """grid (cdiv(D, BD) * NT, B), NT = cdiv(T, BT). The gradient dz of the pre-activation output at this block's rows
+    (dy through the activation, whose input is recomputed from x; written to dz, [B, T, D], only with ACT) and the
+    block's share of the weight and bias gradients: dw [B * NT, W, D] and db [B * NT, D] fp32 partial sums."""
     i_dt, i_b = tl.program_id(0), tl.program_id(1)
     ND = tl.cdiv(D, BD)
     NT = tl.num_programs(0) // ND
@@ -109,39 +112,67 @@ def causal_conv1d_bwd_kernel(
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
     o_t = i_t * BT + tl.arange(0, BT)
-    if USE_CACHE:
-        o_t -= BT
-    m_t = (o_t >= 1 - W) & (o_t < T) if USE_CACHE else o_t < T
+    m_t = o_t < T
     x += i_b.to(tl.int64) * T * D
     dy += i_b.to(tl.int64) * T * D
-    dx += i_b.to(tl.int64) * T * D
     if USE_CACHE:
         cache += i_b.to(tl.int64) * (W - 1) * D
+    o_bos = 0
+    if IS_VARLEN:
+        o_bos = tl.load(seq_start + o_t, mask=m_t, other=0)
+
+    p_rows = o_t.to(tl.int64)[:, None] * D + o_d[None, :]
+    m_rows = m_t[:, None] & m_d[None, :]
+    b_dz = tl.load(dy + p_rows, mask=m_rows, other=0).to(tl.float32)
+    if ACT:
+        b_z = _conv_rows(x, w, s_wj, s_wd, bias, cache, o_t, o_bos, m_t, o_d, m_d, T,
+                         D, W, BT, BD, HAS_BIAS, USE_CACHE)
+        b_s = tl.sigmoid(b_z)
+        # d silu(z) / dz = s (1 + z (1 - s))
+        b_dz = b_dz * b_s * (1 + b_z * (1 - b_s))
+        tl.store(dz + i_b.to(tl.int64) * T * D + p_rows, b_dz.to(dz.dtype.element_ty), mask=m_rows)
+
+    i_p = (i_b * NT + i_t).to(tl.int64)
+    for j in tl.static_range(W):
+        b_x = _load_rows(x, cache, o_t - (W - 1) + j, o_bos, m_t, o_d, m_d, T, D, W, USE_CACHE)
+        tl.store(dw + (i_p * W + j) * D + o_d, tl.sum(b_dz * b_x, axis=0), mask=m_d)
+    if HAS_BIAS:
+        tl.store(db + i_p * D + o_d, tl.sum(b_dz, axis=0), mask=m_d)
+
+
+@triton.jit
+def causal_conv1d_bwd_input_kernel(
+    dz, w, s_wj, s_wd, dx, dcache, seq_start, T,
+    D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+    USE_CACHE: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """grid (cdiv(D, BD) * NT, B) with NT = cdiv(T, BT), plus one block of rows before the first token when there is
+    a cache (its last w - 1 rows are the cache's gradient). The conv reversed in time over dz, the gradient of the
+    pre-activation output: dx[t] = sum_k weight[w - 1 - k] dz[t + k]. dx: [B, T, D], dcache: [B, W - 1, D]."""
+    i_dt, i_b = tl.program_id(0), tl.program_id(1)
+    ND = tl.cdiv(D, BD)
+    i_d, i_t = i_dt % ND, i_dt // ND
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    o_t = i_t * BT + tl.arange(0, BT)
+    if USE_CACHE:
+        o_t -= BT
+    dz += i_b.to(tl.int64) * T * D
+    dx += i_b.to(tl.int64) * T * D
+    if USE_CACHE:
         dcache += i_b.to(tl.int64) * (W - 1) * D
 
-    # dz at rows t + k reaches dx at row t through weight[w - 1 - k]
     b_dx = tl.zeros([BT, BD], dtype=tl.float32)
-    b_dz0 = tl.zeros([BT, BD], dtype=tl.float32)
     for k in tl.static_range(W):
         o_u = o_t + k
         m_u = (o_u >= 0) & (o_u < T)
-        o_bos = 0
         if IS_VARLEN:
-            o_bos = tl.load(seq_start + o_u, mask=m_u, other=0)
             # row t + k belongs to row t's sequence iff that sequence started at or before t
-            m_u = m_u & (o_bos <= o_t)
-        b_dz = tl.load(dy + o_u.to(tl.int64)[:, None] * D + o_d[None, :],
+            m_u = m_u & (tl.load(seq_start + o_u, mask=m_u, other=0) <= o_t)
+        b_dz = tl.load(dz + o_u.to(tl.int64)[:, None] * D + o_d[None, :],
                        mask=m_u[:, None] & m_d[None, :], other=0).to(tl.float32)
-        if ACT:
-            b_z = _conv_rows(x, w, s_wj, s_wd, bias, cache, o_u, o_bos, m_u, o_d, m_d, T,
-                             D, W, BT, BD, HAS_BIAS, USE_CACHE)
-            b_s = tl.sigmoid(b_z)
-            # d silu(z) / dz = s (1 + z (1 - s))
-            b_dz = b_dz * b_s * (1 + b_z * (1 - b_s))
         b_w = tl.load(w + (W - 1 - k) * s_wj + o_d * s_wd, mask=m_d, other=0).to(tl.float32)
         b_dx += b_dz * b_w[None, :]
-        if k == 0:
-            b_dz0 = b_dz
 
     tl.store(dx + o_t.to(tl.int64)[:, None] * D + o_d[None, :], b_dx.to(dx.dtype.element_ty),
              mask=((o_t >= 0) & (o_t < T))[:, None] & m_d[None, :])
@@ -149,17 +180,6 @@ def causal_conv1d_bwd_kernel(
         m_c = (o_t < 0) & (o_t >= 1 - W)
         tl.store(dcache + (o_t + W - 1)[:, None] * D + o_d[None, :], b_dx.to(dcache.dtype.element_ty),
                  mask=m_c[:, None] & m_d[None, :])
-
-    # this block's share of the weight and bias gradients (dz0 is zero outside the sequence)
-    i_p = (i_b * NT + i_t).to(tl.int64)
-    o_bos = 0
-    if IS_VARLEN:
-        o_bos = tl.load(seq_start + o_t, mask=(o_t >= 0) & (o_t < T), other=0)
-    for j in tl.static_range(W):
-        b_x = _load_rows(x, cache, o_t - (W - 1) + j, o_bos, m_t, o_d, m_d, T, D, W, USE_CACHE)
-        tl.store(dw + (i_p * W + j) * D + o_d, tl.sum(b_dz0 * b_x, axis=0), mask=m_d)
-    if HAS_BIAS:
-        tl.store(db + i_p * D + o_d, tl.sum(b_dz0, axis=0), mask=m_d)
 
 
 def _blocks(blocks, T, D):
@@ -203,16 +223,25 @@ def causal_conv1d_fwd(x, wt, bias, cache, seq_start, act):
 def causal_conv1d_bwd(x, wt, bias, cache, seq_start, act, dy):
     B, T, D = x.shape
     W = wt.shape[0]
-    BT, BD, num_warps = _blocks(BWD_ACT_BLOCKS if act else BWD_BLOCKS, T + (W - 1 if cache is not None else 0), D)
-    NT = triton.cdiv(T, BT) + (cache is not None)
-    dx = torch.empty_like(x)
-    dcache = torch.empty_like(cache) if cache is not None else None
+    # 1. dz (dy through the activation) and the weight / bias gradients, one block of rows per program
+    BT, BD, num_warps = _blocks(BWD_WEIGHT_BLOCKS, T, D)
+    NT = triton.cdiv(T, BT)
+    # dz in x's dtype (the rounding dx gets anyway), fp32 for fp32 inputs
+    dz = torch.empty_like(x) if act else dy
     dw = x.new_empty(B * NT, W, D, dtype=torch.float32)
     db = x.new_empty(B * NT, D, dtype=torch.float32) if bias is not None else None
-    causal_conv1d_bwd_kernel[(triton.cdiv(D, BD) * NT, B)](
-        x, wt, wt.stride(0), wt.stride(1), bias, cache, dy, dx, dcache, dw, db, seq_start, T, D=D, W=W, BT=BT, BD=BD,
+    causal_conv1d_bwd_weight_kernel[(triton.cdiv(D, BD) * NT, B)](
+        x, wt, wt.stride(0), wt.stride(1), bias, cache, dy, dz, dw, db, seq_start, T, D=D, W=W, BT=BT, BD=BD,
         HAS_BIAS=bias is not None, ACT=act, USE_CACHE=cache is not None, IS_VARLEN=seq_start is not None,
         num_warps=num_warps,
+    )
+    # 2. dx (and the cache's gradient): the conv reversed in time over dz
+    BT, BD, num_warps = _blocks(BWD_INPUT_BLOCKS, T + (W - 1 if cache is not None else 0), D)
+    dx = torch.empty_like(x)
+    dcache = torch.empty_like(cache) if cache is not None else None
+    causal_conv1d_bwd_input_kernel[(triton.cdiv(D, BD) * (triton.cdiv(T, BT) + (cache is not None)), B)](
+        dz, wt, wt.stride(0), wt.stride(1), dx, dcache, seq_start, T, D=D, W=W, BT=BT, BD=BD,
+        USE_CACHE=cache is not None, IS_VARLEN=seq_start is not None, num_warps=num_warps,
     )
     dw = dw.sum(0).t().to(wt.dtype)
     db = db.sum(0).to(bias.dtype) if bias is not None else None
