@@ -276,9 +276,14 @@ def test_default_layer_op_count():
         assert name not in ops, name
 
 
-def test_default_stack_compiles_without_graph_breaks():
+@pytest.mark.parametrize("kwargs", [
+    dict(), dict(linear_attn="gated_deltanet"), dict(linear_attn="gated_deltanet", hybrid_pattern="LN"),
+    dict(linear_attn="mamba2"),
+], ids=["softmax", "gated_deltanet", "hybrid", "mamba2"])
+def test_default_stack_compiles_without_graph_breaks(kwargs):
+    """One graph for the whole training forward (the CPU paths of the mixers; on CUDA their Triton kernels)."""
     torch._dynamo.reset()
-    wrapper = AutoregressiveWrapper(build(Decoder, rotary_pos_emb=True))
+    wrapper = AutoregressiveWrapper(build(Decoder, rotary_pos_emb=True, **kwargs))
     explanation = torch._dynamo.explain(wrapper)(torch.randint(0, NUM_TOKENS, (2, SEQ + 1)))
     assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
 
