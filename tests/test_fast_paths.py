@@ -154,6 +154,42 @@ def test_attention_maps_are_formed_only_when_read():
     torch.testing.assert_close(attn.sum(dim=-1), torch.ones(2, 4, SEQ))
 
 
+def test_walking_dataclass_fields_does_not_form_attention_maps(tmp_path):
+    """FSDP2 walks the dataclass fields of each wrapped block's output to hook its tensors for backward; the maps are
+    attributes outside those fields, so a sharded training forward never forms them (it did: a (b, h, n, n) map per
+    layer on every forward). Positional construction keeps upstream's field order."""
+    import dataclasses
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from x_transformers.attend import Intermediates
+
+    assert {f.name for f in dataclasses.fields(Intermediates)}.isdisjoint(
+        {"qk_similarities", "pre_softmax_attn", "post_softmax_attn"}
+    )
+    maps = [torch.randn(1, 1, 2, 2) for _ in range(3)]
+    inter = Intermediates(*maps, None, None, "a")
+    assert inter.to_tuple() == tuple(maps) and inter.layer_type == "a" and Intermediates().post_softmax_attn is None
+
+    model = build(Decoder, rotary_pos_emb=True)
+    x = torch.randint(0, NUM_TOKENS, (2, SEQ))
+    reference = model(x)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for layer in model.attn_layers.layers:
+            fully_shard(layer[1])
+        fully_shard(model)
+        counter = count_ops.OpCounter()
+        with counter:
+            out = model(x)
+            out.sum().backward()
+    finally:
+        dist.destroy_process_group()
+    assert "_softmax" not in counter.counts and "bmm" not in counter.counts, counter.counts
+    torch.testing.assert_close(out, reference)
+
+
 def test_attn_z_loss_and_its_gradients_match(monkeypatch):
     model = build(Decoder, rotary_pos_emb=True)
     wrapper = AutoregressiveWrapper(model, add_attn_z_loss=True)

@@ -49,8 +49,7 @@ class LazyAttnMap:
 
     def __get__(self, inter, owner=None):
         if inter is None:
-            # the dataclass default
-            return None
+            return self
         maps_fn = inter.__dict__.get("attn_maps_fn")
         if maps_fn is not None:
             inter.attn_maps_fn = None
@@ -61,11 +60,8 @@ class LazyAttnMap:
         inter.__dict__[self.slot] = value
 
 
-@dataclass
+@dataclass(init=False)
 class Intermediates:
-    qk_similarities: Tensor | None = LazyAttnMap()
-    pre_softmax_attn: Tensor | None = LazyAttnMap()
-    post_softmax_attn: Tensor | None = LazyAttnMap()
     values: Tensor | None = None
     cached_kv: tuple[Tensor, Tensor] | None = None
     layer_type: str | None = None
@@ -73,8 +69,34 @@ class Intermediates:
     hybrid_hidden: Tensor | tuple | None = None
     # ours: decode state of a linear-attention / RNN mixer
     recurrent_state: tuple | None = None
-    # ours: () -> the three maps above, left by the SDPA path (see LazyAttnMap)
+    # ours: () -> the three maps below, left by the SDPA path (see LazyAttnMap)
     attn_maps_fn: Callable | None = field(default=None, repr=False)
+
+    # The three attention maps are attributes, not dataclass fields: code that walks a module's output through its
+    # dataclass fields would read them and so compute them, a (b, h, n, n) map per layer on every forward. FSDP2
+    # does exactly that for the outputs of the blocks it wraps (to hook their tensors for backward).
+    qk_similarities = LazyAttnMap()
+    pre_softmax_attn = LazyAttnMap()
+    post_softmax_attn = LazyAttnMap()
+
+    def __init__(
+        self,
+        qk_similarities: Tensor | None = None,
+        pre_softmax_attn: Tensor | None = None,
+        post_softmax_attn: Tensor | None = None,
+        values: Tensor | None = None,
+        cached_kv: tuple[Tensor, Tensor] | None = None,
+        layer_type: str | None = None,
+        hybrid_hidden: Tensor | tuple | None = None,
+        recurrent_state: tuple | None = None,
+        attn_maps_fn: Callable | None = None,
+    ):
+        # upstream's field order for positional arguments, then ours
+        self.qk_similarities, self.pre_softmax_attn, self.post_softmax_attn = (
+            qk_similarities, pre_softmax_attn, post_softmax_attn
+        )
+        self.values, self.cached_kv, self.layer_type = values, cached_kv, layer_type
+        self.hybrid_hidden, self.recurrent_state, self.attn_maps_fn = hybrid_hidden, recurrent_state, attn_maps_fn
 
     def to_tuple(self):
         return (self.qk_similarities, self.pre_softmax_attn, self.post_softmax_attn)
