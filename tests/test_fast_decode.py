@@ -409,6 +409,7 @@ def test_fsdp2_sharded_model_decodes_on_the_plain_path(tmp_path):
     `supports` says so, and auto-mode generation takes the plain path (same tokens as the unsharded model) once the
     root group is gathered (the training scripts' `root_gathered`)."""
     import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from x_transformers.training import root_gathered
@@ -421,9 +422,10 @@ def test_fsdp2_sharded_model_decodes_on_the_plain_path(tmp_path):
     expected = model.generate(prompt, 6, temperature=0.0, cache_kv=True, fast_decode=False)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
+        mesh = init_device_mesh("cpu", (1,))  # CPU weights, also on a machine with a GPU
         for layer in model.net.attn_layers.layers:
-            fully_shard(layer[1])
-        fully_shard(model)
+            fully_shard(layer[1], mesh=mesh)
+        fully_shard(model, mesh=mesh)
         ok, reason = supports(model.net)
         assert not ok and "DTensor" in reason
         with root_gathered(model):

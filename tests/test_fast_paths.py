@@ -161,6 +161,7 @@ def test_walking_dataclass_fields_does_not_form_attention_maps(tmp_path):
     import dataclasses
 
     import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from x_transformers.attend import Intermediates
@@ -177,9 +178,10 @@ def test_walking_dataclass_fields_does_not_form_attention_maps(tmp_path):
     reference = model(x)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
+        mesh = init_device_mesh("cpu", (1,))  # CPU weights, also on a machine with a GPU
         for layer in model.attn_layers.layers:
-            fully_shard(layer[1])
-        fully_shard(model)
+            fully_shard(layer[1], mesh=mesh)
+        fully_shard(model, mesh=mesh)
         counter = count_ops.OpCounter()
         with counter:
             out = model(x)

@@ -124,16 +124,19 @@ def wrap_model(
 
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    # the mesh of the training device (fully_shard's default is the accelerator's, also for a CPU run beside a GPU)
+    mesh = init_device_mesh(device.type, (dist_info.world_size,))
     # blocks return reshaped (view) outputs and the residual adds out of place, so FSDP2's warning about in-place
     # ops on views does not apply; tests/test_train.py checks FSDP2 losses equal DDP's step for step
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     # one group per block: one all-gather and one reduce-scatter per layer, one block's full weights at a time; the
     # root group (embeddings, norms, logits) stays gathered after forward, as backward starts with it
     for block in find_layer_blocks(model):
-        fully_shard(block, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, reshard_after_forward=False)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)
     return model
 
 
