@@ -1,8 +1,10 @@
 """Normalization layers.
 
 All the RMS-style norms are `x / rms(x)` (upstream writes `x / ||x|| * sqrt(dim)`, the same function) through
-F.rms_norm: one fused op instead of a norm, clamp, divide and scale, each a kernel forward and backward. `unit_offset=True` stores gamma - 1, so that weight decay pulls
-the effective gain towards 1 instead of 0.
+F.rms_norm: one fused op instead of a norm, clamp, divide and scale, each a kernel forward and backward.
+`unit_offset=True` stores gamma - 1, so that weight decay pulls the effective gain towards 1 instead of 0.
+LayerNorm runs the Triton kernel of x_transformers/ops/layer_norm on CUDA tensors (PyTorch's backward is slow at
+these widths) and F.layer_norm elsewhere.
 """
 
 from __future__ import annotations
@@ -28,6 +30,17 @@ def _as_sequence_condition(condition):
     return condition[:, None, :] if condition.ndim == 2 else condition
 
 
+def _use_fused_layer_norm(x) -> bool:
+    """The Triton LayerNorm (x_transformers/ops/layer_norm) for CUDA tensors outside torch.compile (which fuses its
+    own), where it gives F.layer_norm's dtype: float32 inputs, or any input with autocast off (autocast runs
+    layer_norm in float32)."""
+    if torch.compiler.is_compiling() or not (x.dtype == torch.float32 or not torch.is_autocast_enabled("cuda")):
+        return False
+    from x_transformers.ops.common.utils import fused_kernels_enabled
+
+    return fused_kernels_enabled()
+
+
 class LayerNorm(Module):
     """Bias-less LayerNorm, the bias adds nothing and hurts stability."""
 
@@ -40,6 +53,10 @@ class LayerNorm(Module):
     def forward(self, x):
         # the unit offset costs an add (and its backward) on every call, so only when it is on
         gamma = self.gamma + 1.0 if self.unit_offset else self.gamma
+        if x.is_cuda and _use_fused_layer_norm(x):
+            from x_transformers.ops.layer_norm import fused_layer_norm
+
+            return fused_layer_norm(x, gamma)
         return F.layer_norm(x, (self.dim,), weight=gamma)
 
 

@@ -20,6 +20,7 @@ from torch.amp import autocast
 from torch.nn import Module, ModuleList
 
 from x_transformers.norms import LayerNorm
+from x_transformers.ops.rotary.naive import naive_rotary
 from x_transformers.utils import default, divisible_by, exists, l2norm, pad_at_dim
 
 
@@ -452,11 +453,16 @@ class RotaryTable:
         cos, sin = self.table(t.shape[-1], keys)
         seq_len = t.shape[-2]
         cos, sin = cos[..., -seq_len:, :], sin[..., -seq_len:, :]
-        if t.ndim == 4:
-            cos, sin = cos[:, None], sin[:, None]
-        swapped = rearrange(t, "... (d r) -> ... d r", r=2).flip(-1)
-        swapped = rearrange(swapped, "... d r -> ... (d r)")
-        return (t * cos + swapped * sin).type(t.dtype)
+        if t.is_cuda and not torch.compiler.is_compiling() and not (cos.requires_grad or sin.requires_grad):
+            from x_transformers.ops.common.utils import fused_kernels_enabled
+
+            if fused_kernels_enabled():
+                # one Triton pass forward and one backward instead of ~5 float32 kernels each (torch.compile fuses
+                # the formula by itself)
+                from x_transformers.ops.rotary import fused_rotary
+
+                return fused_rotary(t, cos, sin)
+        return naive_rotary(t, cos, sin)
 
 
 def apply_rotary_pos_emb(t, freqs, scale=1):

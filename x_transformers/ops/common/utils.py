@@ -16,6 +16,15 @@ def triton_available() -> bool:
     return True
 
 
+# X_TRANSFORMERS_FUSED=0 keeps the model's rotary and LayerNorm on their PyTorch formulas (for A/B benchmarks)
+_FUSED = os.environ.get("X_TRANSFORMERS_FUSED", "1") != "0"
+
+
+def fused_kernels_enabled() -> bool:
+    """Whether the model layers may use the fused Triton rotary / LayerNorm kernels on CUDA tensors."""
+    return _FUSED and triton_available()
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

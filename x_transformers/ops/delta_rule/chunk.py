@@ -39,6 +39,8 @@ WY_SUB = 4
 # software-pipelining depth of the two sequential state passes: the next chunk's loads overlap this chunk's products.
 # Keep it at 2 or more: with 1, the bf16 state kernels hit an illegal memory access on an H100 (Triton 3.6).
 STATE_STAGES = 2
+# pipelining depth of the wy and chunk_bwd kernels (single pass over one chunk: nothing to overlap at 1)
+WY_STAGES = BWD_STAGES = 1
 # warps per kernel and chunk_bwd's value tile; 0 = the default of `_launch` (tuning knobs for bench_ops.py --set)
 WY_WARPS = STATE_WARPS = OUTPUT_WARPS = BWD_WARPS = BWD_BV = 0
 
@@ -443,7 +445,8 @@ def chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_st
     A, w, u = torch.empty(B, T, H, BT, **io), torch.empty(B, T, H, K, **io), torch.empty(B, T, H, V, **io)
     wy_fwd_kernel[(plan.NT_grid, grid_bh)](
         k, v, beta, g, gc, A, w, u, cu_seqlens, plan.chunk_indices, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-        SUB=WY_SUB, USE_G=g is not None, IS_VARLEN=varlen, PREC=prec, num_stages=1, num_warps=WY_WARPS or plan.warps,
+        SUB=WY_SUB, USE_G=g is not None, IS_VARLEN=varlen, PREC=prec, num_stages=WY_STAGES,
+        num_warps=WY_WARPS or plan.warps,
     )
     h, d = torch.empty(plan.NT_total, H, K, V, **io), torch.empty(B, T, H, V, **io)
     ht = torch.empty(N, H, K, V, **f32) if output_final_state else None
@@ -481,7 +484,7 @@ def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, pla
     chunk_bwd_kernel[(plan.NT_grid, grid_bh)](
         q, k, v, beta, gc, A, h, d, dh, dd, do, dq, dk, dv, dbeta, dg, cu_seqlens, plan.chunk_indices, scale, T,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BWD_BV or min(BV, 32), USE_G=g is not None, IS_VARLEN=varlen, PREC=prec,
-        num_warps=BWD_WARPS or plan.bwd_warps, num_stages=1,
+        num_warps=BWD_WARPS or plan.bwd_warps, num_stages=BWD_STAGES,
     )
     return dq, dk, dv, dbeta, dg, dh0
 
