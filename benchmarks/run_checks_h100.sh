@@ -38,5 +38,6 @@ step train_compile 100 python3 benchmarks/bench_train.py --compile --json "$OUT/
 step train_gdn_1k 50 python3 benchmarks/bench_train.py --linear-attn gated_deltanet --json "$OUT/train_gdn_1k.json"
 step train_gdn_8k 50 python3 benchmarks/bench_train.py --linear-attn gated_deltanet --seq-len 8192 --batch 2 \
     --json "$OUT/train_gdn_8k.json"
+step train_sm_8k 50 python3 benchmarks/bench_train.py --seq-len 8192 --batch 2 --json "$OUT/train_sm_8k.json"
 step profile_softmax 50 python3 benchmarks/profile_train.py --top 30 --out "$OUT/profile_softmax.json"
 echo "=== done ($(date +%T))" | tee -a "$OUT/all.log"
