@@ -18,7 +18,7 @@ timeout 300 python3 benchmarks/check_configs.py --dtypes bfloat16 --jobs 6 --jso
     --set "" "$D.WY_STAGES=2" "$D.STATE_WARPS=4" "$D.STATE_STAGES=3" "$D.BWD_STAGES=2" > "$OUT/delta_configs.log" 2>&1 &
 pids=($!)
 for f in ${TESTS:-tests/ops/test_delta_rule.py tests/ops/test_rotary.py tests/ops/test_layer_norm.py \
-        tests/test_fast_paths.py tests/test_fast_decode.py}; do
+        tests/ops/test_gla.py tests/test_fast_paths.py tests/test_fast_decode.py}; do
     timeout 300 python3 -m pytest -q -p no:cacheprovider --durations=5 "$f" > "$OUT/$(basename "$f" .py).log" 2>&1 &
     pids+=($!)
 done
@@ -30,8 +30,10 @@ step() {  # step NAME SECONDS CMD...
     local name=$1 limit=$2
     shift 2
     echo "=== $name ($(date +%T))" | tee -a "$OUT/all.log"
-    timeout "$limit" "$@" 2>&1 | tee -a "$OUT/all.log" | grep -E "tokens/s|^ *ours|^step|Error"
+    timeout "$limit" "$@" 2>&1 | tee -a "$OUT/all.log" | grep -E "tokens/s|^ *ours|^step|Error|->|^ +[0-9.]+ us"
 }
+step ops_gla 90 python3 benchmarks/bench_ops.py --seqlens 1024,4096,16384 --no-fla --warmup 3 --reps 10 --profile \
+    --ops sdpa,chunk_gla,chunk_delta_rule,chunk_gated_delta_rule --out "$OUT/ops.json"
 step train_fused 60 python3 benchmarks/bench_train.py --json "$OUT/train_fused.json"
 step train_unfused 60 env X_TRANSFORMERS_FUSED=0 python3 benchmarks/bench_train.py --json "$OUT/train_unfused.json"
 step train_compile 100 python3 benchmarks/bench_train.py --compile --json "$OUT/train_compile.json"

@@ -4,6 +4,7 @@ On CPU the Triton kernels run under TRITON_INTERPRET=1 at tiny shapes; on a CUDA
 real shapes in fp32 and bf16: `pytest tests/ops/test_gla.py -x -q`.
 """
 
+import importlib
 import os
 
 import pytest
@@ -14,6 +15,7 @@ from x_transformers.ops.common.utils import use_triton
 from x_transformers.ops.gla import naive_recurrent_gla
 from x_transformers.ops.gla.chunk_torch import chunk_gla_torch
 
+GLA_CHUNK = importlib.import_module("x_transformers.ops.gla.chunk")
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 NAMES = ("o", "final_state", "dq", "dk", "dv", "dg", "dh0")
@@ -81,6 +83,33 @@ CPU_CASES = {
 @pytest.mark.parametrize("case", CPU_CASES)
 def test_against_naive(path, case, check):
     check(PATHS[path], make_inputs(**CPU_CASES[case]))
+
+
+def mixed_decay_inputs():
+    """Chunk 0 mild, chunk 1 strong in the second K tile only (the backward decides per K tile, the forward per
+    chunk), chunk 2 (partial) strong everywhere."""
+    q, k, v, g, h0 = make_inputs(B=1, T=150, H=2, K=80, V=24)
+    g[:, 64:128, :, 64:] *= 20
+    g[:, 128:] *= 20
+    return [q, k, v, g, h0]
+
+
+@pytest.mark.parametrize("span", [None, -1.0], ids=["default", "pairwise_only"])
+def test_intra_paths_on_mild_and_strong_chunks(span, check, monkeypatch):
+    """The intra kernels' tensor-core path (chunks of mild decay) and the pair-wise path (strong decay) in one call,
+    and the pair-wise path alone."""
+    if span is not None:
+        monkeypatch.setattr(GLA_CHUNK, "INTRA_SPAN", span)
+    check(chunk_gla, mixed_decay_inputs())
+
+
+def test_intra_span_guard_is_what_keeps_strong_decay_exact(monkeypatch, rel_rms_fn):
+    """With the guard lifted, strong decay overflows the tensor-core path: the threshold is what routes it away."""
+    q, k, v, g, _ = make_inputs(B=1, T=64, H=1, K=16, V=16, decay=20.0)
+    ref, _ = naive_recurrent_gla(q, k, v, g)
+    monkeypatch.setattr(GLA_CHUNK, "INTRA_SPAN", 1e30)
+    o, _ = chunk_gla(q, k, v, g)
+    assert not (torch.isfinite(o).all() and rel_rms_fn(o, ref) < 1e-2)
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -31,6 +31,9 @@ BC = 16
 # launch options of the kernels holding [64, 64] tiles: with 8 warps ptxas (sm_90) fits them in registers without
 # spills, where 4 warps spill up to 1.6 KB per thread in the backward; tests/ops/test_gla.py checks both on a GPU
 BIG_TILES = dict(num_warps=8, num_stages=2)
+# chunks whose decay G_first - G_last stays within this in every channel take the intra kernels' tensor-core path
+# (factors up to exp(50) ~ 5e21, far inside fp32 / tf32 range); a negative value turns that path off
+INTRA_SPAN = 50.0
 
 
 @triton.jit
@@ -333,7 +336,7 @@ def chunk_gla_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqle
 
     A = torch.empty(B, T, H, BT, dtype=torch.float32, device=q.device)
     chunk_gla_fwd_intra_kernel[(nt_grid, BT // BC, B * H)](
-        q, k, gc, A, cu_seqlens, chunk_indices, scale, T, H=H, K=K, BT=BT, BC=BC, BK=BK, PREC=prec,
+        q, k, gc, A, cu_seqlens, chunk_indices, scale, T, H=H, K=K, BT=BT, BC=BC, BK=BK, SPAN=INTRA_SPAN, PREC=prec,
         IS_VARLEN=varlen,
     )
 
@@ -382,7 +385,7 @@ def chunk_gla_bwd(q, k, v, g, gc, h, A, do, dht, scale, initial_state, cu_seqlen
     dk_intra = torch.empty_like(dq_intra)
     chunk_gla_bwd_intra_kernel[(triton.cdiv(K, BK) * (BT // BC), nt_grid, B * H)](
         q, k, gc, dA, dq_intra, dk_intra, cu_seqlens, chunk_indices, T, H=H, K=K, BT=BT, BC=BC, BK=BK,
-        NC=BT // BC, PREC=prec, IS_VARLEN=varlen,
+        NC=BT // BC, SPAN=INTRA_SPAN, PREC=prec, IS_VARLEN=varlen,
     )
 
     dq, dk = torch.empty_like(q), torch.empty_like(k)

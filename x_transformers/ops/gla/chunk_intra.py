@@ -5,7 +5,10 @@ factored over a whole chunk (exp(-G_s) overflows when g reaches -20 per step), s
 - an off-diagonal block (query sub-chunk i, key sub-chunk j != i) goes through a reference row r between them:
   exp(G_t - G_r) * exp(G_r - G_s), both exponents <= 0, so the factors can only underflow where the product does;
 - a diagonal block is built pair-wise, one column (or row) at a time, from exp of masked differences.
-All of it in fp32. A is [B*T, H, BT] fp32 (row t holds its chunk's columns), zero above the diagonal, scale included.
+Where the decay across the whole chunk is mild (G_first - G_last <= SPAN in every channel, checked per chunk at run
+time: GLA's logsigmoid / 16 gates decay ~3 over a chunk), every block goes through the chunk's first row instead:
+exp(G_t - G_0) <= 1 and exp(G_0 - G_s) <= exp(SPAN), so the whole row of A (and dq, dk) is one product on the tensor
+cores with no pair-wise exponentials; stronger decay takes the path above. All of it in fp32. A is [B*T, H, BT] fp32 (row t holds its chunk's columns), zero above the diagonal, scale included.
 """
 
 from __future__ import annotations
@@ -14,6 +17,19 @@ import triton
 import triton.language as tl
 
 from x_transformers.ops.common.bounds import chunk_bounds
+
+
+@triton.jit
+def _chunk_span(gc, first, last, i_k0, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr):
+    """Largest decay across the chunk, G_first - G_last, over the channels of K tiles i_k0 .. i_k0 + NK - 1."""
+    span = tl.full([], 0.0, dtype=tl.float32)
+    for i_k in range(i_k0, i_k0 + NK):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_g0 = tl.load(gc + first * (H * K) + o_k, mask=m_k, other=0.0)
+        b_gl = tl.load(gc + last * (H * K) + o_k, mask=m_k, other=0.0)
+        span = tl.maximum(span, tl.max(b_g0 - b_gl, axis=0))
+    return span
 
 
 @triton.jit
@@ -31,6 +47,7 @@ def chunk_gla_fwd_intra_kernel(
     BT: tl.constexpr,
     BC: tl.constexpr,
     BK: tl.constexpr,
+    SPAN: tl.constexpr,
     PREC: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
@@ -49,6 +66,30 @@ def chunk_gla_fwd_intra_kernel(
     o_c = o_i + tl.arange(0, BC)
     m_c = o_c < T
     o_a = tl.arange(0, BC)
+    first = i_t * BT
+    last = tl.minimum(first + BT, T) - 1
+
+    if _chunk_span(gc, first, last, 0, H, K, BK, tl.cdiv(K, BK)) <= SPAN:
+        # mild decay: every block of the row through the chunk's first row, on the tensor cores
+        o_s = first + tl.arange(0, BT)
+        m_s = (o_s < T) & (o_s < o_i + BC)
+        b_A = tl.zeros([BC, BT], dtype=tl.float32)
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            b_g0 = tl.load(gc + first * (H * K) + o_k, mask=m_k, other=0.0)
+            b_q = tl.load(q + o_c[:, None] * (H * K) + o_k[None, :], mask=m_c[:, None] & m_k[None, :], other=0.0)
+            b_g = tl.load(gc + o_c[:, None] * (H * K) + o_k[None, :], mask=m_c[:, None] & m_k[None, :], other=0.0)
+            b_k = tl.load(k + o_s[:, None] * (H * K) + o_k[None, :], mask=m_s[:, None] & m_k[None, :], other=0.0)
+            b_gk = tl.load(gc + o_s[:, None] * (H * K) + o_k[None, :], mask=m_s[:, None] & m_k[None, :], other=0.0)
+            b_qg = b_q.to(tl.float32) * tl.exp(tl.where(m_c[:, None], b_g - b_g0[None, :], float("-inf")))
+            b_kg = b_k.to(tl.float32) * tl.exp(tl.where(m_s[:, None], b_g0[None, :] - b_gk, float("-inf")))
+            b_A += tl.dot(b_qg, tl.trans(b_kg), input_precision=PREC)
+        o_b = tl.arange(0, BT)
+        b_A = tl.where(o_s[None, :] <= o_c[:, None], b_A * scale, 0.0)
+        p_A = A + o_c[:, None] * (H * BT) + o_b[None, :]
+        tl.store(p_A, b_A, mask=m_c[:, None] & (o_b < (i_i + 1) * BC)[None, :])
+        return
 
     # off-diagonal blocks j < i, reference row = first row of sub-chunk i
     for i_j in range(0, i_i):
@@ -106,6 +147,7 @@ def chunk_gla_bwd_intra_kernel(
     BC: tl.constexpr,
     BK: tl.constexpr,
     NC: tl.constexpr,
+    SPAN: tl.constexpr,
     PREC: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
@@ -136,6 +178,32 @@ def chunk_gla_bwd_intra_kernel(
     m_ck = m_c[:, None] & m_k[None, :]
     p_c = o_c[:, None] * (H * K) + o_k[None, :]
     b_g = tl.load(gc + p_c, mask=m_ck, other=0.0)
+    first = i_t * BT
+    last = tl.minimum(first + BT, T) - 1
+
+    if _chunk_span(gc, first, last, i_k, H, K, BK, 1) <= SPAN:
+        # mild decay in this K tile: both sums through the chunk's first row, on the tensor cores
+        o_s = first + tl.arange(0, BT)
+        m_s = o_s < T
+        m_sk = m_s[:, None] & m_k[None, :]
+        p_s = o_s[:, None] * (H * K) + o_k[None, :]
+        b_g0 = tl.load(gc + first * (H * K) + o_k, mask=m_k, other=0.0)
+        b_gs = tl.load(gc + p_s, mask=m_sk, other=0.0)
+        b_kg = tl.load(k + p_s, mask=m_sk, other=0.0).to(tl.float32)
+        b_kg *= tl.exp(tl.where(m_s[:, None], b_g0[None, :] - b_gs, float("-inf")))
+        b_qg = tl.load(q + p_s, mask=m_sk, other=0.0).to(tl.float32)
+        b_qg *= tl.exp(tl.where(m_s[:, None], b_gs - b_g0[None, :], float("-inf")))
+        # dA is zero above the diagonal: rows of this sub-chunk for dq, its columns for dk
+        o_b = tl.arange(0, BT)
+        b_dAr = tl.load(dA + o_c[:, None] * (H * BT) + o_b[None, :], mask=m_c[:, None], other=0.0)
+        b_dAc = tl.load(dA + o_s[:, None] * (H * BT) + i_i * BC + o_a[None, :], mask=m_s[:, None], other=0.0)
+        b_dq = tl.dot(b_dAr, b_kg, input_precision=PREC)
+        b_dq *= tl.exp(tl.where(m_c[:, None], b_g - b_g0[None, :], float("-inf")))
+        b_dk = tl.dot(tl.trans(b_dAc), b_qg, input_precision=PREC)
+        b_dk *= tl.exp(tl.where(m_c[:, None], b_g0[None, :] - b_g, float("-inf")))
+        tl.store(dq + p_c, b_dq, mask=m_ck)
+        tl.store(dk + p_c, b_dk, mask=m_ck)
+        return
 
     # dq, off-diagonal blocks j < i through the first row of sub-chunk i
     b_gn = tl.load(gc + o_i * (H * K) + o_k, mask=m_k, other=0.0)
