@@ -126,7 +126,8 @@ def measure(args) -> dict:
     decoder = xt.Decoder(**decoder_kwargs(args))
     model = xt.TransformerWrapper(num_tokens=256, max_seq_len=args.seq_len, attn_layers=decoder)
     model = xt.AutoregressiveWrapper(model).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    graphed = getattr(args, "cuda_graph", False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type == "cuda", capturable=graphed)
     step_model = torch.compile(model) if args.compile else model
     # data made up front on the device: the benchmark times the model, not a data loader
     data = torch.randint(0, 256, (args.warmup + args.steps, args.batch, args.seq_len + 1), device=device)
@@ -139,6 +140,11 @@ def measure(args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
+    if graphed:
+        from x_transformers.training import GraphedTrainStep
+
+        step = GraphedTrainStep(step_model, optimizer, data[0], dtype)
+
     for i in range(args.warmup):
         step(data[i])
     reset_peak_memory(device)
@@ -150,6 +156,7 @@ def measure(args) -> dict:
         benchmark="train",
         label=args.label,
         config=dict(decoder=decoder_kwargs(args), batch=args.batch, seq_len=args.seq_len, compile=args.compile,
+                    cuda_graph=graphed,
                     dtype=str(dtype).removeprefix("torch."), steps=args.steps, warmup=args.warmup),
         params_m=sum(p.numel() for p in model.parameters()) / 1e6,
         tokens_per_s=tokens / timer.seconds,
@@ -235,6 +242,8 @@ def main(argv=None):
     add_common_args(p)
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="timed training steps")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="capture the whole eager training step as one CUDA graph (training.GraphedTrainStep; ours)")
     args = p.parse_args(argv)
     smoke = dict(dim=64, depth=2, heads=2, batch=2, seq_len=64, steps=2, warmup=1, device="cpu")
     args = finish_args(args, dict(batch=16, seq_len=1024, steps=20, warmup=5), smoke)

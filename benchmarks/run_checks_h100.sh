@@ -2,8 +2,8 @@
 # GPU checks then training throughput, about 9 minutes on one H100/H200:
 #  1. the delta rule's launch settings at small head dims in fresh processes (check_configs.py), in parallel with
 #     the kernel / fast-path test files (one process each);
-#  2. training tokens/s with the fused rotary + LayerNorm kernels and without (X_TRANSFORMERS_FUSED=0), compiled,
-#     gated DeltaNet at 1k and 8k, and a profile of the default softmax step.
+#  2. the kernel table of chunk_gla and the delta rule; training tokens/s with the fused rotary + LayerNorm kernels
+#     and without (X_TRANSFORMERS_FUSED=0), with the step captured as a CUDA graph, gated DeltaNet at 1k and 8k.
 #   OUT=out/h100 bash benchmarks/run_checks_h100.sh
 set -uo pipefail
 OUT=${OUT:-out/h100}
@@ -13,17 +13,22 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/all
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/all.log"
 D=x_transformers.ops.delta_rule.chunk
 echo "=== checks + tests ($(date +%T))" | tee -a "$OUT/all.log"
-timeout 300 python3 benchmarks/check_configs.py --dtypes bfloat16 --jobs 6 --json "$OUT/delta_configs.json" \
+timeout 200 python3 benchmarks/check_configs.py --dtypes bfloat16 --jobs 6 --json "$OUT/delta_configs.json" \
     --shapes 2,80,2,16,32 2,80,2,32,32 2,80,2,16,64 2,80,2,64,64 1,200,4,16,16 \
     --set "" "$D.WY_STAGES=2" "$D.STATE_WARPS=4" "$D.STATE_STAGES=3" "$D.BWD_STAGES=2" > "$OUT/delta_configs.log" 2>&1 &
 pids=($!)
 for f in ${TESTS:-tests/ops/test_delta_rule.py tests/ops/test_rotary.py tests/ops/test_layer_norm.py \
-        tests/ops/test_gla.py tests/test_fast_paths.py tests/test_fast_decode.py}; do
-    timeout 300 python3 -m pytest -q -p no:cacheprovider --durations=5 "$f" > "$OUT/$(basename "$f" .py).log" 2>&1 &
+        tests/ops/test_gla.py tests/test_fast_paths.py}; do
+    timeout 200 python3 -m pytest -q -p no:cacheprovider --durations=5 "$f" > "$OUT/$(basename "$f" .py).log" 2>&1 &
     pids+=($!)
 done
+timeout 200 python3 -m pytest -q -p no:cacheprovider -k "cuda or gpu or sdpa or graph or fsdp" \
+    tests/test_fast_decode.py > "$OUT/test_fast_decode.log" 2>&1 &
+pids+=($!)
+timeout 200 python3 -m pytest -q -p no:cacheprovider -k graphed tests/test_train.py > "$OUT/test_train.log" 2>&1 &
+pids+=($!)
 # the small-head bf16 case apart, so that an illegal memory access there cannot fail the rest of the file
-timeout 300 python3 -m pytest -q -p no:cacheprovider -k "not test_bf16" tests/ops/test_delta_rule.py \
+timeout 200 python3 -m pytest -q -p no:cacheprovider -k "not test_bf16" tests/ops/test_delta_rule.py \
     > "$OUT/test_delta_rule_rest.log" 2>&1 &
 pids+=($!)
 wait "${pids[@]}"
@@ -36,14 +41,16 @@ step() {  # step NAME SECONDS CMD...
     echo "=== $name ($(date +%T))" | tee -a "$OUT/all.log"
     timeout "$limit" "$@" 2>&1 | tee -a "$OUT/all.log" | grep -E "tokens/s|^ *ours|^step|Error|->|^ +[0-9.]+ us"
 }
-step ops_gla 90 python3 benchmarks/bench_ops.py --seqlens 1024,4096,16384 --no-fla --warmup 3 --reps 10 --profile \
+step ops_gla 80 python3 benchmarks/bench_ops.py --seqlens 1024,4096,16384 --no-fla --warmup 3 --reps 10 --profile \
     --ops sdpa,chunk_gla,chunk_delta_rule,chunk_gated_delta_rule --out "$OUT/ops.json"
-step train_fused 60 python3 benchmarks/bench_train.py --json "$OUT/train_fused.json"
-step train_unfused 60 env X_TRANSFORMERS_FUSED=0 python3 benchmarks/bench_train.py --json "$OUT/train_unfused.json"
-step train_compile 100 python3 benchmarks/bench_train.py --compile --json "$OUT/train_compile.json"
-step train_gdn_1k 50 python3 benchmarks/bench_train.py --linear-attn gated_deltanet --json "$OUT/train_gdn_1k.json"
-step train_gdn_8k 50 python3 benchmarks/bench_train.py --linear-attn gated_deltanet --seq-len 8192 --batch 2 \
-    --json "$OUT/train_gdn_8k.json"
-step train_sm_8k 50 python3 benchmarks/bench_train.py --seq-len 8192 --batch 2 --json "$OUT/train_sm_8k.json"
-step profile_softmax 50 python3 benchmarks/profile_train.py --top 30 --out "$OUT/profile_softmax.json"
+step train_fused 50 python3 benchmarks/bench_train.py --json "$OUT/train_fused.json"
+step train_unfused 50 env X_TRANSFORMERS_FUSED=0 python3 benchmarks/bench_train.py --json "$OUT/train_unfused.json"
+step train_graph 50 python3 benchmarks/bench_train.py --cuda-graph --json "$OUT/train_graph.json"
+step train_gdn_1k 45 python3 benchmarks/bench_train.py --linear-attn gated_deltanet --json "$OUT/train_gdn_1k.json"
+step train_gdn_1k_graph 45 python3 benchmarks/bench_train.py --linear-attn gated_deltanet --cuda-graph \
+    --json "$OUT/train_gdn_1k_graph.json"
+step train_gdn_8k_graph 45 python3 benchmarks/bench_train.py --linear-attn gated_deltanet --seq-len 8192 --batch 2 \
+    --cuda-graph --json "$OUT/train_gdn_8k_graph.json"
+step train_sm_8k_graph 45 python3 benchmarks/bench_train.py --seq-len 8192 --batch 2 --cuda-graph \
+    --json "$OUT/train_sm_8k_graph.json"
 echo "=== done ($(date +%T))" | tee -a "$OUT/all.log"

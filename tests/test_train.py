@@ -251,3 +251,44 @@ def test_step_losses_read_back_once_per_log_step():
     losses.add(4, torch.tensor(1.0))
     (step, value, tps), = losses.flush()
     assert (step, value) == (4, 1.0) and tps > 100 / 0.05
+
+
+def test_graphed_train_step_matches_eager_steps():
+    """A training step captured as a CUDA graph gives the eager step's losses and weights, step for step (GPU); on
+    CPU it refuses with a clear error."""
+    from x_transformers import AutoregressiveWrapper, Decoder, TransformerWrapper
+
+    def build():
+        torch.manual_seed(0)
+        net = TransformerWrapper(num_tokens=64, max_seq_len=32, attn_layers=Decoder(dim=32, depth=2, heads=2,
+                                                                                        rotary_pos_emb=True))
+        return AutoregressiveWrapper(net)
+
+    if not torch.cuda.is_available():
+        model = build()
+        opt = torch.optim.Adam(model.parameters())
+        with pytest.raises(ValueError, match="needs CUDA"):
+            T.GraphedTrainStep(model, opt, torch.randint(0, 64, (2, 33)), torch.float32)
+        return
+    data = torch.randint(0, 64, (8, 4, 33), device="cuda")
+    eager, graphed = build().cuda(), build().cuda()
+    opt_e = torch.optim.Adam(eager.parameters(), lr=1e-3, capturable=True)
+    opt_g = torch.optim.Adam(graphed.parameters(), lr=1e-3, capturable=True)
+    for _ in range(3):  # the graphed step's warm-up trains on its example batch: match it
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            eager(data[0]).backward()
+        opt_e.step()
+        opt_e.zero_grad(set_to_none=True)
+    step = T.GraphedTrainStep(graphed, opt_g, data[0], torch.bfloat16, warmup=3)
+    for x in data[1:]:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss_e = eager(x)
+        loss_e.backward()
+        opt_e.step()
+        opt_e.zero_grad(set_to_none=True)
+        loss_g = step(x)
+        torch.testing.assert_close(loss_g, loss_e.detach(), atol=2e-3, rtol=2e-3)
+    for a, b in zip(eager.parameters(), graphed.parameters()):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
+    with pytest.raises(ValueError, match="captured for batches"):
+        step(data[0, :2])

@@ -199,6 +199,53 @@ def all_reduce_mean(value: float, dist_info: Dist, device: torch.device) -> floa
     return t.item() / dist_info.world_size
 
 
+class GraphedTrainStep:
+    """One training step (forward under autocast, backward, optimizer step) captured once as a CUDA graph and
+    replayed: a small model's eager step is bound by the host launching ~1000 kernels, the replay by the GPU alone.
+
+    `step(batch)` copies the batch into the captured input and replays; it returns the step's loss (a device tensor,
+    no host sync). The batch shape is fixed, the optimizer must be capturable (e.g. `Adam(..., capturable=True)` or
+    fused), its learning rate a tensor if a schedule changes it, and gradients are not zeroed between steps: the
+    captured backward writes them afresh. A few eager warm-up steps run first, on a side stream, to compile kernels
+    and create the optimizer state (they train too, on `example`)."""
+
+    def __init__(self, loss_fn, optimizer: torch.optim.Optimizer, example: torch.Tensor, dtype: torch.dtype,
+                 warmup: int = 3):
+        if example.device.type != "cuda":
+            raise ValueError(f"GraphedTrainStep needs CUDA tensors, got a batch on {example.device}")
+        self.loss_fn, self.optimizer, self.dtype = loss_fn, optimizer, dtype
+        self.static_input = example.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                self._eager_step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_loss = self._step_body(cache_enabled=False)
+
+    def _step_body(self, cache_enabled=True) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=self.dtype, enabled=self.dtype != torch.float32, cache_enabled=cache_enabled):
+            loss = self.loss_fn(self.static_input)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def _eager_step(self):
+        self._step_body()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.shape != self.static_input.shape:
+            raise ValueError(f"GraphedTrainStep was captured for batches of {tuple(self.static_input.shape)}, "
+                             f"got {tuple(batch.shape)}")
+        self.static_input.copy_(batch, non_blocking=True)
+        self.graph.replay()
+        return self.static_loss.clone()
+
+
 class StepLosses:
     """Per-step training losses kept on the device and read back in one transfer (one all-reduce across ranks) when
     the loop logs, every few steps. Reading a loss (`.item()`) waits for the GPU to drain its queue and leaves it
