@@ -183,9 +183,29 @@ def gla(dtype):
                 torch.autograd.grad(loss, [q, k, v, g])
 
 
+def rotary(dtype):
+    from x_transformers.ops.rotary.rotary import RotaryFunction
+
+    # the attention layers' case (strided q / k views of the fused projection, head dim 64) and an odd width
+    for B, H, N, D in ((2, 8, 300, 64), (1, 2, 17, 24)):
+        qkv = torch.randn(B, N, 3 * H * D, dtype=dtype)
+        t = qkv[..., : H * D].unflatten(-1, (H, D)).transpose(1, 2).requires_grad_()
+        cos, sin = torch.randn(1, N, D), torch.randn(1, N, D)
+        torch.autograd.grad(RotaryFunction.apply(t, cos, sin).float().sum(), [t])
+
+
+def layer_norm(dtype):
+    from x_transformers.ops.layer_norm.layer_norm import LayerNormFunction
+
+    for M, D in ((1000, 512), (37, 100)):
+        x = torch.randn(M, D, dtype=dtype, requires_grad=True)
+        w = torch.randn(D, requires_grad=True)
+        torch.autograd.grad(LayerNormFunction.apply(x, w, 1e-5).float().sum(), [x, w])
+
+
 FAMILIES = {
     "simple_gla": simple_gla, "hgrn": hgrn, "single_token": single_token, "delta_rule": delta_rule, "gla": gla,
-    "conv": conv,
+    "conv": conv, "rotary": rotary, "layer_norm": layer_norm,
 }
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Triton LayerNorm vs F.layer_norm: output, input and gain gradients (odd widths, rows not a multiple of the block,
 half inputs), and the LayerNorm module's dispatch."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -49,3 +51,9 @@ def test_module_dispatch(monkeypatch):
     assert len(calls) == (1 if CUDA else 0)
     torch.testing.assert_close(norm(x), F.layer_norm(x, (16,)), atol=1e-5, rtol=1e-5)
     assert norm.gamma.grad is not None
+
+
+@pytest.mark.skipif(os.environ.get("HOPPER_COMPILE") != "1", reason="slow; set HOPPER_COMPILE=1 to run")
+def test_kernels_compile_for_hopper(kernel_check):
+    """Compile the kernels for sm_90 without a GPU (catches what the interpreter cannot)."""
+    kernel_check.hopper_compile("layer_norm")

@@ -1,6 +1,8 @@
 """Fused rotary kernel vs the PyTorch formula: outputs and input gradients, strided q / k views, xpos tables, and the
 model's dispatch (on CUDA tensors the attention layers rotate through it; elsewhere through the formula)."""
 
+import os
+
 import pytest
 import torch
 from einops import rearrange
@@ -73,3 +75,9 @@ def test_model_dispatch(monkeypatch):
     table._tables[(16, False)] = cos_sin
     table.rotate(torch.randn(1, 2, 8, 16, device=DEVICE))
     assert len(calls) == (1 if CUDA else 0)
+
+
+@pytest.mark.skipif(os.environ.get("HOPPER_COMPILE") != "1", reason="slow; set HOPPER_COMPILE=1 to run")
+def test_kernels_compile_for_hopper(kernel_check):
+    """Compile the kernels for sm_90 without a GPU (catches what the interpreter cannot)."""
+    kernel_check.hopper_compile("rotary")
