@@ -2,9 +2,9 @@
 
 PyTorch's CUDA LayerNorm backward is two kernels, and the gain's (GammaBetaBackward) is slow at narrow widths: about
 180 us together for a 16 x 1024 x 512 float32 residual stream on an H100, against a forward of about 40 us, in every
-norm of every layer. Here each program normalises a block of rows (up to 16) in float32 and keeps their mean and 1/std; the
-backward recomputes x_hat from them, writes dx and one partial gain gradient per program, summed once afterwards
-(deterministic, no atomics).
+norm of every layer. Here each program normalises a block of rows (up to 16) in float32 and keeps their mean and
+1/std; the backward recomputes x_hat from them, writes dx and one partial gain gradient per program, summed once
+afterwards (deterministic, no atomics).
 """
 
 from __future__ import annotations
