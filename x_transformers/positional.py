@@ -440,7 +440,8 @@ class RotaryTable:
                 scale = scale.reciprocal() if keys else scale
                 cos, sin = cos * scale, sin * scale
             # (x1, x2) swapped is (x2, x1); times (-sin, sin) it is rotate_half's (-x2, x1) times sin
-            sign = torch.tensor([-1.0, 1.0], device=sin.device, dtype=sin.dtype).repeat(rot_dim // 2)
+            # made on the device (no host-to-device copy: the step may be captured in a CUDA graph)
+            sign = (torch.arange(rot_dim, device=sin.device) % 2 * 2 - 1).to(sin.dtype)
             sin = sin * sign
             if rot_dim < dim:
                 cos = F.pad(cos, (0, dim - rot_dim), value=1.0)

@@ -20,6 +20,7 @@ import functools
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -41,6 +42,10 @@ WY_SUB = 4
 STATE_STAGES = 2
 # pipelining depth of the wy and chunk_bwd kernels (single pass over one chunk: nothing to overlap at 1)
 WY_STAGES = BWD_STAGES = 1
+# half-precision keys narrower than this are zero-padded to it: with 16-wide key blocks, wy_fwd hits an illegal
+# memory access on Hopper (Triton 3.6, bf16, any of the stage / warp settings tried: benchmarks/check_configs.py),
+# while 32 is checked there
+MIN_HALF_K = 32
 # warps per kernel and chunk_bwd's value tile; 0 = the default of `_launch` (tuning knobs for bench_ops.py --set)
 WY_WARPS = STATE_WARPS = OUTPUT_WARPS = BWD_WARPS = BWD_BV = 0
 
@@ -538,5 +543,14 @@ def chunk_delta_rule(
     q, k, v, beta = q.to(v.dtype).contiguous(), k.to(v.dtype).contiguous(), v.contiguous(), beta.contiguous()
     g = g.contiguous() if g is not None else None
     initial_state = initial_state.contiguous() if initial_state is not None else None
+    if K < MIN_HALF_K and v.dtype in (torch.bfloat16, torch.float16):
+        # zero key channels leave the recurrence and the output unchanged (their state rows stay zero); autograd
+        # slices the gradients back
+        pad = MIN_HALF_K - K
+        q, k = F.pad(q, (0, pad)), F.pad(k, (0, pad))
+        if initial_state is not None:
+            initial_state = F.pad(initial_state, (0, 0, 0, pad))
+        o, ht = ChunkDeltaRuleFunction.apply(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens)
+        return o, ht[:, :, :K] if output_final_state else None
     o, ht = ChunkDeltaRuleFunction.apply(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens)
     return o, ht if output_final_state else None
