@@ -143,11 +143,14 @@ def measure(args) -> dict:
     if graphed:
         from x_transformers.training import GraphedTrainStep
 
+        # the graph's memory pool is allocated while capturing: count it in the peak
+        reset_peak_memory(device)
         step = GraphedTrainStep(step_model, optimizer, data[0], dtype)
 
     for i in range(args.warmup):
         step(data[i])
-    reset_peak_memory(device)
+    if not graphed:
+        reset_peak_memory(device)
     with Timer(device) as timer:
         for i in range(args.steps):
             loss = step(data[args.warmup + i])
