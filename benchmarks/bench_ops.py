@@ -47,6 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--no-fla", action="store_true", help="skip fla even when it is importable")
+    p.add_argument("--fla-ops", default=None, help="comma-separated ops to time fla on (default: all of --ops)")
     p.add_argument("--no-backward", action="store_true", help="forward timings only")
     p.add_argument("--out", default=None, help="write the result rows as JSON here")
     p.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
@@ -266,7 +267,9 @@ def main(argv=None):
             shapes = [(int(b), 1) for b in args.decode_batches.split(",")]
         else:
             shapes = [(max(1, args.tokens // int(t)), int(t)) for t in args.seqlens.split(",")]
-        for impl in impls if op != "sdpa" else ["torch"]:
+        fla_ops = None if args.fla_ops is None else set(args.fla_ops.split(","))
+        op_impls = [i for i in impls if i != "fla" or fla_ops is None or op in fla_ops]
+        for impl in op_impls if op != "sdpa" else ["torch"]:
             for B, T in shapes:
                 log(f"{op:28s} {impl:5s} B={B:<3d} T={T:<6d} ...")
                 row = bench_case(op, impl, B, T, args, dtype, device)

@@ -103,6 +103,16 @@ def test_intra_paths_on_mild_and_strong_chunks(span, check, monkeypatch):
     check(chunk_gla, mixed_decay_inputs())
 
 
+@pytest.mark.parametrize("out_cap,state_cap", [(128, 32), (16, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_tile_caps(out_cap, state_cap, dtype, check, monkeypatch):
+    """The output / dv V tile and the state passes' tiles are launch knobs (benchmarks/bench_ops.py --set): every
+    setting gives the same results, with per-chunk states and A stored in the input dtype."""
+    monkeypatch.setattr(GLA_CHUNK, "OUT_BV_CAP", out_cap)
+    monkeypatch.setattr(GLA_CHUNK, "STATE_CAP", state_cap)
+    check(chunk_gla, make_inputs(B=1, T=70, H=2, K=64, V=64), dtype=dtype)
+
+
 def test_intra_span_guard_is_what_keeps_strong_decay_exact(monkeypatch, rel_rms_fn):
     """With the guard lifted, strong decay overflows the tensor-core path: the threshold is what routes it away."""
     q, k, v, g, _ = make_inputs(B=1, T=64, H=1, K=16, V=16, decay=20.0)

@@ -31,6 +31,10 @@ BC = 16
 # launch options of the kernels holding [64, 64] tiles: with 8 warps ptxas (sm_90) fits them in registers without
 # spills, where 4 warps spill up to 1.6 KB per thread in the backward; tests/ops/test_gla.py checks both on a GPU
 BIG_TILES = dict(num_warps=8, num_stages=2)
+# largest V tile of the output / dv kernels and K, V tiles of the two state passes (powers of two >= 16); the state
+# passes run one program per (K tile, V tile, sequence, head), so smaller tiles there mean more programs in flight
+OUT_BV_CAP = 64
+STATE_CAP = 64
 # chunks whose decay G_first - G_last stays within this in every channel take the intra kernels' tensor-core path
 # (factors up to exp(50) ~ 5e21, far inside fp32 / tf32 range); a negative value turns that path off
 INTRA_SPAN = 50.0
@@ -265,7 +269,7 @@ def chunk_gla_bwd_dqkg_kernel(
         b_dh = tl.load(dh + p_kv, mask=m_kv, other=0.0)
         b_dq += tl.dot(b_do.to(DT), tl.trans(b_h).to(DT), input_precision=PREC)
         b_dk += tl.dot(b_v.to(DT), tl.trans(b_dh).to(DT), input_precision=PREC)
-        b_dgl += tl.sum(b_h * b_dh, axis=1)
+        b_dgl += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=1)
     # q, k and the decays are loaded only now, to keep the V loop's registers free
     p_tk = o_t[:, None] * (H * K) + o_k[None, :]
     b_q = tl.load(q + p_tk, mask=m_tk, other=0.0)
@@ -325,24 +329,29 @@ def chunk_gla_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqle
         g, gc, cu_seqlens, chunk_indices, T, H=H, K=K, BT=BT, BK=BK, IS_VARLEN=varlen
     )
 
-    h = torch.empty(NT, H, K, V, dtype=torch.float32, device=q.device)
+    # the per-chunk states and A only feed products whose operands are cast to the dot dtype: stored in the input
+    # dtype they cost half the traffic for half inputs and lose nothing (the running state itself stays fp32)
+    io = dict(dtype=q.dtype, device=q.device)
+    h = torch.empty(NT, H, K, V, **io)
     ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
-    chunk_gla_fwd_h_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
-        k, v, gc, h, initial_state, ht, cu_seqlens, chunk_offsets, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+    SK, SV = _blocks(K, V, STATE_CAP)
+    chunk_gla_fwd_h_kernel[(triton.cdiv(K, SK), triton.cdiv(V, SV), N * H)](
+        k, v, gc, h, initial_state, ht, cu_seqlens, chunk_offsets, T, H=H, K=K, V=V, BT=BT, BK=SK, BV=SV,
         PREC=prec, DT=dt, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
         IS_VARLEN=varlen,
         **BIG_TILES,
     )
 
-    A = torch.empty(B, T, H, BT, dtype=torch.float32, device=q.device)
+    A = torch.empty(B, T, H, BT, **io)
     chunk_gla_fwd_intra_kernel[(nt_grid, BT // BC, B * H)](
         q, k, gc, A, cu_seqlens, chunk_indices, scale, T, H=H, K=K, BT=BT, BC=BC, BK=BK, SPAN=INTRA_SPAN, PREC=prec,
         IS_VARLEN=varlen,
     )
 
     o = torch.empty_like(v)
-    chunk_gla_fwd_o_kernel[(triton.cdiv(V, BV), nt_grid, B * H)](
-        q, v, gc, h, A, o, cu_seqlens, chunk_indices, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=prec, DT=dt,
+    OV = _blocks(K, V, OUT_BV_CAP)[1]
+    chunk_gla_fwd_o_kernel[(triton.cdiv(V, OV), nt_grid, B * H)](
+        q, v, gc, h, A, o, cu_seqlens, chunk_indices, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=OV, PREC=prec, DT=dt,
         IS_VARLEN=varlen,
         **BIG_TILES,
     )
@@ -359,10 +368,11 @@ def chunk_gla_bwd(q, k, v, g, gc, h, A, do, dht, scale, initial_state, cu_seqlen
     nt_grid = NT if varlen else triton.cdiv(T, BT)
     do = do.contiguous()
 
-    dh = torch.empty(NT, H, K, V, dtype=torch.float32, device=q.device)
+    dh = torch.empty(NT, H, K, V, dtype=h.dtype, device=q.device)
     dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if initial_state is not None else None
-    chunk_gla_bwd_dh_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
-        q, do, gc, dh, dht, dh0, cu_seqlens, chunk_offsets, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+    SK, SV = _blocks(K, V, STATE_CAP)
+    chunk_gla_bwd_dh_kernel[(triton.cdiv(K, SK), triton.cdiv(V, SV), N * H)](
+        q, do, gc, dh, dht, dh0, cu_seqlens, chunk_offsets, scale, T, H=H, K=K, V=V, BT=BT, BK=SK, BV=SV,
         PREC=prec, DT=dt, USE_FINAL_STATE_GRADIENT=dht is not None, USE_INITIAL_STATE=initial_state is not None,
         IS_VARLEN=varlen,
         **BIG_TILES,
@@ -375,8 +385,9 @@ def chunk_gla_bwd(q, k, v, g, gc, h, A, do, dht, scale, initial_state, cu_seqlen
     )
 
     dv = torch.empty_like(v)
-    chunk_gla_bwd_dv_kernel[(triton.cdiv(V, BV), nt_grid, B * H)](
-        k, gc, A, do, dh, dv, cu_seqlens, chunk_indices, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=prec, DT=dt,
+    OV = _blocks(K, V, OUT_BV_CAP)[1]
+    chunk_gla_bwd_dv_kernel[(triton.cdiv(V, OV), nt_grid, B * H)](
+        k, gc, A, do, dh, dv, cu_seqlens, chunk_indices, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=OV, PREC=prec, DT=dt,
         IS_VARLEN=varlen,
         **BIG_TILES,
     )

@@ -8,7 +8,9 @@ factored over a whole chunk (exp(-G_s) overflows when g reaches -20 per step), s
 Where the decay across the whole chunk is mild (G_first - G_last <= SPAN in every channel, checked per chunk at run
 time: GLA's logsigmoid / 16 gates decay ~3 over a chunk), every block goes through the chunk's first row instead:
 exp(G_t - G_0) <= 1 and exp(G_0 - G_s) <= exp(SPAN), so the whole row of A (and dq, dk) is one product on the tensor
-cores with no pair-wise exponentials; stronger decay takes the path above. All of it in fp32. A is [B*T, H, BT] fp32 (row t holds its chunk's columns), zero above the diagonal, scale included.
+cores with no pair-wise exponentials; stronger decay takes the path above. All of it in fp32; A is stored
+[B*T, H, BT] in the input dtype (row t holds its chunk's columns, zero above the diagonal, scale included), since
+it only feeds products with v whose operands are cast to that dtype anyway. dA stays fp32.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def chunk_gla_fwd_intra_kernel(
         o_b = tl.arange(0, BT)
         b_A = tl.where(o_s[None, :] <= o_c[:, None], b_A * scale, 0.0)
         p_A = A + o_c[:, None] * (H * BT) + o_b[None, :]
-        tl.store(p_A, b_A, mask=m_c[:, None] & (o_b < (i_i + 1) * BC)[None, :])
+        tl.store(p_A, b_A.to(A.dtype.element_ty), mask=m_c[:, None] & (o_b < (i_i + 1) * BC)[None, :])
         return
 
     # off-diagonal blocks j < i, reference row = first row of sub-chunk i
@@ -108,7 +110,7 @@ def chunk_gla_fwd_intra_kernel(
             b_kg = b_k * tl.exp(b_gn[None, :] - b_gk)
             b_A += tl.dot(b_qg, tl.trans(b_kg), input_precision=PREC)
         p_A = A + o_c[:, None] * (H * BT) + i_j * BC + o_a[None, :]
-        tl.store(p_A, b_A * scale, mask=m_c[:, None])
+        tl.store(p_A, (b_A * scale).to(A.dtype.element_ty), mask=m_c[:, None])
 
     # diagonal block, one column at a time: A[t, s] = sum_k q_t k_s exp(G_t - G_s), s <= t
     b_A = tl.zeros([BC, BC], dtype=tl.float32)
@@ -127,7 +129,7 @@ def chunk_gla_fwd_intra_kernel(
             b_col = tl.sum(b_q * b_kj[None, :] * b_e, axis=1)
             b_A += tl.where(o_a[None, :] == j, b_col[:, None], 0.0)
     p_A = A + o_c[:, None] * (H * BT) + i_i * BC + o_a[None, :]
-    tl.store(p_A, b_A * scale, mask=m_c[:, None])
+    tl.store(p_A, (b_A * scale).to(A.dtype.element_ty), mask=m_c[:, None])
 
 
 @triton.jit

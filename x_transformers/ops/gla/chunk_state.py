@@ -1,8 +1,9 @@
 """Chunk-level stages of `chunk_gla`: in-chunk cumulative log decay, and the state passes between chunks.
 
 Every kernel addresses q, k, g as [B*T, H, K] rows and v as [B*T, H, V]; `bos` is the first row of the sequence, so
-packed (varlen) and batched inputs share one code path. Per-chunk states `h` are [NT_total, H, K, V] fp32, the state
-*entering* each chunk (for `dh`: the gradient of the state *leaving* each chunk).
+packed (varlen) and batched inputs share one code path. Per-chunk states `h` are [NT_total, H, K, V] in the input
+dtype (carried in fp32 inside the kernels), the state *entering* each chunk (for `dh`: the gradient of the state
+*leaving* each chunk).
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def chunk_gla_fwd_h_kernel(
         b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + o_kv, mask=m_kv, other=0.0).to(tl.float32)
 
     for i_t in range(0, NT):
-        tl.store(h + ((boh + i_t) * H + i_h) * K * V + o_kv, b_h, mask=m_kv)
+        tl.store(h + ((boh + i_t) * H + i_h) * K * V + o_kv, b_h.to(h.dtype.element_ty), mask=m_kv)
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < T
         last = tl.minimum(i_t * BT + BT, T) - 1
@@ -148,7 +149,7 @@ def chunk_gla_bwd_dh_kernel(
 
     for i_s in range(0, NT):
         i_t = NT - 1 - i_s
-        tl.store(dh + ((boh + i_t) * H + i_h) * K * V + o_kv, b_dh, mask=m_kv)
+        tl.store(dh + ((boh + i_t) * H + i_h) * K * V + o_kv, b_dh.to(dh.dtype.element_ty), mask=m_kv)
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < T
         last = tl.minimum(i_t * BT + BT, T) - 1
