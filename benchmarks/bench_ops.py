@@ -274,6 +274,9 @@ def main(argv=None):
                 log(f"{op:28s} {impl:5s} B={B:<3d} T={T:<6d} ...")
                 row = bench_case(op, impl, B, T, args, dtype, device)
                 rows.append(row)
+                if args.out:  # after every row, so that a run cut short keeps what it measured
+                    with open(args.out, "w") as f:
+                        json.dump(dict(command=" ".join(sys.argv), rows=rows), f, indent=1)
                 log(f"{'':28s} -> fwd {row.get('fwd_ms', float('nan')):.3f} ms, "
                     f"fwd+bwd {row.get('fwd_bwd_ms', float('nan')):.3f} ms {row.get('error', '')}")
     table = markdown(rows)

@@ -103,14 +103,23 @@ def test_intra_paths_on_mild_and_strong_chunks(span, check, monkeypatch):
     check(chunk_gla, mixed_decay_inputs())
 
 
-@pytest.mark.parametrize("out_cap,state_cap", [(128, 32), (16, 16)])
+@pytest.mark.parametrize("caps", [(128, 32, 128, 128), (16, 16, 16, 16), (64, 64, 32, 64)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_tile_caps(out_cap, state_cap, dtype, check, monkeypatch):
-    """The output / dv V tile and the state passes' tiles are launch knobs (benchmarks/bench_ops.py --set): every
-    setting gives the same results, with per-chunk states and A stored in the input dtype."""
-    monkeypatch.setattr(GLA_CHUNK, "OUT_BV_CAP", out_cap)
-    monkeypatch.setattr(GLA_CHUNK, "STATE_CAP", state_cap)
+def test_tile_caps(caps, dtype, check, monkeypatch):
+    """The output / dv V tile, the state passes' tiles and the dq / dk / dg tiles are launch knobs
+    (benchmarks/bench_ops.py --set): every setting gives the same results, with per-chunk states and A stored in the
+    input dtype (half precision never goes below 32-wide tiles: see min_dot_tile)."""
+    for name, cap in zip(("OUT_BV_CAP", "STATE_CAP", "DQKG_BK_CAP", "DQKG_BV_CAP"), caps):
+        monkeypatch.setattr(GLA_CHUNK, name, cap)
     check(chunk_gla, make_inputs(B=1, T=70, H=2, K=64, V=64), dtype=dtype)
+
+
+def test_state_tiles_narrow_until_the_programs_fill_the_gpu():
+    cpu = torch.device("cpu")  # counted as an H100's 132 SMs
+    assert GLA_CHUNK._state_tiles(128, 128, 64, torch.bfloat16, cpu) == (64, 64)  # 256 programs already
+    assert GLA_CHUNK._state_tiles(128, 128, 16, torch.bfloat16, cpu) == (32, 32)  # 64 -> 256 programs
+    assert GLA_CHUNK._state_tiles(16, 16, 1, torch.bfloat16, cpu) == (32, 32)  # never below the half floor
+    assert GLA_CHUNK._state_tiles(16, 16, 1, torch.float32, cpu) == (16, 16)
 
 
 def test_intra_span_guard_is_what_keeps_strong_decay_exact(monkeypatch, rel_rms_fn):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -23,6 +24,27 @@ _FUSED = os.environ.get("X_TRANSFORMERS_FUSED", "1") != "0"
 def fused_kernels_enabled() -> bool:
     """Whether the model layers may use the fused Triton rotary / LayerNorm kernels on CUDA tensors."""
     return _FUSED and triton_available()
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; off CUDA (the interpreter, the offline sm_90 compile check) an
+    H100's 132, so that tests see the launch shapes such a GPU gets."""
+    if device.type != "cuda":
+        return 132
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def min_dot_tile(dtype: torch.dtype) -> int:
+    """Narrowest side of a `tl.dot` tile for inputs of this dtype. Triton allows 16; fp16 / bf16 get 32 because
+    Triton 3.6 miscompiles 16-wide half-precision tiles on Hopper (an H200 showed illegal memory accesses in
+    chunk_gla's kernels and the delta rule's wy_fwd, and wrong values from the delta rule at V = 16; checked with
+    benchmarks/check_configs.py). A wider tile over a narrow head is masked, so only the tile changes, not the math."""
+    return 32 if dtype in (torch.float16, torch.bfloat16) else 16
 
 
 def interpreting() -> bool:

@@ -16,7 +16,6 @@ one chunk). The full key dimension is one register block (BK = next power of 2 o
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -27,7 +26,7 @@ import triton.language as tl
 from x_transformers.ops.common.bounds import chunk_bounds, seq_chunk_bounds
 from x_transformers.ops.common.chunk_index import chunk_meta
 from x_transformers.ops.common.interpreter_compat import patch as patch_interpreter
-from x_transformers.ops.common.utils import check_delta_inputs, interpreting, use_triton
+from x_transformers.ops.common.utils import check_delta_inputs, interpreting, min_dot_tile, sm_count, use_triton
 from x_transformers.ops.delta_rule.chunk_torch import chunk_delta_rule_torch
 from x_transformers.ops.delta_rule.fused_recurrent import fused_recurrent_delta_rule
 
@@ -366,15 +365,12 @@ def chunk_bwd_kernel(
         tl.store(dg + (bos + o_t) * H + i_h, b_dg, mask=m_t)
 
 
-def _blocks(K, V):
+def _blocks(K, V, dtype):
+    """Key block (all of K: half-precision keys arrive padded to MIN_HALF_K) and value tile, at least
+    `min_dot_tile(dtype)` wide (masked beyond V)."""
     BK = max(16, triton.next_power_of_2(K))
-    BV = min(32 if BK > 128 else 64, max(16, triton.next_power_of_2(V)))
+    BV = min(32 if BK > 128 else 64, max(min_dot_tile(dtype), triton.next_power_of_2(V)))
     return BK, BV
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index):
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _state_bv(BV, V, NH, device):
@@ -383,10 +379,7 @@ def _state_bv(BV, V, NH, device):
     the narrowest tensor-core tile) give more programs, each a shorter chain of smaller products. Every value tile
     re-reads the chunk's keys, mostly from L2. Off CUDA (the interpreter, the offline sm_90 compile check) it assumes
     an H100's 132 SMs, so the tests see the tiles such a GPU gets."""
-    if device.type != "cuda":
-        sms = 132
-    else:
-        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = sm_count(device)
     while BV > 16 and NH * triton.cdiv(V, BV) < sms:
         BV //= 2
     return BV
@@ -434,7 +427,7 @@ def _plan(q, v, cu_seqlens):
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    (BT, prec, warps, state_warps, bwd_warps), (BK, BV) = _launch(q.dtype, K), _blocks(K, V)
+    (BT, prec, warps, state_warps, bwd_warps), (BK, BV) = _launch(q.dtype, K), _blocks(K, V, q.dtype)
     return _Plan(B, T, H, K, V, N, BT, BK, BV, _state_bv(BV, V, N * H, q.device), prec, warps, state_warps, bwd_warps,
                  *chunk_meta(cu_seqlens, B, T, BT))
 

@@ -188,7 +188,7 @@ def chunk_simple_gla_fwd(q, k, v, gc, scale, h0, output_final_state, cu_seqlens,
     V = v.shape[-1]
     h, ht = chunk_fwd_h(k, v, gc, h0, output_final_state, cu_seqlens, chunk_offsets, num_chunks, BT)
     o = torch.empty_like(v)
-    BK, BV = tile(K), tile(V)
+    BK, BV = tile(K, v.dtype), tile(V, v.dtype)
     if grid_t > 0:
         chunk_fwd_o_kernel[(triton.cdiv(V, BV), grid_t, B * H)](
             q, k, v, h, gc, o, cu_seqlens, chunk_indices, scale, T,
@@ -205,7 +205,7 @@ def chunk_simple_gla_bwd(q, k, v, gc, scale, h0, do, dht, cu_seqlens, meta, BT=C
     # recompute the chunk states rather than keeping [NT, H, K, V] alive between passes
     h, _ = chunk_fwd_h(k, v, gc, h0, False, cu_seqlens, chunk_offsets, num_chunks, BT)
     dh, dh0 = chunk_bwd_dh(q, do, gc, dht, scale, h0 is not None, cu_seqlens, chunk_offsets, num_chunks, BT)
-    BK, BV = tile(K), tile(V)
+    BK, BV = tile(K, v.dtype), tile(V, v.dtype)
     NK = triton.cdiv(K, BK)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dg = q.new_empty(B, T, H, NK, dtype=torch.float32) if gc is not None else None
