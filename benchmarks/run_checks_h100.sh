@@ -15,9 +15,9 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 echo "=== checks + tests ($(date +%T))" | tee -a "$OUT/all.log"
 LIMIT=${TEST_LIMIT:-240}
 CC=(timeout "$LIMIT" python3 benchmarks/check_configs.py --dtypes bfloat16 --jobs 2)
-( "${CC[@]}" --op chunk_delta_rule --shapes 1,200,4,16,16 2,80,2,16,32 2,80,2,64,16
-  "${CC[@]}" --op chunk_gla --shapes 2,80,2,16,16 1,200,2,16,64 2,80,2,64,16
-  "${CC[@]}" --op chunk_simple_gla --shapes 2,80,2,16,16 2,80,2,64,16 ) > "$OUT/small_heads.log" 2>&1 &
+SHAPES=(1,200,4,16,16 2,80,2,16,32 2,80,2,64,16 2,80,2,32,32 1,200,2,16,64 1,200,3,64,32 1,300,2,128,64)
+( for op in chunk_delta_rule chunk_gla chunk_simple_gla; do "${CC[@]}" --op $op --shapes "${SHAPES[@]}"; done ) \
+    > "$OUT/small_heads.log" 2>&1 &
 pids=($!)
 for f in ${TESTS:-tests/ops/test_gla.py tests/ops/test_delta_rule.py tests/ops/test_simple_gla.py}; do
     timeout "$LIMIT" python3 -m pytest -q -p no:cacheprovider --durations=5 "$f" > "$OUT/$(basename "$f" .py).log" 2>&1 &
@@ -26,6 +26,8 @@ done
 wait "${pids[@]}"
 grep -E "^ok|^FAIL|Error" "$OUT/small_heads.log" | tee -a "$OUT/all.log"
 for f in "$OUT"/test_*.log; do echo "--- $f"; grep -E "^FAILED|passed|failed" "$f" | tail -8; done | tee -a "$OUT/all.log"
+
+[ "${BENCH:-1}" = 0 ] && exit 0
 
 step() {  # step NAME SECONDS CMD...
     local name=$1 limit=$2

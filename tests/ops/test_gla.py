@@ -114,6 +114,19 @@ def test_tile_caps(caps, dtype, check, monkeypatch):
     check(chunk_gla, make_inputs(B=1, T=70, H=2, K=64, V=64), dtype=dtype)
 
 
+@pytest.mark.parametrize("K,V", [(64, 16), (16, 64)])
+def test_bf16_narrow_values(K, V, check, monkeypatch):
+    """Half-precision heads whose value tile would be narrower than the key tile compute in fp32 (Hopper miscompiles
+    those products: narrow_value_tiles); the other way round stays in bf16."""
+    from x_transformers.ops.common import utils
+
+    calls = []
+    real = GLA_CHUNK.narrow_value_tiles
+    monkeypatch.setattr(GLA_CHUNK, "narrow_value_tiles", lambda *a: calls.append(real(*a)) or calls[-1])
+    check(chunk_gla, make_inputs(B=1, T=70, H=2, K=K, V=V), dtype=torch.bfloat16)
+    assert calls[0] == (V < K) and utils.narrow_value_tiles(torch.float32, 64, 32) is False
+
+
 def test_state_tiles_narrow_until_the_programs_fill_the_gpu():
     cpu = torch.device("cpu")  # counted as an H100's 132 SMs
     assert GLA_CHUNK._state_tiles(128, 128, 64, torch.bfloat16, cpu) == (64, 64)  # 256 programs already

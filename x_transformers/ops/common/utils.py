@@ -47,6 +47,15 @@ def min_dot_tile(dtype: torch.dtype) -> int:
     return 32 if dtype in (torch.float16, torch.bfloat16) else 16
 
 
+def narrow_value_tiles(dtype: torch.dtype, BK: int, BV: int) -> bool:
+    """Whether half-precision chunk kernels would multiply with a value tile narrower than the key tile. Triton 3.6
+    gets those wrong on Hopper: an H200 gave wrong values (relative error 0.1 - 1) or illegal memory accesses at
+    K = 64, V = 16 in the gla, simple gla and delta-rule kernels, and in chunk_gla with 32-wide output tiles at
+    K = V = 64, while every shape with BV >= BK passed (benchmarks/check_configs.py, tests/ops/*.py on the GPU).
+    Such calls compute in fp32 instead, where all tile shapes pass."""
+    return dtype in (torch.float16, torch.bfloat16) and BV < BK
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -26,7 +26,7 @@ import triton.language as tl
 from x_transformers.ops.common.bounds import chunk_bounds, seq_chunk_bounds
 from x_transformers.ops.common.chunk_index import chunk_meta
 from x_transformers.ops.common.interpreter_compat import patch as patch_interpreter
-from x_transformers.ops.common.utils import check_delta_inputs, interpreting, min_dot_tile, sm_count, use_triton
+from x_transformers.ops.common.utils import check_delta_inputs, interpreting, min_dot_tile, narrow_value_tiles, sm_count, use_triton
 from x_transformers.ops.delta_rule.chunk_torch import chunk_delta_rule_torch
 from x_transformers.ops.delta_rule.fused_recurrent import fused_recurrent_delta_rule
 
@@ -536,6 +536,10 @@ def chunk_delta_rule(
     q, k, v, beta = q.to(v.dtype).contiguous(), k.to(v.dtype).contiguous(), v.contiguous(), beta.contiguous()
     g = g.contiguous() if g is not None else None
     initial_state = initial_state.contiguous() if initial_state is not None else None
+    if narrow_value_tiles(v.dtype, *_blocks(max(K, MIN_HALF_K), V, v.dtype)):
+        o, ht = chunk_delta_rule(q.float(), k.float(), v.float(), beta, g, scale, initial_state, output_final_state,
+                                 cu_seqlens)
+        return o.to(v.dtype), ht
     if K < MIN_HALF_K and v.dtype in (torch.bfloat16, torch.float16):
         # zero key channels leave the recurrence and the output unchanged (their state rows stay zero); autograd
         # slices the gradients back

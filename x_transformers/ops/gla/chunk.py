@@ -20,7 +20,8 @@ from x_transformers.ops.common.bounds import chunk_bounds
 from x_transformers.ops.common.chunk_index import prepare_chunk_indices, prepare_chunk_offsets
 from x_transformers.ops.common.interpreter_compat import patch as patch_interpreter
 from x_transformers.ops.common.utils import (
-    check_linear_attn_inputs, default_scale, empty_input_result, interpreting, min_dot_tile, sm_count, use_triton,
+    check_linear_attn_inputs, default_scale, empty_input_result, interpreting, min_dot_tile, narrow_value_tiles,
+    sm_count, use_triton,
 )
 from x_transformers.ops.gla.chunk_intra import chunk_gla_bwd_intra_kernel, chunk_gla_fwd_intra_kernel
 from x_transformers.ops.gla.chunk_state import chunk_gla_bwd_dh_kernel, chunk_gla_cumsum_kernel, chunk_gla_fwd_h_kernel
@@ -304,10 +305,11 @@ def _state_tiles(K: int, V: int, NH: int, dtype: torch.dtype, device: torch.devi
     SK, SV = _blocks(K, V, STATE_CAP, dtype)
     floor, sms = min_dot_tile(dtype), sm_count(device)
     while NH * triton.cdiv(K, SK) * triton.cdiv(V, SV) < sms and max(SK, SV) > floor:
-        if SV >= SK:
-            SV //= 2
-        else:
+        # the key tile first: half precision must keep SV >= SK (see narrow_value_tiles)
+        if SK >= SV:
             SK //= 2
+        else:
+            SV //= 2
     return SK, SV
 
 
@@ -366,7 +368,7 @@ def chunk_gla_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqle
     )
 
     o = torch.empty_like(v)
-    OV = _blocks(K, V, OUT_BV_CAP, v.dtype)[1]
+    OV = max(BK, _blocks(K, V, OUT_BV_CAP, v.dtype)[1])  # never narrower than the key tile: narrow_value_tiles
     chunk_gla_fwd_o_kernel[(triton.cdiv(V, OV), nt_grid, B * H)](
         q, v, gc, h, A, o, cu_seqlens, chunk_indices, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=OV, PREC=prec, DT=dt,
         IS_VARLEN=varlen,
@@ -402,7 +404,7 @@ def chunk_gla_bwd(q, k, v, g, gc, h, A, do, dht, scale, initial_state, cu_seqlen
     )
 
     dv = torch.empty_like(v)
-    OV = _blocks(K, V, OUT_BV_CAP, v.dtype)[1]
+    OV = max(BK, _blocks(K, V, OUT_BV_CAP, v.dtype)[1])  # never narrower than the key tile: narrow_value_tiles
     chunk_gla_bwd_dv_kernel[(triton.cdiv(V, OV), nt_grid, B * H)](
         k, gc, A, do, dh, dv, cu_seqlens, chunk_indices, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=OV, PREC=prec, DT=dt,
         IS_VARLEN=varlen,
@@ -418,7 +420,8 @@ def chunk_gla_bwd(q, k, v, g, gc, h, A, do, dht, scale, initial_state, cu_seqlen
 
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     dg = torch.empty_like(g)
-    QK, QV = _blocks(K, V, DQKG_BK_CAP, v.dtype)[0], _blocks(K, V, DQKG_BV_CAP, v.dtype)[1]
+    QK = _blocks(K, V, DQKG_BK_CAP, v.dtype)[0]
+    QV = max(QK, _blocks(K, V, DQKG_BV_CAP, v.dtype)[1])
     chunk_gla_bwd_dqkg_kernel[(triton.cdiv(K, QK), nt_grid, B * H)](
         q, k, v, gc, h, do, dh, dq_intra, dk_intra, dq, dk, dg, cu_seqlens, chunk_indices, scale, T, H=H, K=K,
         V=V, BT=BT, BK=QK, BV=QV, PREC=prec, DT=dt, IS_VARLEN=varlen,
@@ -473,6 +476,9 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
     if not use_triton(q, k, v, g, initial_state):
         return chunk_gla_torch(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
 
+    if narrow_value_tiles(v.dtype, *_blocks(K, V, 64, v.dtype)):
+        o, ht = chunk_gla(q.float(), k.float(), v.float(), g, scale, initial_state, output_final_state, cu_seqlens)
+        return o.to(v.dtype), ht
     q, k, v, g, initial_state, cu_seqlens = prepare_triton_inputs(q, k, v, g, initial_state, cu_seqlens)
     chunk_indices = chunk_offsets = None
     if cu_seqlens is not None:

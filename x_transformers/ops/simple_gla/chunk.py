@@ -15,7 +15,9 @@ from torch import Tensor
 from x_transformers.ops.common.bounds import chunk_bounds
 from x_transformers.ops.common.chunk_index import chunk_meta
 from x_transformers.ops.common.cumsum import chunk_local_cumsum
-from x_transformers.ops.common.utils import check_linear_attn_inputs, default_scale, empty_input_result, use_triton
+from x_transformers.ops.common.utils import (
+    check_linear_attn_inputs, default_scale, empty_input_result, narrow_value_tiles, use_triton,
+)
 from x_transformers.ops.simple_gla.chunk_h import chunk_bwd_dh, chunk_fwd_h, tile
 from x_transformers.ops.simple_gla.chunk_torch import chunk_simple_gla_torch
 
@@ -269,6 +271,10 @@ def chunk_simple_gla(
         return empty_input_result(v, (N, H, K, V), initial_state, output_final_state)
     scale = default_scale(q, scale)
     if use_triton(q, k, v, g, initial_state):
+        if narrow_value_tiles(v.dtype, tile(K, v.dtype), tile(V, v.dtype)):
+            o, ht = chunk_simple_gla(q.float(), k.float(), v.float(), g, scale, initial_state, output_final_state,
+                                     cu_seqlens)
+            return o.to(v.dtype), ht
         return ChunkSimpleGLAFunction.apply(
             q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous() if g is not None else None,
             scale, initial_state, output_final_state, cu_seqlens,
