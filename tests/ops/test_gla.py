@@ -114,17 +114,19 @@ def test_tile_caps(caps, dtype, check, monkeypatch):
     check(chunk_gla, make_inputs(B=1, T=70, H=2, K=64, V=64), dtype=dtype)
 
 
-@pytest.mark.parametrize("K,V", [(64, 16), (16, 64)])
-def test_bf16_narrow_values(K, V, check, monkeypatch):
-    """Half-precision heads whose value tile would be narrower than the key tile compute in fp32 (Hopper miscompiles
-    those products: narrow_value_tiles); the other way round stays in bf16."""
+@pytest.mark.parametrize("K,V", [(64, 16), (32, 32), (64, 64)])
+def test_bf16_unsafe_tiles_compute_in_fp32(K, V, check, monkeypatch):
+    """Half-precision heads whose tiles Hopper miscompiles (a value tile narrower than the key tile, or K / V below
+    64) compute in fp32 with the same results; 64-wide heads stay in bf16."""
     from x_transformers.ops.common import utils
 
     calls = []
-    real = GLA_CHUNK.narrow_value_tiles
-    monkeypatch.setattr(GLA_CHUNK, "narrow_value_tiles", lambda *a: calls.append(real(*a)) or calls[-1])
+    real = GLA_CHUNK._half_tiles_unsafe
+    monkeypatch.setattr(GLA_CHUNK, "_half_tiles_unsafe", lambda *a: calls.append(real(*a)) or calls[-1])
     check(chunk_gla, make_inputs(B=1, T=70, H=2, K=K, V=V), dtype=torch.bfloat16)
-    assert calls[0] == (V < K) and utils.narrow_value_tiles(torch.float32, 64, 32) is False
+    assert calls[0] == (min(K, V) < 64) and calls[1:2] in ([], [False])  # the fp32 call never reroutes
+    assert not GLA_CHUNK._half_tiles_unsafe(16, 16, torch.float32)
+    assert utils.narrow_value_tiles(torch.float32, 64, 32) is False
 
 
 def test_state_tiles_narrow_until_the_programs_fill_the_gpu():

@@ -36,7 +36,9 @@ BIG_TILES = dict(num_warps=8, num_stages=2)
 # B=4, T=4k, from loading q, gc and A once per chunk), and the K / V tiles of dq, dk, dg (one program per K tile, a
 # loop over V tiles)
 OUT_BV_CAP = 128
-DQKG_BK_CAP = DQKG_BV_CAP = 64
+# (half precision; K = V = 128, B=4, T=4k on an H200: fwd+bwd 2.41 -> 2.24 ms with a 128-wide K tile; fp32 inputs
+# stay at 64, where ptxas spills 9 KB per thread at 128)
+DQKG_BK_CAP, DQKG_BV_CAP = 128, 64
 # largest K, V tiles of the two sequential state passes; they run one program per (K tile, V tile, sequence, head),
 # so with few sequences * heads the tiles halve (down to the dot minimum) until the programs fill the SMs (B=1,
 # T=16k, H=16 on an H200: fwd+bwd 3.06 -> 2.83 ms with 32-wide tiles, where B=4, T=4k lost with them)
@@ -301,6 +303,15 @@ def _blocks(K: int, V: int, cap: int, dtype: torch.dtype) -> tuple[int, int]:
     return tuple(max(floor, min(cap, triton.next_power_of_2(n))) for n in (K, V))
 
 
+def _half_tiles_unsafe(K: int, V: int, dtype: torch.dtype) -> bool:
+    """Whether a half-precision call would run tiles Triton 3.6 gets wrong on Hopper, so computes in fp32 instead: a
+    value tile narrower than the key tile (narrow_value_tiles), or K / V below 64 (32-wide intra / output tiles: an
+    H200 gave relative errors 0.1 - 0.14 in bf16 at K = V = 32 and at K = 16, V = 32, where every shape with 64-wide
+    ones passed; the state passes' 32-wide tiles pass)."""
+    BK, BV = _blocks(K, V, 64, dtype)
+    return narrow_value_tiles(dtype, BK, BV) or (dtype in (torch.float16, torch.bfloat16) and min(BK, BV) < 64)
+
+
 def _state_tiles(K: int, V: int, NH: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
     SK, SV = _blocks(K, V, STATE_CAP, dtype)
     floor, sms = min_dot_tile(dtype), sm_count(device)
@@ -420,7 +431,7 @@ def chunk_gla_bwd(q, k, v, g, gc, h, A, do, dht, scale, initial_state, cu_seqlen
 
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     dg = torch.empty_like(g)
-    QK = _blocks(K, V, DQKG_BK_CAP, v.dtype)[0]
+    QK = _blocks(K, V, DQKG_BK_CAP if v.dtype != torch.float32 else min(DQKG_BK_CAP, 64), v.dtype)[0]
     QV = max(QK, _blocks(K, V, DQKG_BV_CAP, v.dtype)[1])
     chunk_gla_bwd_dqkg_kernel[(triton.cdiv(K, QK), nt_grid, B * H)](
         q, k, v, gc, h, do, dh, dq_intra, dk_intra, dq, dk, dg, cu_seqlens, chunk_indices, scale, T, H=H, K=K,
@@ -476,7 +487,7 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
     if not use_triton(q, k, v, g, initial_state):
         return chunk_gla_torch(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
 
-    if narrow_value_tiles(v.dtype, *_blocks(K, V, 64, v.dtype)):
+    if _half_tiles_unsafe(K, V, v.dtype):
         o, ht = chunk_gla(q.float(), k.float(), v.float(), g, scale, initial_state, output_final_state, cu_seqlens)
         return o.to(v.dtype), ht
     q, k, v, g, initial_state, cu_seqlens = prepare_triton_inputs(q, k, v, g, initial_state, cu_seqlens)
