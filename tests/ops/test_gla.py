@@ -88,19 +88,23 @@ def test_against_naive(path, case, check):
 def mixed_decay_inputs():
     """Chunk 0 mild, chunk 1 strong in the second K tile only (the backward decides per K tile, the forward per
     chunk), chunk 2 (partial) strong everywhere."""
-    q, k, v, g, h0 = make_inputs(B=1, T=150, H=2, K=80, V=24)
+    q, k, v, g, h0 = make_inputs(B=1, T=150, H=2, K=80, V=72)
     g[:, 64:128, :, 64:] *= 20
     g[:, 128:] *= 20
     return [q, k, v, g, h0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize("span", [None, -1.0], ids=["default", "pairwise_only"])
-def test_intra_paths_on_mild_and_strong_chunks(span, check, monkeypatch):
-    """The intra kernels' tensor-core path (chunks of mild decay) and the pair-wise path (strong decay) in one call,
-    and the pair-wise path alone."""
+def test_intra_paths_on_mild_and_strong_chunks(span, fused, dtype, check, monkeypatch):
+    """The tensor-core path (chunks of mild decay: inside the output and dq / dk / dg kernels, or in the backward
+    intra kernel for fp32 or with the fusion off) and the pair-wise path (strong decay) in one call, and the pair-wise
+    path alone."""
     if span is not None:
         monkeypatch.setattr(GLA_CHUNK, "INTRA_SPAN", span)
-    check(chunk_gla, mixed_decay_inputs())
+    monkeypatch.setattr(GLA_CHUNK, "FUSED_INTRA_BWD", fused)
+    check(chunk_gla, mixed_decay_inputs(), dtype=dtype)
 
 
 @pytest.mark.parametrize("caps", [(128, 32, 128, 128), (16, 16, 16, 16), (64, 64, 32, 64)], ids=str)

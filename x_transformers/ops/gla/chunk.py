@@ -2,10 +2,12 @@
 
 Pipeline (chunks of BT = 64, sub-chunks of BC = 16, all decay arithmetic in fp32):
   forward:  gc = in-chunk cumsum(g) -> h = state entering each chunk (chunk_state.py)
-            -> A = intra-chunk attention (chunk_intra.py) -> o = scale * (q exp(gc)) h + A v
-  backward: dh = state gradients, last chunk first -> dA = scale * do v^T -> dv = A^T do + (k exp(gc_last - gc)) dh
-            -> intra dq, dk from dA (chunk_intra.py) -> inter dq, dk and dg (reverse in-chunk cumsum of q dq - k dk,
-            plus the gradient through each chunk's total decay).
+            -> A of chunks with strong decay, sub-chunk by sub-chunk (chunk_intra.py)
+            -> o = scale * (q exp(gc)) h + A v, building A of the mild chunks (nearly all) in the same pass
+  backward: dh = state gradients, last chunk first -> dA = scale * do v^T and intra dq, dk of strong chunks
+            (chunk_intra.py) -> dv = A^T do + (k exp(gc_last - gc)) dh -> inter + intra dq, dk and dg (reverse
+            in-chunk cumsum of q dq - k dk, plus the gradient through each chunk's total decay), building the mild
+            chunks' dA and intra parts in the same pass.
 Triton for CUDA tensors or under TRITON_INTERPRET=1, the chunked torch path (chunk_torch.py) otherwise.
 Offsets inside one sequence are int32 (T * H * max(K, V, 64) < 2**31 per sequence), sequence starts int64.
 """
@@ -23,7 +25,7 @@ from x_transformers.ops.common.utils import (
     check_linear_attn_inputs, default_scale, empty_input_result, interpreting, min_dot_tile, narrow_value_tiles,
     sm_count, use_triton,
 )
-from x_transformers.ops.gla.chunk_intra import chunk_gla_bwd_intra_kernel, chunk_gla_fwd_intra_kernel
+from x_transformers.ops.gla.chunk_intra import _chunk_span, chunk_gla_bwd_intra_kernel, chunk_gla_fwd_intra_kernel
 from x_transformers.ops.gla.chunk_state import chunk_gla_bwd_dh_kernel, chunk_gla_cumsum_kernel, chunk_gla_fwd_h_kernel
 from x_transformers.ops.gla.chunk_torch import chunk_gla_torch
 
@@ -46,11 +48,15 @@ STATE_CAP = 64
 # chunks whose decay G_first - G_last stays within this in every channel take the intra kernels' tensor-core path
 # (factors up to exp(50) ~ 5e21, far inside fp32 / tf32 range); a negative value turns that path off
 INTRA_SPAN = 50.0
+# whether half-precision backward passes build the mild chunks' intra dq, dk inside the dq / dk / dg kernel (a
+# launch knob for bench_ops.py --set; False runs them in the intra kernel, with a dq / dk round trip through memory)
+FUSED_INTRA_BWD = True
 
 
 @triton.jit
 def chunk_gla_fwd_o_kernel(
     q,
+    k,
     v,
     gc,
     h,
@@ -66,11 +72,17 @@ def chunk_gla_fwd_o_kernel(
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
+    SPAN: tl.constexpr,
     PREC: tl.constexpr,
     DT: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    """o = scale * (q exp(gc)) h + A v for one chunk and one V tile. Grid (cdiv(V, BV), NT, B * H)."""
+    """o = scale * (q exp(gc)) h + A v for one chunk and one V tile. Grid (cdiv(V, BV), NT, B * H).
+
+    A chunk of mild decay (span <= SPAN, see chunk_intra.py) gets its A here, through the chunk's first row:
+    A = causal((q exp(gc - gc_0)) (k exp(gc_0 - gc))^T) * scale, on the same q, gc tiles the state product loads,
+    and the first V tile's program stores it for the backward; a chunk of strong decay loads the A that
+    chunk_gla_fwd_intra_kernel wrote."""
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     i_t, i_tg, bos, T = chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
@@ -78,33 +90,52 @@ def chunk_gla_fwd_o_kernel(
     o_t = i_t * BT + tl.arange(0, BT)
     m_t = o_t < T
     q += (bos * H + i_h) * K
+    k += (bos * H + i_h) * K
     v += (bos * H + i_h) * V
     gc += (bos * H + i_h) * K
     o += (bos * H + i_h) * V
     A += (bos * H + i_h) * BT
+    first = i_t * BT
+    last = tl.minimum(first + BT, T) - 1
+    mild = _chunk_span(gc, first, last, 0, H, K, BK, tl.cdiv(K, BK)) <= SPAN
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     m_tv = m_t[:, None] & m_v[None, :]
     b_v = tl.load(v + o_t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.0)
 
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         m_tk = m_t[:, None] & m_k[None, :]
-        b_q = tl.load(q + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.0)
-        b_g = tl.load(gc + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.0)
-        p_h = h + (i_tg * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
-        b_h = tl.load(p_h, mask=m_k[:, None] & m_v[None, :], other=0.0)
-        # decay from the chunk start to each token: exponent <= 0
-        b_qg = b_q * tl.exp(b_g)
-        b_o += tl.dot(b_qg.to(DT), b_h.to(DT), input_precision=PREC)
+        p_tk = o_t[:, None] * (H * K) + o_k[None, :]
+        b_q = tl.load(q + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+        b_g = tl.load(gc + p_tk, mask=m_tk, other=0.0)
+        b_h = tl.load(h + (i_tg * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
+                      other=0.0)
+        if mild:
+            b_g0 = tl.load(gc + first * (H * K) + o_k, mask=m_k, other=0.0)
+            # rows past the end get exp(-inf) = 0: no inf * 0 from their zero-padded decays
+            b_qg = b_q * tl.exp(tl.where(m_t[:, None], b_g - b_g0[None, :], float("-inf")))
+            b_k = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+            b_kg = b_k * tl.exp(tl.where(m_t[:, None], b_g0[None, :] - b_g, float("-inf")))
+            b_A += tl.dot(b_qg, tl.trans(b_kg), input_precision=PREC)
+            # decay from the chunk start to each token, exp(gc) = exp(gc - gc_0) exp(gc_0): exponents <= 0
+            b_o += tl.dot((b_qg * tl.exp(b_g0)[None, :]).to(DT), b_h.to(DT), input_precision=PREC)
+        else:
+            b_o += tl.dot((b_q * tl.exp(b_g)).to(DT), b_h.to(DT), input_precision=PREC)
     b_o *= scale
 
     o_c = tl.arange(0, BT)
-    # A is written only on and below the diagonal blocks
+    # causal inside the chunk (the intra kernel writes only on and below the diagonal blocks)
     m_A = m_t[:, None] & (o_c[None, :] <= o_c[:, None])
-    b_A = tl.load(A + o_t[:, None] * (H * BT) + o_c[None, :], mask=m_A, other=0.0)
+    p_A = A + o_t[:, None] * (H * BT) + o_c[None, :]
+    if mild:
+        b_A = tl.where(m_A, b_A * scale, 0.0)
+        tl.store(p_A, b_A.to(A.dtype.element_ty), mask=m_t[:, None] & (i_v == 0))
+    else:
+        b_A = tl.load(p_A, mask=m_A, other=0.0).to(tl.float32)
     b_o += tl.dot(b_A.to(DT), b_v.to(DT), input_precision=PREC)
     tl.store(o + o_t[:, None] * (H * V) + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
 
@@ -113,24 +144,36 @@ def chunk_gla_fwd_o_kernel(
 def chunk_gla_bwd_dA_kernel(
     v,
     do,
+    gc,
     dA,
     cu_seqlens,
     chunk_indices,
     scale,
     T,
     H: tl.constexpr,
+    K: tl.constexpr,
     V: tl.constexpr,
     BT: tl.constexpr,
+    BK: tl.constexpr,
     BV: tl.constexpr,
+    SPAN: tl.constexpr,
+    FUSED: tl.constexpr,
     PREC: tl.constexpr,
     DT: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    """dA = scale * do v^T, causal inside the chunk. Grid (NT, B * H)."""
+    """dA = scale * do v^T, causal inside the chunk, the input of chunk_gla_bwd_intra_kernel; with FUSED only for
+    chunks of strong decay in some channel (the dq / dk / dg kernel builds dA of the others itself).
+    Grid (NT, B * H)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_t, _, bos, T = chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
 
+    gc += (bos * H + i_h) * K
+    last = tl.minimum(i_t * BT + BT, T) - 1
+    if FUSED:
+        if _chunk_span(gc, i_t * BT, last, 0, H, K, BK, tl.cdiv(K, BK)) <= SPAN:
+            return
     o_t = i_t * BT + tl.arange(0, BT)
     m_t = o_t < T
     v += (bos * H + i_h) * V
@@ -229,11 +272,17 @@ def chunk_gla_bwd_dqkg_kernel(
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
+    SPAN: tl.constexpr,
+    FUSED: tl.constexpr,
     PREC: tl.constexpr,
     DT: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     """Inter-chunk dq, dk plus the intra parts, and dg. Grid (cdiv(K, BK), NT, B * H).
+
+    Intra parts: with FUSED, where this K tile's decay across the chunk is mild, from dA = causal(scale * do v^T),
+    built in the V loop, through the chunk's first row on the tensor cores (see chunk_intra.py); elsewhere from
+    dq_intra, dk_intra written by chunk_gla_bwd_intra_kernel with the same K tile.
 
     With gc the in-chunk cumulative decay, q enters as q exp(gc) and k as k exp(-gc), so the gradient of gc_t is
     q_t dq_t - k_t dk_t; the chunk's total decay gc_last also scales the state leaving it, adding
@@ -265,6 +314,7 @@ def chunk_gla_bwd_dqkg_kernel(
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
     b_dgl = tl.zeros([BK], dtype=tl.float32)
+    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
@@ -278,19 +328,39 @@ def chunk_gla_bwd_dqkg_kernel(
         b_dq += tl.dot(b_do.to(DT), tl.trans(b_h).to(DT), input_precision=PREC)
         b_dk += tl.dot(b_v.to(DT), tl.trans(b_dh).to(DT), input_precision=PREC)
         b_dgl += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=1)
+        if FUSED:
+            b_dA += tl.dot(b_do.to(DT), tl.trans(b_v).to(DT), input_precision=PREC)
     # q, k and the decays are loaded only now, to keep the V loop's registers free
     p_tk = o_t[:, None] * (H * K) + o_k[None, :]
-    b_q = tl.load(q + p_tk, mask=m_tk, other=0.0)
-    b_k = tl.load(k + p_tk, mask=m_tk, other=0.0)
     b_g = tl.load(gc + p_tk, mask=m_tk, other=0.0)
     b_gl = tl.load(gc + last * (H * K) + o_k, mask=m_k, other=0.0)
-    b_dq = b_dq * tl.exp(b_g) * scale
-    b_dk = tl.where(m_t[:, None], b_dk * tl.exp(b_gl[None, :] - b_g), 0.0)
-    b_dgl = b_dgl * tl.exp(b_gl) + tl.sum(b_dk * b_k.to(tl.float32), axis=0)
-
-    b_dq += tl.load(dq_intra + p_tk, mask=m_tk, other=0.0)
-    b_dk += tl.load(dk_intra + p_tk, mask=m_tk, other=0.0)
-    b_dG = b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk
+    b_dgl *= tl.exp(b_gl)
+    first = i_t * BT
+    if FUSED and _chunk_span(gc, first, last, i_k, H, K, BK, 1) <= SPAN:
+        # everything through the chunk's first row: with e = exp(G - G_0), ei = exp(G_0 - G) (0 past the end),
+        #   dq = e * (do h^T * scale exp(G_0) + dA (k ei)),  dk = ei * (v dh^T * exp(G_last - G_0) + dA^T (q e))
+        # where dq_t = sum_{s <= t} dA[t, s] k_s exp(G_t - G_s), dk_s = sum_{t >= s} dA[t, s] q_t exp(G_t - G_s)
+        # are the intra parts; one accumulator each, scaled per column (key channel) and row
+        o_c = tl.arange(0, BT)
+        b_dA = tl.where(m_t[:, None] & (o_c[None, :] <= o_c[:, None]), b_dA * scale, 0.0)
+        b_g0 = tl.load(gc + first * (H * K) + o_k, mask=m_k, other=0.0)
+        b_ei = tl.exp(tl.where(m_t[:, None], b_g0[None, :] - b_g, float("-inf")))
+        b_kei = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32) * b_ei
+        b_dk *= tl.exp(b_gl - b_g0)[None, :]
+        # gradient of the chunk's total decay through the state leaving it: sum_s k_s dk_s (inter part only)
+        b_dgl += tl.sum(b_dk * b_kei, axis=0)
+        b_e = tl.exp(tl.where(m_t[:, None], b_g - b_g0[None, :], float("-inf")))
+        b_dq = tl.dot(b_dA, b_kei, acc=b_dq * (scale * tl.exp(b_g0))[None, :], input_precision=PREC) * b_e
+        b_qe = tl.load(q + p_tk, mask=m_tk, other=0.0).to(tl.float32) * b_e
+        b_dk = tl.dot(tl.trans(b_dA), b_qe, acc=b_dk, input_precision=PREC) * b_ei
+    else:
+        b_dq = b_dq * tl.exp(b_g) * scale + tl.load(dq_intra + p_tk, mask=m_tk, other=0.0)
+        b_dk = tl.where(m_t[:, None], b_dk * tl.exp(b_gl[None, :] - b_g), 0.0)
+        b_dgl += tl.sum(b_dk * tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32), axis=0)
+        b_dk += tl.load(dk_intra + p_tk, mask=m_tk, other=0.0)
+    b_q = tl.load(q + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+    b_dG = b_q * b_dq - b_k * b_dk
     b_dg = tl.cumsum(b_dG, axis=0, reverse=True) + b_dgl[None, :]
     tl.store(dq + p_tk, b_dq.to(dq.dtype.element_ty), mask=m_tk)
     tl.store(dk + p_tk, b_dk.to(dk.dtype.element_ty), mask=m_tk)
@@ -381,8 +451,8 @@ def chunk_gla_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqle
     o = torch.empty_like(v)
     OV = max(BK, _blocks(K, V, OUT_BV_CAP, v.dtype)[1])  # never narrower than the key tile: narrow_value_tiles
     chunk_gla_fwd_o_kernel[(triton.cdiv(V, OV), nt_grid, B * H)](
-        q, v, gc, h, A, o, cu_seqlens, chunk_indices, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=OV, PREC=prec, DT=dt,
-        IS_VARLEN=varlen,
+        q, k, v, gc, h, A, o, cu_seqlens, chunk_indices, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=OV, SPAN=INTRA_SPAN,
+        PREC=prec, DT=dt, IS_VARLEN=varlen,
         **BIG_TILES,
     )
     return o, ht, gc, h, A
@@ -408,9 +478,13 @@ def chunk_gla_bwd(q, k, v, g, gc, h, A, do, dht, scale, initial_state, cu_seqlen
         **BIG_TILES,
     )
 
+    # mild chunks' intra dq, dk inside the dq / dk / dg kernel: for half inputs (fp32's exact products would spill
+    # its registers there: 7 KB per thread on sm_90, so fp32 keeps them in the intra kernel)
+    fused = v.dtype != torch.float32 and FUSED_INTRA_BWD
     dA = torch.empty(B, T, H, BT, dtype=torch.float32, device=q.device)
     chunk_gla_bwd_dA_kernel[(nt_grid, B * H)](
-        v, do, dA, cu_seqlens, chunk_indices, scale, T, H=H, V=V, BT=BT, BV=BV, PREC=prec, DT=dt, IS_VARLEN=varlen,
+        v, do, gc, dA, cu_seqlens, chunk_indices, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, SPAN=INTRA_SPAN,
+        FUSED=fused, PREC=prec, DT=dt, IS_VARLEN=varlen,
         **BIG_TILES,
     )
 
@@ -422,20 +496,21 @@ def chunk_gla_bwd(q, k, v, g, gc, h, A, do, dht, scale, initial_state, cu_seqlen
         **BIG_TILES,
     )
 
+    # the intra kernel and dq / dk / dg decide mild or strong per (chunk, K tile): both take the same K tile
+    QK = _blocks(K, V, DQKG_BK_CAP if v.dtype != torch.float32 else min(DQKG_BK_CAP, 64), v.dtype)[0]
+    QV = max(QK, _blocks(K, V, DQKG_BV_CAP, v.dtype)[1])
     dq_intra = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
     dk_intra = torch.empty_like(dq_intra)
-    chunk_gla_bwd_intra_kernel[(triton.cdiv(K, BK) * (BT // BC), nt_grid, B * H)](
-        q, k, gc, dA, dq_intra, dk_intra, cu_seqlens, chunk_indices, T, H=H, K=K, BT=BT, BC=BC, BK=BK,
-        NC=BT // BC, SPAN=INTRA_SPAN, PREC=prec, IS_VARLEN=varlen,
+    chunk_gla_bwd_intra_kernel[(triton.cdiv(K, QK) * (BT // BC), nt_grid, B * H)](
+        q, k, gc, dA, dq_intra, dk_intra, cu_seqlens, chunk_indices, T, H=H, K=K, BT=BT, BC=BC, BK=QK,
+        NC=BT // BC, SPAN=INTRA_SPAN, FUSED=fused, PREC=prec, IS_VARLEN=varlen,
     )
 
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     dg = torch.empty_like(g)
-    QK = _blocks(K, V, DQKG_BK_CAP if v.dtype != torch.float32 else min(DQKG_BK_CAP, 64), v.dtype)[0]
-    QV = max(QK, _blocks(K, V, DQKG_BV_CAP, v.dtype)[1])
     chunk_gla_bwd_dqkg_kernel[(triton.cdiv(K, QK), nt_grid, B * H)](
         q, k, v, gc, h, do, dh, dq_intra, dk_intra, dq, dk, dg, cu_seqlens, chunk_indices, scale, T, H=H, K=K,
-        V=V, BT=BT, BK=QK, BV=QV, PREC=prec, DT=dt, IS_VARLEN=varlen,
+        V=V, BT=BT, BK=QK, BV=QV, SPAN=INTRA_SPAN, FUSED=fused, PREC=prec, DT=dt, IS_VARLEN=varlen,
         **BIG_TILES,
     )
     return dq, dk, dv, dg, dh0

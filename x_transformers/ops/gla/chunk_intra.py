@@ -1,4 +1,5 @@
-"""Intra-chunk stages of `chunk_gla`: the causal attention matrix inside each chunk and its gradient back to q, k.
+"""Intra-chunk stages of `chunk_gla` for chunks of strong decay: the causal attention matrix inside each chunk and
+its gradient back to q, k.
 
 A chunk of BT = 64 tokens is split into NC sub-chunks of BC = 16. With per-channel decay exp(G_t - G_s) cannot be
 factored over a whole chunk (exp(-G_s) overflows when g reaches -20 per step), so:
@@ -6,11 +7,13 @@ factored over a whole chunk (exp(-G_s) overflows when g reaches -20 per step), s
   exp(G_t - G_r) * exp(G_r - G_s), both exponents <= 0, so the factors can only underflow where the product does;
 - a diagonal block is built pair-wise, one column (or row) at a time, from exp of masked differences.
 Where the decay across the whole chunk is mild (G_first - G_last <= SPAN in every channel, checked per chunk at run
-time: GLA's logsigmoid / 16 gates decay ~3 over a chunk), every block goes through the chunk's first row instead:
-exp(G_t - G_0) <= 1 and exp(G_0 - G_s) <= exp(SPAN), so the whole row of A (and dq, dk) is one product on the tensor
-cores with no pair-wise exponentials; stronger decay takes the path above. All of it in fp32; A is stored
-[B*T, H, BT] in the input dtype (row t holds its chunk's columns, zero above the diagonal, scale included), since
-it only feeds products with v whose operands are cast to that dtype anyway. dA stays fp32.
+time: GLA's logsigmoid / 16 gates decay ~3 over a chunk), every block can go through the chunk's first row instead:
+exp(G_t - G_0) <= 1 and exp(G_0 - G_s) <= exp(SPAN), so a whole chunk's A (and dq, dk) is one product on the tensor
+cores. The forward does those chunks inside the output kernel of chunk.py, which loads the same operands anyway,
+and so does the backward's dq / dk / dg kernel for half-precision inputs (FUSED; in fp32 its registers would spill,
+so the mild path below does them); the programs here return at once for them. All of it in fp32; A is
+stored [B*T, H, BT] in the input dtype (row t holds its chunk's columns, scale included), since it only feeds
+products with v whose operands are cast to that dtype anyway. dA and the intra dq, dk stay fp32.
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ def chunk_gla_fwd_intra_kernel(
     PREC: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    """Rows of sub-chunk i_i of A, every block left of and on the diagonal. Grid (NT, BT // BC, B * H)."""
+    """Rows of sub-chunk i_i of A, every block left of and on the diagonal, for chunks of strong decay.
+    Grid (NT, BT // BC, B * H)."""
     i_t, i_i, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     i_t, _, bos, T = chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
@@ -72,26 +76,7 @@ def chunk_gla_fwd_intra_kernel(
     last = tl.minimum(first + BT, T) - 1
 
     if _chunk_span(gc, first, last, 0, H, K, BK, tl.cdiv(K, BK)) <= SPAN:
-        # mild decay: every block of the row through the chunk's first row, on the tensor cores
-        o_s = first + tl.arange(0, BT)
-        m_s = (o_s < T) & (o_s < o_i + BC)
-        b_A = tl.zeros([BC, BT], dtype=tl.float32)
-        for i_k in range(0, tl.cdiv(K, BK)):
-            o_k = i_k * BK + tl.arange(0, BK)
-            m_k = o_k < K
-            b_g0 = tl.load(gc + first * (H * K) + o_k, mask=m_k, other=0.0)
-            b_q = tl.load(q + o_c[:, None] * (H * K) + o_k[None, :], mask=m_c[:, None] & m_k[None, :], other=0.0)
-            b_g = tl.load(gc + o_c[:, None] * (H * K) + o_k[None, :], mask=m_c[:, None] & m_k[None, :], other=0.0)
-            b_k = tl.load(k + o_s[:, None] * (H * K) + o_k[None, :], mask=m_s[:, None] & m_k[None, :], other=0.0)
-            b_gk = tl.load(gc + o_s[:, None] * (H * K) + o_k[None, :], mask=m_s[:, None] & m_k[None, :], other=0.0)
-            b_qg = b_q.to(tl.float32) * tl.exp(tl.where(m_c[:, None], b_g - b_g0[None, :], float("-inf")))
-            b_kg = b_k.to(tl.float32) * tl.exp(tl.where(m_s[:, None], b_g0[None, :] - b_gk, float("-inf")))
-            b_A += tl.dot(b_qg, tl.trans(b_kg), input_precision=PREC)
-        o_b = tl.arange(0, BT)
-        b_A = tl.where(o_s[None, :] <= o_c[:, None], b_A * scale, 0.0)
-        p_A = A + o_c[:, None] * (H * BT) + o_b[None, :]
-        tl.store(p_A, b_A.to(A.dtype.element_ty), mask=m_c[:, None] & (o_b < (i_i + 1) * BC)[None, :])
-        return
+        return  # mild decay: chunk_gla_fwd_o_kernel builds this chunk's A on the tensor cores
 
     # off-diagonal blocks j < i, reference row = first row of sub-chunk i
     for i_j in range(0, i_i):
@@ -150,10 +135,12 @@ def chunk_gla_bwd_intra_kernel(
     BK: tl.constexpr,
     NC: tl.constexpr,
     SPAN: tl.constexpr,
+    FUSED: tl.constexpr,
     PREC: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    """Intra-chunk parts of dq, dk from dA (scale included) for one sub-chunk and one K tile.
+    """Intra-chunk parts of dq, dk from dA (scale included) for one sub-chunk and one K tile; with FUSED, only for
+    (chunk, K tile) pairs of strong decay.
 
     dq_t = sum_{s <= t} dA[t, s] k_s exp(G_t - G_s),  dk_s = sum_{t >= s} dA[t, s] q_t exp(G_t - G_s).
     Grid (cdiv(K, BK) * NC, NT, B * H).
@@ -184,6 +171,8 @@ def chunk_gla_bwd_intra_kernel(
     last = tl.minimum(first + BT, T) - 1
 
     if _chunk_span(gc, first, last, i_k, H, K, BK, 1) <= SPAN:
+        if FUSED:
+            return  # chunk_gla_bwd_dqkg_kernel computes this (chunk, K tile) itself, with the same K tile
         # mild decay in this K tile: both sums through the chunk's first row, on the tensor cores
         o_s = first + tl.arange(0, BT)
         m_s = o_s < T
