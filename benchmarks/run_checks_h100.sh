@@ -6,6 +6,7 @@
 #  2. chunk_gla's kernel times with the default tiles and with the dq / dk / dg tile knobs changed (bench_ops --set);
 #  3. the kernel table: every chunked op against causal SDPA (and fla where named) at B*T = 16k, T = 1k ... 32k.
 #   OUT=out/h100 bash benchmarks/run_checks_h100.sh
+# (TESTS=... picks the test files, BENCH=0 stops after the checks, TABLE=0 before the table)
 set -uo pipefail
 OUT=${OUT:-out/h100}
 mkdir -p "$OUT"
@@ -40,6 +41,8 @@ GLA=(python3 benchmarks/bench_ops.py --no-fla --warmup 3 --reps 10 --ops chunk_g
 step gla_default 40 "${GLA[@]}" --profile --out "$OUT/gla_default.json"
 step gla_dqkg_bk128 30 "${GLA[@]}" --set $G.DQKG_BK_CAP=128 --out "$OUT/gla_dqkg_bk128.json"
 step gla_dqkg_bv128 30 "${GLA[@]}" --set $G.DQKG_BV_CAP=128 --out "$OUT/gla_dqkg_bv128.json"
+step gla_unfused 30 "${GLA[@]}" --set $G.FUSED_INTRA_BWD=False --out "$OUT/gla_unfused.json"
+[ "${TABLE:-1}" = 0 ] && exit 0
 step table ${TABLE_LIMIT:-280} python3 benchmarks/bench_ops.py --seqlens 1024,2048,4096,8192,16384,32768 --warmup 3 \
     --reps 10 --ops sdpa,chunk_simple_gla,chunk_gla,chunk_delta_rule,chunk_gated_delta_rule,hgrn_scan \
     --fla-ops chunk_simple_gla,chunk_gated_delta_rule --out "$OUT/ops_table.json"

@@ -38,9 +38,10 @@ BIG_TILES = dict(num_warps=8, num_stages=2)
 # B=4, T=4k, from loading q, gc and A once per chunk), and the K / V tiles of dq, dk, dg (one program per K tile, a
 # loop over V tiles)
 OUT_BV_CAP = 128
-# (half precision; K = V = 128, B=4, T=4k on an H200: fwd+bwd 2.41 -> 2.24 ms with a 128-wide K tile; fp32 inputs
-# stay at 64, where ptxas spills 9 KB per thread at 128)
-DQKG_BK_CAP, DQKG_BV_CAP = 128, 64
+# (64 for every dtype: before the mild intra dq / dk moved into that kernel a 128-wide K tile won for half inputs,
+# fwd+bwd 2.41 -> 2.24 ms at K = V = 128, B=4, T=4k on an H200; with them inside, it spills 600 B per thread and
+# loses, 1.80 ms at 64 vs 1.96 ms at 128; fp32 spills 9 KB per thread at 128)
+DQKG_BK_CAP, DQKG_BV_CAP = 64, 64
 # largest K, V tiles of the two sequential state passes; they run one program per (K tile, V tile, sequence, head),
 # so with few sequences * heads the tiles halve (down to the dot minimum) until the programs fill the SMs (B=1,
 # T=16k, H=16 on an H200: fwd+bwd 3.06 -> 2.83 ms with 32-wide tiles, where B=4, T=4k lost with them)
@@ -497,7 +498,7 @@ def chunk_gla_bwd(q, k, v, g, gc, h, A, do, dht, scale, initial_state, cu_seqlen
     )
 
     # the intra kernel and dq / dk / dg decide mild or strong per (chunk, K tile): both take the same K tile
-    QK = _blocks(K, V, DQKG_BK_CAP if v.dtype != torch.float32 else min(DQKG_BK_CAP, 64), v.dtype)[0]
+    QK = _blocks(K, V, DQKG_BK_CAP, v.dtype)[0]
     QV = max(QK, _blocks(K, V, DQKG_BV_CAP, v.dtype)[1])
     dq_intra = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
     dk_intra = torch.empty_like(dq_intra)
