@@ -189,6 +189,23 @@ def test_bad_inputs(fn):
         fn(q, k, v, beta.long(), g)
 
 
+@pytest.mark.skipif(not use_triton(torch.zeros(1, device=DEVICE)), reason="kernel dispatch (GPU or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("K,V,half", [(128, 128, True), (128, 64, True), (64, 16, False), (128, 32, False)])
+def test_half_heads_stay_half_unless_tiles_are_narrow(K, V, half, monkeypatch):
+    """bf16 heads reach the kernels in bf16 unless their value tile is narrower than the key block and under 64
+    (rerouted to fp32, see narrow_value_tiles): K = V = 128 must never take the several-times slower fp32 path."""
+    from x_transformers.ops.delta_rule import chunk as delta_chunk
+
+    seen = []
+    real = delta_chunk.ChunkDeltaRuleFunction.apply
+    monkeypatch.setattr(delta_chunk.ChunkDeltaRuleFunction, "apply", lambda q, *a: seen.append(q.dtype) or real(q, *a))
+    q, k, v, beta, g, _ = make_inputs(1, 20, 1, K, V)
+    o, _ = chunk_delta_rule(q.bfloat16(), k.bfloat16(), v.bfloat16(), beta.bfloat16(), g)
+    assert seen == [torch.bfloat16 if half else torch.float32] and o.dtype == torch.bfloat16
+    ref, _ = naive_delta_rule(q, k, v, beta, g)
+    assert rel_rms(o.float(), ref) < 2e-2
+
+
 # real shapes on a GPU: fp32 and bf16, gradients included
 GPU_CASES = {
     "T1000_D64": (2, 1000, 4, 64, 64, None),
