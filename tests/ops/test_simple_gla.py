@@ -106,6 +106,31 @@ def test_bf16(path, check):
     check(path, make_inputs(2, T, 2, 32, 32), dtype=torch.bfloat16)
 
 
+@pytest.mark.parametrize("narrow", [True, False], ids=["fill_sms", "widest"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_state_pass_tiles(narrow, dtype, check, monkeypatch):
+    """The state passes narrow their tiles until the programs fill the SMs (few sequences * heads, as at B=1 with long
+    sequences); both the narrowed and the widest tiles give the reference's results."""
+    from x_transformers.ops.common.utils import fill_sm_tiles
+    from x_transformers.ops.simple_gla import chunk_h
+
+    seen = []
+
+    def tiles(SK, SV, *args):
+        seen.append(fill_sm_tiles(SK, SV, *args) if narrow else (SK, SV))
+        return seen[-1]
+
+    monkeypatch.setattr(chunk_h, "fill_sm_tiles", tiles)
+    check("chunk", make_inputs(1, T_CHUNK, 2, 64, 64), dtype=dtype)
+    floor = 16 if dtype == torch.float32 else 32
+    assert set(seen) == {(floor, floor) if narrow else (64, 64)}
+    cpu = torch.device("cpu")  # counted as an H100's 132 SMs
+    assert fill_sm_tiles(64, 64, 128, 128, 64, torch.bfloat16, cpu) == (64, 64)  # 256 programs already
+    assert fill_sm_tiles(64, 64, 128, 128, 16, torch.bfloat16, cpu) == (32, 32)  # 64 -> 256 programs
+    assert fill_sm_tiles(64, 64, 128, 128, 16, torch.float32, cpu) == (32, 32)
+    assert fill_sm_tiles(64, 64, 128, 128, 8, torch.float32, cpu) == (16, 32)  # the key tile halves first
+
+
 def test_dispatch_and_defaults(rel_rms_fn):
     q, k, v, g, h0 = make_inputs(1, 9, 2, 16, 8)
     o1, _ = chunk_simple_gla(q, k, v, g, scale=16**-0.5)

@@ -39,6 +39,22 @@ def sm_count(device: torch.device) -> int:
     return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def fill_sm_tiles(
+    SK: int, SV: int, K: int, V: int, NH: int, dtype: torch.dtype, device: torch.device
+) -> tuple[int, int]:
+    """Key / value tiles of a sequential state pass (one program per key tile, value tile, sequence * head, each
+    walking every chunk in turn): starting from SK, SV they halve, the key tile first so half precision keeps SV >= SK
+    (see narrow_value_tiles), down to `min_dot_tile(dtype)`, until the programs fill the SMs. With few sequences *
+    heads (long single sequences) that turns a few long chains of large products into more, shorter ones."""
+    floor, sms = min_dot_tile(dtype), sm_count(device)
+    while NH * -(-K // SK) * -(-V // SV) < sms and max(SK, SV) > floor:
+        if SK >= SV:
+            SK //= 2
+        else:
+            SV //= 2
+    return SK, SV
+
+
 def min_dot_tile(dtype: torch.dtype) -> int:
     """Narrowest side of a `tl.dot` tile for inputs of this dtype. Triton allows 16; fp16 / bf16 get 32 because
     Triton 3.6 miscompiles 16-wide half-precision tiles on Hopper (an H200 showed illegal memory accesses in

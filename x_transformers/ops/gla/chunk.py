@@ -22,8 +22,8 @@ from x_transformers.ops.common.bounds import chunk_bounds
 from x_transformers.ops.common.chunk_index import prepare_chunk_indices, prepare_chunk_offsets
 from x_transformers.ops.common.interpreter_compat import patch as patch_interpreter
 from x_transformers.ops.common.utils import (
-    check_linear_attn_inputs, default_scale, empty_input_result, interpreting, min_dot_tile, narrow_value_tiles,
-    sm_count, use_triton,
+    check_linear_attn_inputs, default_scale, empty_input_result, fill_sm_tiles, interpreting, min_dot_tile,
+    narrow_value_tiles, use_triton,
 )
 from x_transformers.ops.gla.chunk_intra import _chunk_span, chunk_gla_bwd_intra_kernel, chunk_gla_fwd_intra_kernel
 from x_transformers.ops.gla.chunk_state import chunk_gla_bwd_dh_kernel, chunk_gla_cumsum_kernel, chunk_gla_fwd_h_kernel
@@ -384,15 +384,7 @@ def _half_tiles_unsafe(K: int, V: int, dtype: torch.dtype) -> bool:
 
 
 def _state_tiles(K: int, V: int, NH: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
-    SK, SV = _blocks(K, V, STATE_CAP, dtype)
-    floor, sms = min_dot_tile(dtype), sm_count(device)
-    while NH * triton.cdiv(K, SK) * triton.cdiv(V, SV) < sms and max(SK, SV) > floor:
-        # the key tile first: half precision must keep SV >= SK (see narrow_value_tiles)
-        if SK >= SV:
-            SK //= 2
-        else:
-            SV //= 2
-    return SK, SV
+    return fill_sm_tiles(*_blocks(K, V, STATE_CAP, dtype), K, V, NH, dtype, device)
 
 
 def _precision(dtype: torch.dtype) -> str:

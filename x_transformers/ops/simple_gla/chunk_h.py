@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from x_transformers.ops.common.bounds import seq_chunk_bounds
-from x_transformers.ops.common.utils import min_dot_tile, num_seqs
+from x_transformers.ops.common.utils import fill_sm_tiles, min_dot_tile, num_seqs
 
 
 def tile(n: int, dtype: torch.dtype | None = None, cap: int = 64) -> int:
@@ -109,7 +109,7 @@ def chunk_fwd_h(k, v, gc, h0, output_final_state, cu_seqlens, chunk_offsets, num
     N = num_seqs(B, cu_seqlens)
     h = k.new_empty(num_chunks, H, K, V)
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
-    BK, BV = tile(K, k.dtype), tile(V, k.dtype)
+    BK, BV = fill_sm_tiles(tile(K, k.dtype), tile(V, k.dtype), K, V, N * H, k.dtype, k.device)
     grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)
     chunk_fwd_h_kernel[grid](
         k, v, gc, h, h0, ht, cu_seqlens, chunk_offsets, T,
@@ -127,7 +127,7 @@ def chunk_bwd_dh(q, do, gc, dht, scale, need_dh0, cu_seqlens, chunk_offsets, num
     N = num_seqs(B, cu_seqlens)
     dh = q.new_empty(num_chunks, H, K, V)
     dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if need_dh0 else None
-    BK, BV = tile(K, q.dtype), tile(V, q.dtype)
+    BK, BV = fill_sm_tiles(tile(K, q.dtype), tile(V, q.dtype), K, V, N * H, q.dtype, q.device)
     grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)
     chunk_bwd_dh_kernel[grid](
         q, do, gc, dh, dht, dh0, cu_seqlens, chunk_offsets, scale, T,
