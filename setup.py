@@ -1,9 +1,9 @@
 from setuptools import find_packages, setup
 
 setup(
-    name="x-transformers",
+    name="x-transformers-hybrid",
     packages=find_packages(exclude=["tests", "tests.*", "benchmarks"]),
-    version="2.0.1",
+    version="0.3.0",
     license="MIT",
     description="x-transformers: transformers and linear-attention / RNN hybrids from keyword flags, with Triton kernels",
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
