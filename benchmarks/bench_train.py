@@ -109,10 +109,13 @@ def peak_memory_gb(device):
 def environment(device, xt) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        xt_version = version("x-transformers")
-    except PackageNotFoundError:
-        xt_version = None
+    xt_version = None
+    for dist in ("x-transformers-hybrid", "x-transformers"):
+        try:
+            xt_version = f"{dist} {version(dist)}"
+            break
+        except PackageNotFoundError:
+            pass
     return dict(
         x_transformers=str(Path(xt.__file__).parent),
         x_transformers_version=xt_version,

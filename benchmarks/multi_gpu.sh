@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Issue 8 in one pass on a 2-GPU host (nvidia-h200-x2, about 5 minutes): the enwik8 config (dim 512, depth 6, seq
+# Multi-GPU training checks in one pass on a 2-GPU host (about 5 minutes on two H200s): the enwik8 config (dim 512, depth 6, seq
 # 1024, bf16) for 200 steps on 1 GPU, then on 2 GPUs with DDP, FSDP2 and FSDP2 keeping gathered weights
 # (--fsdp-keep-params), at the same global batch of 16 sequences in micro-batches of MICRO (default 8: 8 x 2 on one
 # GPU, 8 x 1 per rank on two) and the same seed; cross-resume of their checkpoints between 1 and 2 GPUs (skipped with
 # RESUME=0); a gated_deltanet 'LLLN' hybrid under FSDP2 (skipped with HYBRID=0); then a summary of tokens/s,
 # scaling and loss agreement.
-#   OUT=out/h200x2 bash benchmarks/run_h200x2.sh
-#   OUT=out/h200x2 MICRO=4 RESUME=0 bash benchmarks/run_h200x2.sh   # upstream's micro-batch of 4
+#   OUT=out/multi_gpu bash benchmarks/multi_gpu.sh
+#   OUT=out/multi_gpu MICRO=4 RESUME=0 bash benchmarks/multi_gpu.sh   # upstream's micro-batch of 4
+# Copy the *_metrics.csv files and the summary to benchmarks/results/multi_gpu/ and run
+# benchmarks/plot_multi_gpu.py to redraw images/multi_gpu.png.
 set -uo pipefail
-OUT=${OUT:-out/h200x2}
+OUT=${OUT:-out/multi_gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 COMMON=(--num-batches 200 --validate-every 50 --generate-every 1000 --seed 0)
