@@ -2,7 +2,7 @@
 
 Run with the separate upstream environment (the PyPI release installed, not this repository):
 
-    /work/upvenv/bin/python scripts/make_attention_fixtures.py
+    upvenv/bin/python scripts/make_attention_fixtures.py
 
 Each fixture is one tiny `Attention` config: constructor kwargs, the upstream state dict, inputs, forward kwargs
 and the upstream output. `tests/test_attention.py` loads the state dict into our module with strict=True and
@@ -122,7 +122,7 @@ def main():
     parser.add_argument('--out-dir', type=Path, default=REPO / 'tests' / 'fixtures' / 'attention')
     args = parser.parse_args()
 
-    assert version('x-transformers') == '2.0.1', 'run with the upstream 2.0.1 environment (/work/upvenv/bin/python)'
+    assert version('x-transformers') == '2.0.1', 'run with the upstream 2.0.1 environment (upvenv/bin/python)'
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for name, (kwargs, extras) in CONFIGS.items():

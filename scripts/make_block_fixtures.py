@@ -2,7 +2,7 @@
 
 Run with the interpreter of a virtual environment that has the PyPI release installed (not this repository):
 
-    /work/upvenv/bin/python scripts/make_block_fixtures.py
+    upvenv/bin/python scripts/make_block_fixtures.py
 
 For every case below it builds the upstream block, randomizes its parameters, runs it on seeded inputs and
 saves (kwargs, state dict, outputs) into tests/fixtures/blocks/<group>.pt. The tests build our block
@@ -324,7 +324,7 @@ def upstream_namespace():
 
     repo_root = FIXTURE_DIR.parent.parent.parent
     if Path(x_transformers.__file__).resolve().is_relative_to(repo_root):
-        raise SystemExit("run this with the upstream release's interpreter (e.g. /work/upvenv/bin/python)")
+        raise SystemExit("run this with the upstream release's interpreter (e.g. upvenv/bin/python)")
     ns = {name: getattr(up, name) for name in dir(up)}
     ns.update(Attend=up_attend.Attend, Intermediates=up_attend.Intermediates)
     return ns

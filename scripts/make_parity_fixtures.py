@@ -1,7 +1,7 @@
 """Build parity fixtures from the x-transformers 2.0.1 PyPI release.
 
 Run it with the interpreter of a separate virtual environment that has the release installed
-(`/work/upvenv/bin/python scripts/make_parity_fixtures.py`). Each fixture is a tiny model built with a fixed seed:
+(`upvenv/bin/python scripts/make_parity_fixtures.py`). Each fixture is a tiny model built with a fixed seed:
 `tests/fixtures/parity/<name>.pt` = {spec, state_dict, inputs, expected}. `tests/test_parity.py` rebuilds the same
 model from `spec` with our package, loads the state dict with strict=True and compares the outputs.
 """

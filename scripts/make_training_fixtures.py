@@ -2,7 +2,7 @@
 give the same loss curve here as there.
 
 Run it with the interpreter of a separate virtual environment that has the release installed
-(`/work/upvenv/bin/python scripts/make_training_fixtures.py`). Each fixture, `tests/fixtures/training/<name>.pt`, holds
+(`upvenv/bin/python scripts/make_training_fixtures.py`). Each fixture, `tests/fixtures/training/<name>.pt`, holds
 a config, the release's freshly initialised state dict, and the losses it computed over STEPS Adam steps on fixed
 random batches (fp32, no dropout). `tests/test_training_parity.py` builds the same model with our package, loads that
 state dict, runs the same steps through `train` below and compares the losses step by step: forward, loss, every

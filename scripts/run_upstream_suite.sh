@@ -6,7 +6,7 @@
 #
 #   scripts/run_upstream_suite.sh                   # download the sdist with pip
 #   UPSTREAM_TESTS=/path/to/tests scripts/run_upstream_suite.sh   # use an already unpacked copy (offline)
-#   PYTHON=/work/venv/bin/python scripts/run_upstream_suite.sh -k kv_cache   # extra args go to pytest
+#   PYTHON=.venv/bin/python scripts/run_upstream_suite.sh -k kv_cache   # extra args go to pytest
 set -euo pipefail
 
 PYTHON="${PYTHON:-python}"

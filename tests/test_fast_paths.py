@@ -1,4 +1,4 @@
-"""Fast paths of the default softmax layer (issue 7).
+"""Fast paths of the default softmax layer.
 
 - without flash, Attend routes to F.scaled_dot_product_attention when no feature needs the logits: same outputs
   and gradients as the explicit path (fp32; masks, causal, biases, grouped kv heads, kv cache);

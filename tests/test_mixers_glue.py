@@ -1,9 +1,9 @@
 """Mixer outputs, gradients, padded outputs and decode states stay pinned while their PyTorch glue is rewritten.
 
-tests/fixtures/mixers/glue.pt was computed by the mixers as they stood before the glue rewrite (issue 7), fp32 on
-CPU. Regenerate it only on purpose, for a change that is meant to alter the numbers:
+tests/fixtures/mixers/glue.pt holds the mixers' fp32 CPU outputs as they stood before their PyTorch glue was
+rewritten. Regenerate it only on purpose, for a change that is meant to alter the numbers:
 
-    /work/venv/bin/python tests/test_mixers_glue.py
+    python tests/test_mixers_glue.py
 """
 
 from __future__ import annotations
