@@ -357,8 +357,8 @@ class AutoregressiveWrapper(Module):
     ):
         """`seq_len` new tokens (b, seq_len) after `prompts`, sampled at `temperature` (0: greedy).
 
-        fast_decode - a static kv cache written in place and a CUDA-graph decode step (x_transformers/fast_decode.py,
-        issue 7): None (default) uses it on CUDA whenever the configuration is supported (`fast_decode.supports`)
+        fast_decode - a static kv cache written in place and a CUDA-graph decode step (x_transformers/fast_decode.py):
+        None (default) uses it on CUDA whenever the configuration is supported (`fast_decode.supports`)
         and decodes on the plain cached path otherwise, saying why in a debug log; True forces it (on CPU as an
         eager static-cache step) and raises a ValueError naming what is unsupported; 'eager', 'graph' or 'compile'
         pick the step; False keeps the plain path. Greedy tokens equal the plain path's (exactly in fp32); sampling
