@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
 import traceback
 from pathlib import Path
@@ -211,7 +212,7 @@ def main(argv=None):
         p.error(f"--peer-path {args.peer_path}: no x_transformers package there")
 
     suites = list(SUITES) if args.suite == "all" else [] if args.suite == "tables" else [args.suite]
-    command = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = shlex.join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])])
     for suite in suites:
         res = dict(suite=suite, command=command, environment=environment(), rows=SUITES[suite](args))
         if args.smoke:
