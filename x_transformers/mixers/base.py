@@ -32,11 +32,23 @@ RECURRENT_MAX_TOKENS = 16
 
 
 def masked_fill_zero(t: Tensor | None, mask: Tensor | None):
-    """Zero `t` (b, n, ...) where `mask` (b, n) is False."""
+    """Zero `t` (b, n, ...) where `mask` (b, n) is False. Selects rather than multiplies, so that inf or NaN at a
+    masked position becomes zero too (0 * inf is NaN)."""
     if not exists(t) or not exists(mask):
         return t
     mask = mask.reshape(*mask.shape, *((1,) * (t.ndim - 2)))
-    return t * mask.to(t.dtype)
+    return t.masked_fill(~mask, 0.0)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of gates, kernels and recurrent states: fp32 for half precision and fp32 activations, fp64 for fp64
+    ones (a fp64 model keeps its precision end to end, e.g. for gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def upcast(t: Tensor, like: Tensor | None = None) -> Tensor:
+    """`t` in the accumulation dtype of `like` (default: of `t` itself)."""
+    return t.to(acc_dtype((like if exists(like) else t).dtype))
 
 
 def autocast_input(x: Tensor) -> Tensor:
@@ -75,7 +87,7 @@ class L2Norm(torch.autograd.Function):
     def forward(ctx, x: Tensor, eps: float):
         with torch.autocast(x.device.type, enabled=False):
             # statistics in fp32 at least, whatever the activation dtype
-            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+            acc = acc_dtype(x.dtype)
             norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc)
             inv = norm.clamp_min(eps).reciprocal().to(x.dtype)
             y = x * inv
@@ -231,11 +243,32 @@ class Mixer(Module):
         state = cache.recurrent_state if exists(cache) else None
         if exists(state) and not self.causal:
             raise ValueError(f"linear_attn='{self.name}' in an Encoder has no decoding cache")
+        if not x.is_floating_point():
+            raise TypeError(f"linear_attn='{self.name}' expects a floating point x, got {x.dtype}")
         x = autocast_input(x) if self.cast_input else x
-        out, new_state = self.mix(x, mask, state, want_state=return_intermediates)
+        if x.shape[0] == 0:
+            out, new_state = self.mix_empty_batch(x, mask, state, return_intermediates)
+        else:
+            out, new_state = self.mix(x, mask, state, want_state=return_intermediates)
         if not return_intermediates:
             return out
         return out, Intermediates(recurrent_state=new_state, layer_type="l")
+
+    def mix_empty_batch(self, x: Tensor, mask: Tensor | None, state: tuple | None, want_state: bool):
+        """`mix` of a batch of size 0: one zero row is run and cut off again, so that every kernel sees a real
+        batch and the outputs, states (and gradients) keep their shapes and dtypes."""
+
+        def one_more(t, fill):
+            if not torch.is_tensor(t):
+                return t
+            return torch.cat((t, t.new_full((1, *t.shape[1:]), fill)))
+
+        mask = one_more(mask, True)
+        state = tuple(one_more(t, 0) for t in state) if exists(state) else None
+        out, new_state = self.mix(one_more(x, 0), mask, state, want_state)
+        if exists(new_state):
+            new_state = tuple(t[:0] if torch.is_tensor(t) else t for t in new_state)
+        return out[:0], new_state
 
 
 def pick_state(state: tuple | None, index: int):

@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from x_transformers.mixers.base import HeadOutput, Mixer, QKVProjection, masked_fill_zero, pick_state, run_kernel
+from x_transformers.mixers.base import (
+    HeadOutput, Mixer, QKVProjection, acc_dtype, masked_fill_zero, pick_state, run_kernel,
+)
 from x_transformers.mixers.linear import bidirectional_linear_attention
 from x_transformers.ops import chunk_simple_gla, fused_recurrent_simple_gla
 
@@ -38,9 +40,10 @@ class Based(Mixer):
     def mix(self, x, mask, state, want_state):
         x = masked_fill_zero(x, mask)
         q, k, v, conv_state = self.qkv(x, pick_state(state, 1))
-        q, k = taylor_feature_map(q.float()), taylor_feature_map(k.float())
+        acc = acc_dtype(x.dtype)
+        q, k = taylor_feature_map(q.to(acc)), taylor_feature_map(k.to(acc))
         # an all-ones value column gives the normaliser phi(q) z from the same pass
-        v = torch.cat((v.float(), torch.ones_like(v[..., :1], dtype=torch.float32)), dim=-1)
+        v = torch.cat((v.to(acc), torch.ones_like(v[..., :1], dtype=acc)), dim=-1)
         k, v = masked_fill_zero(k, mask), masked_fill_zero(v, mask)
 
         if not self.causal:

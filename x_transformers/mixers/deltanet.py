@@ -18,6 +18,7 @@ from x_transformers.mixers.base import (
     masked_fill_zero,
     pick_state,
     run_kernel,
+    upcast,
 )
 from x_transformers.ops import chunk_delta_rule, fused_recurrent_delta_rule
 
@@ -47,7 +48,7 @@ class DeltaNet(Mixer):
         q, k = l2_normalize(q), l2_normalize(k)
         # beta, the decay and the output gate logits: the small projections of x as one matmul
         beta, a, gate = fused_linear(x, self.to_beta, self.to_a, self.out.to_gate)
-        beta, g = beta.float().sigmoid(), self.log_gate(a)
+        beta, g = upcast(beta).sigmoid(), self.log_gate(a)
         k, v, beta, g = (masked_fill_zero(t, mask) for t in (k, v, beta, g))
         o, s = run_kernel(
             chunk_delta_rule, fused_recurrent_delta_rule, q, k, v, beta,

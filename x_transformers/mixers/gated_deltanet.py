@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from x_transformers.mixers.base import upcast
 from x_transformers.mixers.deltanet import DeltaNet
 
 
@@ -28,4 +29,5 @@ class GatedDeltaNet(DeltaNet):
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
 
     def log_gate(self, a):
-        return -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
+        a = upcast(a)
+        return -self.A_log.to(a.dtype).exp() * F.softplus(a + self.dt_bias.to(a.dtype))

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from x_transformers.mixers.base import HeadOutput, Mixer, QKVProjection, masked_fill_zero, pick_state, run_kernel
+from x_transformers.mixers.base import (
+    HeadOutput, Mixer, QKVProjection, masked_fill_zero, pick_state, run_kernel, upcast,
+)
 from x_transformers.ops import chunk_gla, fused_recurrent_gla
 
 
@@ -29,7 +31,7 @@ class GateLoop(Mixer):
     def mix(self, x, mask, state, want_state):
         x = masked_fill_zero(x, mask)
         q, k, v, conv_state = self.qkv(x, pick_state(state, 1))
-        g = rearrange(F.logsigmoid(self.to_a(x).float()), "b n (h d) -> b n h d", h=self.heads)
+        g = rearrange(F.logsigmoid(upcast(self.to_a(x))), "b n (h d) -> b n h d", h=self.heads)
         k, v, g = (masked_fill_zero(t, mask) for t in (k, v, g))
         o, s = run_kernel(
             chunk_gla, fused_recurrent_gla, q, k, v, g,

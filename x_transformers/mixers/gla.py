@@ -19,6 +19,7 @@ from x_transformers.mixers.base import (
     masked_fill_zero,
     pick_state,
     run_kernel,
+    upcast,
 )
 from x_transformers.ops import chunk_gla, fused_recurrent_gla
 
@@ -44,7 +45,7 @@ class GLA(Mixer):
         q, k, v, conv_state = self.qkv(x, pick_state(state, 1))
         # the low-rank decay projection and the output gate read x through one matmul
         low_rank, gate = fused_linear(x, self.to_gate[0], self.out.to_gate)
-        g = F.logsigmoid(self.to_gate[1](low_rank).float()) / self.gate_logit_normalizer
+        g = F.logsigmoid(upcast(self.to_gate[1](low_rank))) / self.gate_logit_normalizer
         g = rearrange(g, "b n (h d) -> b n h d", h=self.heads)
         k, v, g = (masked_fill_zero(t, mask) for t in (k, v, g))
         o, s = run_kernel(

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from x_transformers.mixers.base import Mixer, masked_fill_zero, pick_state, rms_norm
+from x_transformers.mixers.base import Mixer, masked_fill_zero, pick_state, rms_norm, upcast
 from x_transformers.ops import hgrn_scan
 
 
@@ -31,7 +31,7 @@ class HGRN(Mixer):
 
     def mix(self, x, mask, state, want_state):
         x = masked_fill_zero(x, mask)
-        f_logit = self.to_f(x).float()
+        f_logit = upcast(self.to_f(x))
         lb = self.lower_bound
         if lb == 0.0:
             log_f, one_minus_f = F.logsigmoid(f_logit), torch.sigmoid(-f_logit)

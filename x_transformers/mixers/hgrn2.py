@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from x_transformers.mixers.base import HeadOutput, Mixer, fused_linear, masked_fill_zero, pick_state, run_kernel
+from x_transformers.mixers.base import (
+    HeadOutput, Mixer, fused_linear, masked_fill_zero, pick_state, run_kernel, upcast,
+)
 from x_transformers.ops import chunk_gla, fused_recurrent_gla
 
 
@@ -41,9 +43,9 @@ class HGRN2(Mixer):
         # log f (fp32, for the kernel's running sums) and 1 - f (in the activation dtype, as a key), both from the
         # logit: stable for saturated gates
         if lb == 0.0:
-            g, k = F.logsigmoid(f_logit.float()), torch.sigmoid(-f_logit)
+            g, k = F.logsigmoid(upcast(f_logit)), torch.sigmoid(-f_logit)
         else:
-            g = (lb + (1 - lb) * torch.sigmoid(f_logit.float())).log()
+            g = (lb + (1 - lb) * torch.sigmoid(upcast(f_logit))).log()
             k = (1 - lb) * torch.sigmoid(-f_logit)
         v = split(self.to_v(x))
         k, v, g = (masked_fill_zero(t, mask) for t in (k, v, g))

@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from x_transformers.mixers.base import HeadOutput, Mixer, QKVProjection, masked_fill_zero, pick_state, run_kernel
+from x_transformers.mixers.base import (
+    HeadOutput, Mixer, QKVProjection, acc_dtype, masked_fill_zero, pick_state, run_kernel,
+)
 from x_transformers.ops import chunk_simple_gla, fused_recurrent_simple_gla
 
 
@@ -24,8 +26,11 @@ class Lightning(Mixer):
         dim_v = int(dim * expand_v) // heads
         self.qkv = QKVProjection(dim, heads, self.dim_k, dim_v, use_short_conv, conv_size)
         self.out = HeadOutput(dim, heads, dim_v, norm=output_norm, gate=output_gate)
-        log_decay = -8.0 * (torch.arange(heads, dtype=torch.float32) + 1) / heads * decay_ratio
-        self.register_buffer("log_decay", log_decay, persistent=False)
+        self.decay_ratio = decay_ratio
+
+    def log_decay(self, device, dtype):
+        """Per-head log decay, made in the compute dtype on every call (a buffer would follow `model.half()`)."""
+        return -8.0 * (torch.arange(self.heads, device=device, dtype=dtype) + 1) / self.heads * self.decay_ratio
 
     def mix(self, x, mask, state, want_state):
         x = masked_fill_zero(x, mask)
@@ -33,7 +38,7 @@ class Lightning(Mixer):
         q, k, v, conv_state = self.qkv(x, pick_state(state, 1))
         q, k = F.silu(q), F.silu(k)
         k, v = masked_fill_zero(k, mask), masked_fill_zero(v, mask)
-        g = masked_fill_zero(self.log_decay.expand(b, n, -1), mask)
+        g = masked_fill_zero(self.log_decay(x.device, acc_dtype(x.dtype)).expand(b, n, -1), mask)
         o, s = run_kernel(
             chunk_simple_gla, fused_recurrent_simple_gla, q, k, v, g,
             scale=self.dim_k**-0.5, initial_state=pick_state(state, 0), want_state=want_state,

@@ -9,15 +9,30 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from x_transformers.mixers.base import HeadOutput, Mixer, QKVProjection, masked_fill_zero, pick_state, run_kernel
+from x_transformers.mixers.base import (
+    HeadOutput, Mixer, QKVProjection, masked_fill_zero, pick_state, run_kernel, upcast,
+)
 from x_transformers.ops import chunk_simple_gla, fused_recurrent_simple_gla
 
+def identity(t):
+    return t
+
+
+def elu_plus_one(t):
+    return F.elu(t) + 1.0
+
+
+def softmax_last(t):
+    return t.softmax(dim=-1)
+
+
+# module-level functions, not lambdas: a model holding one must pickle (torch.save, deepcopy)
 FEATURE_MAPS = {
-    "identity": lambda t: t,
-    "elu": lambda t: F.elu(t) + 1.0,
+    "identity": identity,
+    "elu": elu_plus_one,
     "relu": F.relu,
     "silu": F.silu,
-    "softmax": lambda t: t.softmax(dim=-1),
+    "softmax": softmax_last,
 }
 
 
@@ -29,8 +44,8 @@ def feature_map_fn(name: str):
 
 def bidirectional_linear_attention(q, k, v, scale):
     """o = Q (K^T V) over the whole sequence; masked keys / values must already be zero."""
-    kv = torch.einsum("bmhk,bmhv->bhkv", k.float(), v.float())
-    return torch.einsum("bnhk,bhkv->bnhv", q.float() * scale, kv)
+    kv = torch.einsum("bmhk,bmhv->bhkv", upcast(k), upcast(v))
+    return torch.einsum("bnhk,bhkv->bnhv", upcast(q) * scale, kv)
 
 
 class LinearAttention(Mixer):

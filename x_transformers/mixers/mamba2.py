@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from x_transformers.mixers.base import Mixer, ShortConvolution, masked_fill_zero, pick_state, rms_norm, run_kernel
+from x_transformers.mixers.base import (
+    Mixer, ShortConvolution, masked_fill_zero, pick_state, rms_norm, run_kernel, upcast,
+)
 from x_transformers.ops import chunk_simple_gla, fused_recurrent_simple_gla
 
 
@@ -44,8 +46,9 @@ class Mamba2(Mixer):
         xbc, conv_state = self.conv(xbc, cache=pick_state(state, 1))
         x, B, C = xbc.split([self.d_inner, self.d_state, self.d_state], dim=-1)
         x = rearrange(x, "b n (h p) -> b n h p", h=self.heads)
-        dt = F.softplus(dt.float() + self.dt_bias)
-        g = -self.A_log.float().exp() * dt
+        dt = upcast(dt)
+        dt = F.softplus(dt + self.dt_bias.to(dt.dtype))
+        g = -self.A_log.to(dt.dtype).exp() * dt
         # B and C are shared by every head (one group)
         k = B[:, :, None].expand(b, n, self.heads, self.d_state)
         q = C[:, :, None].expand(b, n, self.heads, self.d_state)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from x_transformers.mixers.base import Mixer, masked_fill_zero, pick_state
+from x_transformers.mixers.base import Mixer, masked_fill_zero, pick_state, upcast
 from x_transformers.ops import hgrn_scan
 
 
@@ -30,7 +30,7 @@ class MinGRU(Mixer):
 
     def mix(self, x, mask, state, want_state):
         x = masked_fill_zero(x, mask)
-        hidden, gate = self.to_hidden_and_gate(x).float().chunk(2, dim=-1)
+        hidden, gate = upcast(self.to_hidden_and_gate(x)).chunk(2, dim=-1)
         log_decay = -F.softplus(gate)
         inp = gate.sigmoid() * positive_activation(hidden)
         inp, log_decay = masked_fill_zero(inp, mask), masked_fill_zero(log_decay, mask)

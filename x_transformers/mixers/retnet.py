@@ -6,20 +6,21 @@ norm and a swish output gate: `S_t = gamma_h S_{t-1} + k_t^T v_t`, `o_t = q_t S_
 
 from __future__ import annotations
 
-import math
-
 import torch
 from einops import rearrange
 
-from x_transformers.mixers.base import HeadOutput, Mixer, QKVProjection, masked_fill_zero, pick_state, run_kernel
+from x_transformers.mixers.base import (
+    HeadOutput, Mixer, QKVProjection, acc_dtype, masked_fill_zero, pick_state, run_kernel,
+)
 from x_transformers.ops import chunk_simple_gla, fused_recurrent_simple_gla
 from x_transformers.utils import exists
 
 
-def rotations(offset, n, d, device, base=10000.0):
-    """Unit complex numbers e^(i pos theta_f) (b, n, 1, d / 2) for positions `offset` .. `offset + n - 1`."""
-    inv_freq = base ** (-torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
-    pos = torch.arange(n, device=device, dtype=torch.float32) + offset.float().reshape(-1, 1)
+def rotations(offset, n, d, device, base=10000.0, dtype=torch.float32):
+    """Unit complex numbers e^(i pos theta_f) (b, n, 1, d / 2) for positions `offset` .. `offset + n - 1`, with real
+    and imaginary parts in `dtype` (fp32 or fp64)."""
+    inv_freq = base ** (-torch.arange(0, d, 2, device=device, dtype=dtype) / d)
+    pos = torch.arange(n, device=device, dtype=dtype) + offset.to(dtype).reshape(-1, 1)
     angles = rearrange(pos[..., None] * inv_freq, "b n f -> b n 1 f")
     return torch.polar(torch.ones_like(angles), angles)
 
@@ -27,7 +28,8 @@ def rotations(offset, n, d, device, base=10000.0):
 def rotate_pairs(t, rotation):
     """Rotary embedding on (b, n, h, d): each pair (t[2f], t[2f + 1]) turns by `rotation[f]`, as one complex product
     (the real form took six products and sums plus a stack, each a full pass, for q and for k)."""
-    pairs = torch.view_as_complex(t.float().contiguous().unflatten(-1, (-1, 2)))
+    real = rotation.real.dtype
+    pairs = torch.view_as_complex(t.to(real).contiguous().unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * rotation).flatten(-2).to(t.dtype)
 
 
@@ -44,8 +46,11 @@ class RetNet(Mixer):
         self.rotary = rotary
         self.qkv = QKVProjection(dim, heads, self.dim_k, dim_v, use_short_conv, conv_size)
         self.out = HeadOutput(dim, heads, dim_v, norm=output_norm, gate=output_gate)
-        log_decay = torch.tensor([math.log(1 - 2 ** (-5.0 - h)) for h in range(heads)])
-        self.register_buffer("log_decay", log_decay, persistent=False)
+
+    def log_decay(self, device, dtype):
+        """log gamma_h per head, made in the compute dtype on every call: a buffer would follow `model.half()` and
+        lose the small differences between the decays of the later heads."""
+        return torch.log1p(-torch.exp2(-5.0 - torch.arange(self.heads, device=device, dtype=dtype)))
 
     def mix(self, x, mask, state, want_state):
         x = masked_fill_zero(x, mask)
@@ -53,11 +58,12 @@ class RetNet(Mixer):
         q, k, v, conv_state = self.qkv(x, pick_state(state, 1))
         offset = pick_state(state, 2)
         offset = offset if exists(offset) else torch.zeros(b, device=x.device, dtype=torch.long)
+        acc = acc_dtype(x.dtype)
         if self.rotary:
-            rotation = rotations(offset, n, self.dim_k, x.device)
+            rotation = rotations(offset, n, self.dim_k, x.device, dtype=acc)
             q, k = rotate_pairs(q, rotation), rotate_pairs(k, rotation)
         k, v = masked_fill_zero(k, mask), masked_fill_zero(v, mask)
-        g = self.log_decay.expand(b, n, -1)
+        g = self.log_decay(x.device, acc).expand(b, n, -1)
         g = masked_fill_zero(g, mask)
         o, s = run_kernel(
             chunk_simple_gla, fused_recurrent_simple_gla, q, k, v, g,

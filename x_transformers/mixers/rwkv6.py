@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import nn
 
-from x_transformers.mixers.base import Mixer, masked_fill_zero, pick_state, run_kernel
+from x_transformers.mixers.base import Mixer, acc_dtype, masked_fill_zero, pick_state, run_kernel
 from x_transformers.ops import chunk_gla, fused_recurrent_gla
 
 
@@ -66,7 +66,8 @@ class RWKV6(Mixer):
 
         r, k, v = split(self.to_r(xr)), split(self.to_k(xk)), split(self.to_v(xv))
         gate = F.silu(self.to_g(xg))
-        log_w = -(self.decay_base + torch.tanh(xw @ self.decay_down) @ self.decay_up).float().exp()
+        acc = acc_dtype(x.dtype)
+        log_w = -(self.decay_base + torch.tanh(xw @ self.decay_down) @ self.decay_up).to(acc).exp()
         log_w = split(log_w)
         k, v, log_w = (masked_fill_zero(t, mask) for t in (k, v, log_w))
 
@@ -75,15 +76,20 @@ class RWKV6(Mixer):
             chunk_gla, fused_recurrent_gla, r, shift_right(k), shift_right(v), shift_right(log_w),
             scale=1.0, initial_state=pick_state(state, 0), want_state=want_state,
         )
-        bonus = einsum(r.float() * self.bonus.float() * k.float(), "b n h d -> b n h")
-        o = o.float() + bonus[..., None] * v.float()
+        bonus = einsum(r.to(acc) * self.bonus.to(acc) * k.to(acc), "b n h d -> b n h")
+        o = o.to(acc) + bonus[..., None] * v.to(acc)
 
-        o = self.norm(rearrange(o, "b n h d -> (b n) (h d)")).reshape(b, n, d).to(x.dtype)
+        # the group norm in the compute dtype, its affine parameters cast to it (a half-precision model keeps them in
+        # half precision, which the CPU group norm does not mix with fp32 inputs)
+        norm = self.norm
+        o = rearrange(o, "b n h d -> (b n) (h d)")
+        o = F.group_norm(o, norm.num_groups, norm.weight.to(acc), norm.bias.to(acc), norm.eps)
+        o = o.reshape(b, n, d).to(x.dtype)
         out = self.to_out(o * gate)
 
         new_state = None
         if want_state:
             last = log_w[:, -1].exp()[..., None] * s
-            last = last + einsum(k[:, -1].float(), v[:, -1].float(), "b h k, b h v -> b h k v")
+            last = last + einsum(k[:, -1].to(acc), v[:, -1].to(acc), "b h k, b h v -> b h k v")
             new_state = (last, x[:, -1])
         return out, new_state

@@ -10,6 +10,15 @@ import torch.nn.functional as F
 from einops import rearrange
 
 
+def _acc_dtype(*tensors) -> torch.dtype:
+    """fp32 for half precision and fp32 inputs, fp64 for fp64 ones: the CPU path never computes below its inputs."""
+    dtype = torch.float32
+    for t in tensors:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def _chunk_one(q, k, v, beta, g, scale, h0, chunk_size):
     # q, k (b, t, h, dk); v (b, t, h, dv); beta, g (b, t, h); h0 (b, h, dk, dv) or None; all fp32
     b, t, h, dk = q.shape
@@ -58,12 +67,14 @@ def _chunk_one(q, k, v, beta, g, scale, h0, chunk_size):
 def chunk_delta_rule_torch(
     q, k, v, beta, g=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=64
 ):
-    """The chunked PyTorch path behind `chunk_delta_rule` for non-Triton tensors (computes in fp32)."""
+    """The chunked PyTorch path behind `chunk_delta_rule` for non-Triton tensors (computes in fp32, fp64 inputs in
+    fp64)."""
     dtype = v.dtype
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    q, k, v, beta = (x.float() for x in (q, k, v, beta))
-    g = g.float() if g is not None else None
-    h0 = initial_state.float() if initial_state is not None else None
+    acc = _acc_dtype(q, k, v)
+    q, k, v, beta = (x.to(acc) for x in (q, k, v, beta))
+    g = g.to(acc) if g is not None else None
+    h0 = initial_state.to(acc) if initial_state is not None else None
     if cu_seqlens is None:
         o, ht = _chunk_one(q, k, v, beta, g, scale, h0, chunk_size)
     else:

@@ -10,6 +10,15 @@ from __future__ import annotations
 import torch
 
 
+def _acc_dtype(*tensors) -> torch.dtype:
+    """fp32 for half precision and fp32 inputs, fp64 for fp64 ones: the CPU path never computes below its inputs."""
+    dtype = torch.float32
+    for t in tensors:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def _naive_one(q, k, v, beta, g, scale, h0):
     # q, k (b, t, h, dk); v (b, t, h, dv); beta, g (b, t, h); h0 (b, h, dk, dv)
     b, t, h, dk = q.shape
@@ -23,7 +32,7 @@ def _naive_one(q, k, v, beta, g, scale, h0):
         delta = beta[:, i, :, None] * (v[:, i] - pred)
         state = state + torch.einsum("bhk,bhv->bhkv", k_i, delta)
         outs.append(torch.einsum("bhk,bhkv->bhv", q[:, i] * scale, state))
-    o = torch.stack(outs, 1) if outs else v.new_zeros(v.shape).float()
+    o = torch.stack(outs, 1) if outs else v.new_zeros(v.shape)
     return o, state
 
 
@@ -33,9 +42,10 @@ def naive_delta_rule(
     """Same signature and results as `chunk_delta_rule`, computed step by step in fp32 (slow, for tests)."""
     dtype = v.dtype
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    q, k, v, beta = (x.float() for x in (q, k, v, beta))
-    g = g.float() if g is not None else None
-    h0 = initial_state.float() if initial_state is not None else None
+    acc = _acc_dtype(q, k, v)
+    q, k, v, beta = (x.to(acc) for x in (q, k, v, beta))
+    g = g.to(acc) if g is not None else None
+    h0 = initial_state.to(acc) if initial_state is not None else None
     if cu_seqlens is None:
         o, ht = _naive_one(q, k, v, beta, g, scale, h0)
     else:

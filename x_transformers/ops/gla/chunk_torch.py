@@ -18,13 +18,25 @@ CHUNK = 64
 SUB = 16
 
 
+def _acc_dtype(*tensors) -> torch.dtype:
+    """fp32 for half precision and fp32 inputs, fp64 for fp64 ones: the CPU path never computes below its inputs."""
+    dtype = torch.float32
+    for t in tensors:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def _chunk_gla_torch_single(q, k, v, g, scale, h0):
     """One batch of equal-length sequences. q, k, g: [B, T, H, K]; v: [B, T, H, V]; h0: [B, H, K, V] fp32 or None."""
     B, T, H, K = q.shape
     V = v.shape[-1]
+    acc = _acc_dtype(q, k, v)
+    if T == 0:
+        return q.new_zeros(B, 0, H, V, dtype=acc), (q.new_zeros(B, H, K, V, dtype=acc) if h0 is None else h0.to(acc))
     pad = (-T) % CHUNK
     # zero padding at the end: g = 0 keeps the decay of the last real token, k = v = 0 adds nothing to the state
-    q, k, v, g = (F.pad(t.float(), (0, 0, 0, 0, 0, pad)) for t in (q, k, v, g))
+    q, k, v, g = (F.pad(t.to(acc), (0, 0, 0, 0, 0, pad)) for t in (q, k, v, g))
     n_sub = CHUNK // SUB
     q, k, g = (rearrange(t, "b (n s c) h k -> b h n s c k", s=n_sub, c=SUB) for t in (q, k, g))
     v = rearrange(v, "b (n c) h v -> b h n c v", c=CHUNK)
@@ -59,7 +71,7 @@ def _chunk_gla_torch_single(q, k, v, g, scale, h0):
     increments = torch.einsum("bhnck,bhncv->bhnkv", k_last, v)
     decays = G_last.exp()
 
-    S = q.new_zeros(B, H, K, V) if h0 is None else h0.float()
+    S = q.new_zeros(B, H, K, V) if h0 is None else h0.to(acc)
     starts = []
     for n in range(increments.shape[2]):
         starts.append(S)
@@ -85,8 +97,9 @@ def chunk_gla_torch(q, k, v, g, scale, initial_state=None, output_final_state=Fa
     for n, (bos, eos) in enumerate(zip(offsets[:-1], offsets[1:])):
         h0 = None if initial_state is None else initial_state[n : n + 1]
         if eos == bos:
-            outs.append(v.new_zeros(1, 0, H, V, dtype=torch.float32))
-            finals.append(q.new_zeros(1, H, K, V, dtype=torch.float32) if h0 is None else h0.float())
+            acc = _acc_dtype(q, k, v)
+            outs.append(v.new_zeros(1, 0, H, V, dtype=acc))
+            finals.append(q.new_zeros(1, H, K, V, dtype=acc) if h0 is None else h0.to(acc))
             continue
         seg = [t[:, bos:eos] for t in (q, k, v, g)]
         o, S = _chunk_gla_torch_single(*seg, scale, h0)

@@ -9,6 +9,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _acc_dtype(*tensors) -> torch.dtype:
+    """fp32 for half precision and fp32 inputs, fp64 for fp64 ones: the CPU path never computes below its inputs."""
+    dtype = torch.float32
+    for t in tensors:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def hgrn_scan_torch(x: Tensor, g: Tensor, initial_state=None, output_final_state=False, cu_seqlens=None):
     """x, g: [B, T, D] -> (h [B, T, D] in x's dtype, final state [N, D] fp32 or None); [B, T, H, D] inputs are
     scanned as H * D channels and keep their shape (states [N, H, D])."""
@@ -18,7 +27,8 @@ def hgrn_scan_torch(x: Tensor, g: Tensor, initial_state=None, output_final_state
         h, ht = hgrn_scan_torch(x.reshape(B, T, -1), g.reshape(B, T, -1), h0, output_final_state, cu_seqlens)
         return h.view(x.shape), (ht.view(-1, H, D) if ht is not None else None)
     B, T, D = x.shape
-    a, b = g.float(), x.float()
+    acc = _acc_dtype(x)
+    a, b = g.to(acc), x.to(acc)
     pos = torch.arange(T, device=x.device)
     if cu_seqlens is None:
         seq_start = torch.zeros_like(pos)
@@ -39,7 +49,7 @@ def hgrn_scan_torch(x: Tensor, g: Tensor, initial_state=None, output_final_state
 
     # a is now the gate summed from each sequence start, so the initial state enters as exp(a) * h0
     if initial_state is not None:
-        h0 = initial_state.float()[:, None] if cu_seqlens is None else initial_state.float()[seq][None]
+        h0 = initial_state.to(acc)[:, None] if cu_seqlens is None else initial_state.to(acc)[seq][None]
         b = b + a.exp() * h0
 
     final = None
@@ -55,4 +65,5 @@ def hgrn_scan_torch(x: Tensor, g: Tensor, initial_state=None, output_final_state
 
 
 def _zeros_or(initial_state, n, d, x):
-    return initial_state.float() if initial_state is not None else x.new_zeros(n, d, dtype=torch.float32)
+    acc = _acc_dtype(x)
+    return initial_state.to(acc) if initial_state is not None else x.new_zeros(n, d, dtype=acc)

@@ -8,17 +8,27 @@ import torch.nn.functional as F
 from einops import rearrange
 
 
+def _acc_dtype(*tensors) -> torch.dtype:
+    """fp32 for half precision and fp32 inputs, fp64 for fp64 ones: the CPU path never computes below its inputs."""
+    dtype = torch.float32
+    for t in tensors:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def _chunk_one(q, k, v, g, scale, h0, chunk_size):
-    # q, k: (b, t, h, dk); v: (b, t, h, dv); g: (b, t, h) or None; h0: (b, h, dk, dv) fp32 or None
+    # q, k: (b, t, h, dk); v: (b, t, h, dv); g: (b, t, h) or None; h0: (b, h, dk, dv) fp32 (fp64) or None
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = chunk_size
+    acc = _acc_dtype(q, k, v)
     if T == 0:
-        S = h0.float() if h0 is not None else q.new_zeros(B, H, K, V, dtype=torch.float32)
-        return q.new_zeros(B, 0, H, V, dtype=torch.float32), S
+        S = h0.to(acc) if h0 is not None else q.new_zeros(B, H, K, V, dtype=acc)
+        return q.new_zeros(B, 0, H, V, dtype=acc), S
     pad = (-T) % C
-    q, k, v = (F.pad(t.float(), (0, 0, 0, 0, 0, pad)) for t in (q, k, v))
-    g = F.pad(g.float(), (0, 0, 0, pad)) if g is not None else q.new_zeros(B, T + pad, H)
+    q, k, v = (F.pad(t.to(acc), (0, 0, 0, 0, 0, pad)) for t in (q, k, v))
+    g = F.pad(g.to(acc), (0, 0, 0, pad)) if g is not None else q.new_zeros(B, T + pad, H)
     q, k, v = (rearrange(t, "b (n c) h d -> b h n c d", c=C) for t in (q, k, v))
     # cumulative log gate restarted at every chunk, so every exp below is of a non-positive number
     gc = rearrange(g, "b (n c) h -> b h n c", c=C).cumsum(-1)
@@ -35,7 +45,7 @@ def _chunk_one(q, k, v, g, scale, h0, chunk_size):
     contrib = torch.einsum("bhnck,bhncv->bhnkv", k_end, v)
     chunk_decay = g_last.exp()[..., None]  # (b, h, n, 1, 1)
 
-    S = h0.float() if h0 is not None else q.new_zeros(B, H, K, V)
+    S = h0.to(acc) if h0 is not None else q.new_zeros(B, H, K, V)
     states = []
     for n in range(q.shape[2]):
         states.append(S)
