@@ -4,56 +4,74 @@ Small enough to reach 100% copy accuracy on a laptop CPU within the default run 
 
     python train_copy.py --out-dir out_copy
     python train_copy.py --out-dir out_copy --resume
+    python generate.py --checkpoint out_copy/checkpoint.pt --prompt "3 5 7 9"   # decode a copy
     torchrun --nproc_per_node 2 train_copy.py --out-dir out_copy
+
+--resume continues the run stored in OUT/checkpoint.pt with its own arguments: flags left out keep the stored
+values; --num-batches, --lr, --clip, --target-acc and the validation, logging and printing flags may be given anew
+(each change is logged); a flag that would change the model or the batches is refused, naming it. A new run refuses
+to replace a checkpoint unless --overwrite.
 """
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 from loguru import logger
 from tqdm import tqdm
 
-from x_transformers import XTransformer
 from x_transformers import training as T
+from x_transformers.mixers import MIXERS
 
 METRICS = ["step", "train_loss", "token_acc", "seq_acc", "tokens_per_s", "lr"]
 START = 1  # decoder start token; 0 is left for padding, symbols are 2 .. num_tokens-1
 
+# flags a resumed run may take anew: they change neither the model nor the batches drawn
+CHANGEABLE = {"num_batches", "lr", "clip", "validate_every", "log_every", "val_size", "generate_every", "target_acc"}
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--num-batches", type=int, default=1500, help="optimizer steps (stops early at --target-acc)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=16, help="length of the sequence to copy")
-    p.add_argument("--num-symbols", type=int, default=16, help="distinct symbols in the sequences")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--depth", type=int, default=2, help="encoder and decoder depth")
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--linear-attn", default=None, help="linear-attention mixer for the decoder's self-attention")
-    p.add_argument("--hybrid-pattern", default=None, help="mixer / softmax tiling, e.g. LN (with --linear-attn)")
-    p.add_argument("--config", default=None, help="JSON object of extra XTransformer kwargs (enc_/dec_ prefixed)")
-    p.add_argument("--validate-every", type=int, default=50, help="steps between accuracy checks and checkpoints")
-    p.add_argument("--log-every", type=int, default=10,
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=T.HelpFormatter)
+    p.add_argument("--num-batches", type=T.positive_int, default=1500,
+                   help="optimizer steps in all (stops early at --target-acc)")
+    p.add_argument("--batch-size", type=T.positive_int, default=32, help="sequences per micro-batch (per rank)")
+    p.add_argument("--grad-accum", type=T.positive_int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--seq-len", type=T.positive_int, default=16, help="length of the sequence to copy")
+    p.add_argument("--num-symbols", type=T.positive_int, default=16, help="distinct symbols in the sequences")
+    p.add_argument("--lr", type=T.positive_float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--clip", type=T.positive_float, default=1.0, help="gradient norm clip")
+    p.add_argument("--dim", type=T.positive_int, default=128, help="model width")
+    p.add_argument("--depth", type=T.positive_int, default=2, help="encoder and decoder depth")
+    p.add_argument("--heads", type=T.positive_int, default=4, help="attention heads")
+    p.add_argument("--linear-attn", default=None, choices=sorted(MIXERS), metavar="MIXER",
+                   help="linear-attention / RNN mixer for the decoder's self-attention: " + ", ".join(sorted(MIXERS)))
+    p.add_argument("--hybrid-pattern", default=None, help="mixer (L) / softmax (N) tiling, e.g. LN (with --linear-attn)")
+    p.add_argument("--config", default=None,
+                   help="JSON object of extra XTransformer keywords (enc_ / dec_ prefixed), or a path to one")
+    p.add_argument("--validate-every", type=T.positive_int, default=50,
+                   help="steps between accuracy checks and checkpoints")
+    p.add_argument("--log-every", type=T.positive_int, default=10,
                    help="steps between reads of the training loss (each read waits for the GPU)")
-    p.add_argument("--val-size", type=int, default=64, help="sequences decoded per accuracy check")
-    p.add_argument("--generate-every", type=int, default=250, help="steps between printed examples")
-    p.add_argument("--target-acc", type=float, default=1.0, help="stop once sequence accuracy reaches this")
-    p.add_argument("--out-dir", default="out_copy")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--val-size", type=T.positive_int, default=64, help="sequences decoded per accuracy check")
+    p.add_argument("--generate-every", type=T.positive_int, default=250, help="steps between printed examples")
+    p.add_argument("--target-acc", type=T.fraction, default=1.0, help="stop once sequence accuracy reaches this")
+    p.add_argument("--out-dir", default="out_copy", help="folder for checkpoint.pt, metrics.csv and loss.png")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run even though OUT already holds one (its outputs are removed)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step's model")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 fully_shard instead of DDP")
     p.add_argument("--fsdp-keep-params", action="store_true",
                    help="with --fsdp: keep each layer's gathered weights from forward to backward (one all-gather per "
                         "layer and micro-batch instead of two; unsharded weights in memory)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, help="autocast dtype: bf16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--seed", type=int, default=42)
-    return p.parse_args(argv)
+    p.add_argument("--device", default=None, help="cpu / cuda / cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, choices=sorted(T.DTYPES),
+                   help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--seed", type=T.non_negative_int, default=42, help="seeds weights and the sequences drawn")
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def model_kwargs(args) -> dict:
@@ -75,12 +93,14 @@ def model_kwargs(args) -> dict:
     if args.hybrid_pattern is not None:
         kwargs["dec_hybrid_pattern"] = args.hybrid_pattern
     if args.config:
-        text = Path(args.config).read_text() if Path(args.config).is_file() else args.config
-        extra = json.loads(text)
-        if not isinstance(extra, dict):
-            raise ValueError(f"--config must be a JSON object of XTransformer kwargs, got {type(extra).__name__}")
-        kwargs.update(extra)
+        kwargs.update(T.parse_json_config(args.config, "XTransformer"))
     return kwargs
+
+
+def model_config(args) -> dict:
+    """What the checkpoint stores to rebuild the model (T.build_model) and read its tokens (generate.py)."""
+    return dict(model="xtransformer", kwargs=model_kwargs(args), task="copy", start_token=START,
+                num_symbols=args.num_symbols, seq_len=args.seq_len)
 
 
 def make_batch(args, batch_size, generator, device):
@@ -92,19 +112,35 @@ def make_batch(args, batch_size, generator, device):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    dist_info, device, dtype, out, generators = T.start_run(args, write=tqdm.write)
+    # every check (flags, model configuration, the run being resumed) before anything is built
+    run = T.parse_run_args(build_parser(), argv, CHANGEABLE, config_keywords="XTransformer")
+    args = run.args
+    config = model_config(args)
+    try:
+        T.check_model_config(config)
+    except T.UsageError as error:
+        run.error(str(error))
+    run.check_stored("config", config, "model configuration")
+    run.refuse_conflicts()
+
+    dist_info, device, dtype, out, generators = T.start_run(args, write=tqdm.write, notes=run.notes)
     data_gen, val_gen = generators["train"], generators["val"]
 
-    model = XTransformer(**model_kwargs(args)).to(device)
+    model = T.build_model(config).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(f"copy task: {args.seq_len} symbols from {args.num_symbols}; model {n_params / 1e6:.2f}M parameters, "
                 f"device {device}, autocast {dtype}, world {dist_info.world_size}")
 
     # generation and validation run on the plain module (DDP hooks are for training only)
-    model, optimizer, plain, train_model, start, metrics, save = T.prepare_run(
-        model, args, out, generators, METRICS, dist_info, device
-    )
+    try:
+        model, optimizer, plain, train_model, start, metrics, save = T.prepare_run(
+            model, args, out, generators, METRICS, dist_info, device, state=run.state, extra=dict(config=config)
+        )
+    except T.UsageError as error:
+        run.error(str(error))
+    if start >= args.num_batches:
+        logger.info(f"the checkpoint is at step {start}, --num-batches is {args.num_batches}: nothing to train "
+                    "(give a larger --num-batches to continue)")
 
     tokens_per_step = args.batch_size * args.grad_accum * (2 * args.seq_len + 1) * dist_info.world_size
     bar = tqdm(range(start, args.num_batches), initial=start, total=args.num_batches, disable=not dist_info.is_main,
@@ -166,7 +202,7 @@ def main(argv=None):
     bar.close()
     if losses.train_time > 0:
         logger.info(f"average {losses.tokens_per_s:,.0f} tokens/s over {losses.train_tokens:,} training tokens")
-    logger.info(f"outputs in {out}: checkpoint.pt, metrics.csv, loss.png")
+    logger.info(f"outputs in {out}: {T.written_outputs(out)}")
     T.finish(dist_info)
 
 

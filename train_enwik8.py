@@ -3,60 +3,86 @@
     python train_enwik8.py                                   # classic setup, GPU if present
     python train_enwik8.py --num-batches 60 --batch-size 4 --grad-accum 1 --seq-len 128 --out-dir out
     python train_enwik8.py --out-dir out --resume            # continue from out/checkpoint.pt
+    python generate.py --checkpoint out/checkpoint.pt --prompt "ROMEO:"   # sample from the checkpoint
     torchrun --nproc_per_node 2 train_enwik8.py [--fsdp]     # multi-GPU (or 2 CPU ranks over gloo)
+
+--data reads plain text and .gz, .bz2, .xz or .zst files (.zst needs: pip install zstandard).
+
+The checkpoint describes its run: model configuration, data file and checksum, arguments. --resume continues that
+run with its own arguments: flags left out keep the stored values; --num-batches, --lr, --clip and the
+validation, logging and sampling flags may be given anew (each change is logged); a flag that would change the
+model, the data or the batches is refused, naming it. A new run refuses to replace a checkpoint unless --overwrite.
 """
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 from loguru import logger
 from tqdm import tqdm
 
-from x_transformers import AutoregressiveWrapper, Decoder, TransformerWrapper
 from x_transformers import training as T
+from x_transformers.mixers import MIXERS
 
 ENWIK8 = Path("data/enwik8.gz")
 BUNDLED = Path(__file__).resolve().parent / "data" / "shakespeare.txt.gz"
 METRICS = ["step", "train_loss", "val_loss", "val_bpc", "tokens_per_s", "lr"]
 
+# flags a resumed run may take anew: they change neither the model, nor the data, nor the batches drawn
+CHANGEABLE = {"num_batches", "lr", "clip", "validate_every", "log_every", "val_batches", "generate_every",
+              "generate_length", "prime_length"}
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=None, help="a .gz or text file (default: data/enwik8.gz, else the bundled corpus)")
-    p.add_argument("--train-bytes", type=int, default=int(90e6), help="training split size (enwik8: 90M / 5M)")
-    p.add_argument("--val-bytes", type=int, default=int(5e6))
-    p.add_argument("--num-batches", type=int, default=int(1e5), help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch (per rank)")
-    p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--clip", type=float, default=0.5, help="gradient norm clip")
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--depth", type=int, default=6)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--linear-attn", default=None, help="linear-attention mixer name, e.g. gated_deltanet")
-    p.add_argument("--hybrid-pattern", default=None, help="mixer / softmax tiling, e.g. LLLN (with --linear-attn)")
-    p.add_argument("--config", default=None, help="JSON object of extra Decoder kwargs, or a path to one")
-    p.add_argument("--validate-every", type=int, default=100)
-    p.add_argument("--log-every", type=int, default=10,
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=T.HelpFormatter)
+    p.add_argument("--data", default=None,
+                   help="text file, plain or .gz / .bz2 / .xz / .zst (default: data/enwik8.gz when present, else the "
+                        "bundled Shakespeare corpus; on --resume, the run's own file)")
+    p.add_argument("--train-bytes", type=T.positive_int, default=int(90e6),
+                   help="training split size (enwik8: 90M / 5M); a file no longer than this is split 90%% / 10%%")
+    p.add_argument("--val-bytes", type=T.positive_int, default=int(5e6), help="validation split size")
+    p.add_argument("--num-batches", type=T.positive_int, default=int(1e5),
+                   help="optimizer steps in all (a resumed run trains up to this step)")
+    p.add_argument("--batch-size", type=T.positive_int, default=4, help="sequences per micro-batch (per rank)")
+    p.add_argument("--grad-accum", type=T.positive_int, default=4, help="micro-batches per optimizer step")
+    p.add_argument("--seq-len", type=T.positive_int, default=1024, help="training window in bytes (max_seq_len)")
+    p.add_argument("--lr", type=T.positive_float, default=1e-4, help="Adam learning rate")
+    p.add_argument("--clip", type=T.positive_float, default=0.5, help="gradient norm clip")
+    p.add_argument("--dim", type=T.positive_int, default=512, help="model width")
+    p.add_argument("--depth", type=T.positive_int, default=6, help="layers")
+    p.add_argument("--heads", type=T.positive_int, default=8, help="attention heads")
+    p.add_argument("--linear-attn", default=None, choices=sorted(MIXERS), metavar="MIXER",
+                   help="linear-attention / RNN mixer instead of softmax attention: " + ", ".join(sorted(MIXERS)))
+    p.add_argument("--hybrid-pattern", default=None,
+                   help="mixer (L) / softmax (N) tiling over the layers, e.g. LLLN (with --linear-attn)")
+    p.add_argument("--config", default=None, help="JSON object of extra Decoder keywords, or a path to one")
+    p.add_argument("--validate-every", type=T.positive_int, default=100,
+                   help="steps between validations, loss plots and checkpoints")
+    p.add_argument("--log-every", type=T.positive_int, default=10,
                    help="steps between reads of the training loss (each read waits for the GPU)")
-    p.add_argument("--val-batches", type=int, default=1, help="micro-batches averaged per validation")
-    p.add_argument("--generate-every", type=int, default=500)
-    p.add_argument("--generate-length", type=int, default=512)
-    p.add_argument("--prime-length", type=int, default=128, help="prompt length for sample generations")
-    p.add_argument("--out-dir", default="out")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--val-batches", type=T.positive_int, default=1, help="micro-batches averaged per validation")
+    p.add_argument("--generate-every", type=T.positive_int, default=500, help="steps between printed samples")
+    p.add_argument("--generate-length", type=T.positive_int, default=512, help="bytes per printed sample")
+    p.add_argument("--prime-length", type=T.positive_int, default=128,
+                   help="prompt length for printed samples (at most --seq-len)")
+    p.add_argument("--out-dir", default="out", help="folder for checkpoint.pt, metrics.csv and loss.png")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run even though OUT already holds one (its outputs are removed)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step's model")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 fully_shard instead of DDP")
     p.add_argument("--fsdp-keep-params", action="store_true",
                    help="with --fsdp: keep each layer's gathered weights from forward to backward (one all-gather per "
                         "layer and micro-batch instead of two; unsharded weights in memory)")
-    p.add_argument("--device", default=None, help="cpu / cuda / cuda:N (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="autocast dtype: bf16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--seed", type=int, default=42)
-    return p.parse_args(argv)
+    p.add_argument("--device", default=None, help="cpu / cuda / cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, choices=sorted(T.DTYPES),
+                   help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--seed", type=T.non_negative_int, default=42, help="seeds weights, data order and samples")
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def decoder_kwargs(args) -> dict:
@@ -67,47 +93,84 @@ def decoder_kwargs(args) -> dict:
     if args.hybrid_pattern is not None:
         kwargs["hybrid_pattern"] = args.hybrid_pattern
     if args.config:
-        text = Path(args.config).read_text() if Path(args.config).is_file() else args.config
-        extra = json.loads(text)
-        if not isinstance(extra, dict):
-            raise ValueError(f"--config must be a JSON object of Decoder kwargs, got {type(extra).__name__}")
-        kwargs.update(extra)
+        kwargs.update(T.parse_json_config(args.config, "Decoder"))
     return kwargs
 
 
-def load_corpus(args):
-    if args.data is not None:
-        path = Path(args.data)
-    elif ENWIK8.exists():
-        path = ENWIK8
-    else:
-        path = BUNDLED
-        logger.info(f"{ENWIK8} not found: training on the bundled Shakespeare corpus ({path.name}, see data/README.md)")
-    data = T.load_bytes(path, max_bytes=args.train_bytes + args.val_bytes)
+def model_config(args) -> dict:
+    """What the checkpoint stores to rebuild the model (T.build_model) without this script."""
+    return dict(model="decoder", num_tokens=256, max_seq_len=args.seq_len, decoder=decoder_kwargs(args), task="bytes")
+
+
+def corpus_path(run) -> Path:
+    """--data when given; on --resume the run's own file; else enwik8 when present, else the bundled corpus."""
+    args = run.args
+    if "data" in run.given:
+        return Path(args.data)
+    if run.state is not None:
+        stored = (run.state.get("data") or {}).get("path") or run.state.get("args", {}).get("data")
+        if stored:
+            if not Path(stored).exists():
+                raise T.DataError(f"--resume: the run's data file {stored} is gone; pass --data with a copy of it")
+            return Path(stored)
+    if ENWIK8.exists():
+        return ENWIK8
+    run.notes.append(f"{ENWIK8} not found: training on the bundled Shakespeare corpus ({BUNDLED.name}, "
+                     "see data/README.md)")
+    return BUNDLED
+
+
+def load_corpus(run):
+    """(path, train split, validation split, {path, sha256, bytes}); every problem is a UsageError."""
+    args = run.args
+    path = corpus_path(run)
+    raw = T.read_bytes(path, max_bytes=args.train_bytes + args.val_bytes)
+    data = T.bytes_tensor(raw)
     if len(data) > args.train_bytes:
-        return path, *T.split_bytes(data, train_bytes=args.train_bytes)
-    # corpora smaller than the enwik8 split: first 90% to train, the rest to validate
-    return path, *T.split_bytes(data, val_fraction=0.1)
+        train, val = T.split_bytes(data, train_bytes=args.train_bytes)
+    else:
+        # corpora smaller than the enwik8 split: first 90% to train, the rest to validate
+        train, val = T.split_bytes(data, val_fraction=0.1)
+    T.check_windows({"training": train, "validation": val}, args.seq_len + 1, f"--data {path}")
+    info = dict(path=str(path.resolve()), sha256=T.sha256(raw), bytes=len(raw))
+    args.data = info["path"]  # the checkpoint's arguments name the file actually read
+    return path, train, val, info
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    dist_info, device, dtype, out, generators = T.start_run(args, write=tqdm.write)
-    data_gen, val_gen = generators["train"], generators["val"]
+    # every check (flags, data, model configuration, the run being resumed) before anything is built
+    run = T.parse_run_args(build_parser(), argv, CHANGEABLE, checked_elsewhere=("data",), config_keywords="Decoder")
+    args = run.args
+    try:
+        path, train_data, val_data, data_info = load_corpus(run)
+        config = model_config(args)
+        T.check_model_config(config)
+    except T.UsageError as error:
+        run.error(str(error))
+    run.check_data(data_info)
+    run.check_stored("config", config, "model configuration")
+    run.refuse_conflicts()
 
-    path, train_data, val_data = load_corpus(args)
+    dist_info, device, dtype, out, generators = T.start_run(args, write=tqdm.write, notes=run.notes)
+    data_gen, val_gen = generators["train"], generators["val"]
     logger.info(f"data {path}: {len(train_data):,} train / {len(val_data):,} val bytes")
 
-    model = TransformerWrapper(num_tokens=256, max_seq_len=args.seq_len, attn_layers=Decoder(**decoder_kwargs(args)))
-    model = AutoregressiveWrapper(model).to(device)
+    model = T.build_model(config).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(f"model: {n_params / 1e6:.2f}M parameters, device {device}, autocast {dtype}, "
                 f"world {dist_info.world_size}")
 
     # generation and validation run on the plain module (DDP hooks are for training only)
-    model, optimizer, plain, train_model, start, metrics, save = T.prepare_run(
-        model, args, out, generators, METRICS, dist_info, device
-    )
+    try:
+        model, optimizer, plain, train_model, start, metrics, save = T.prepare_run(
+            model, args, out, generators, METRICS, dist_info, device, state=run.state,
+            extra=dict(config=config, data=data_info),
+        )
+    except T.UsageError as error:
+        run.error(str(error))
+    if start >= args.num_batches:
+        logger.info(f"the checkpoint is at step {start}, --num-batches is {args.num_batches}: nothing to train "
+                    "(give a larger --num-batches to continue)")
 
     tokens_per_step = args.batch_size * args.grad_accum * args.seq_len * dist_info.world_size
     bar = tqdm(range(start, args.num_batches), initial=start, total=args.num_batches, disable=not dist_info.is_main,
@@ -172,7 +235,7 @@ def main(argv=None):
         logger.info(f"average {losses.tokens_per_s:,.0f} tokens/s over {losses.train_tokens:,} training tokens")
     if device.type == "cuda":
         logger.info(f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GB per rank (rank 0)")
-    logger.info(f"outputs in {out}: checkpoint.pt, metrics.csv, loss.png")
+    logger.info(f"outputs in {out}: {T.written_outputs(out)}")
     T.finish(dist_info)
 
 

@@ -1,15 +1,22 @@
-"""Shared pieces of the training scripts (train_enwik8.py, train_copy.py).
+"""Shared pieces of the training scripts (train_enwik8.py, train_copy.py) and of generate.py.
 
-Device and precision choice, torchrun process groups (DDP or FSDP2), byte corpora, atomic checkpoints that carry
-every RNG needed for an exact resume, a metrics CSV with its matplotlib plot, and a Ctrl-C handler that lets the
+Device and precision choice, torchrun process groups (DDP or FSDP2), byte corpora in plain or compressed files,
+command-line checks that turn bad input into one-line usage errors, self-describing checkpoints (model
+configuration, data checksum, arguments, and every RNG needed for an exact resume) written atomically, the rules
+for resuming a run with other arguments, a metrics CSV with its matplotlib plot, and a Ctrl-C handler that lets the
 current step finish so the checkpoint is always consistent.
 """
 
 from __future__ import annotations
 
+import argparse
+import bz2
 import contextlib
 import csv
 import gzip
+import hashlib
+import json
+import lzma
 import math
 import os
 import random
@@ -17,7 +24,7 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -305,17 +312,156 @@ def any_rank(flag: bool, dist_info: Dist, device: torch.device) -> bool:
 # data
 
 
-def load_bytes(path: str | Path, max_bytes: int | None = None) -> torch.Tensor:
-    """A .gz or plain file as a uint8 tensor of its bytes."""
+class UsageError(ValueError):
+    """Bad input from the command line (a value, a file, a checkpoint): the scripts report it with `parser.error`,
+    one line and exit status 2, instead of a traceback."""
+
+
+class DataError(UsageError):
+    """A data or prompt file that cannot be read as bytes."""
+
+
+# compressed formats by suffix, and by their first bytes for files whose name does not say
+COMPRESSED_SUFFIXES = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
+_MAGIC = (
+    (b"\x1f\x8b", "gzip"),
+    (b"\xfd7zXZ\x00", "xz"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+)
+
+
+def _sniff(head: bytes) -> str | None:
+    for magic, name in _MAGIC:
+        if head.startswith(magic):
+            return name
+    # bzip2: 'BZh', a block size digit, then the magic of a first block or of the end of an empty stream
+    if len(head) >= 10 and head[:3] == b"BZh" and head[3:4].isdigit() and head[4:10] in (b"1AY&SY", b"\x17rE8P\x90"):
+        return "bz2"
+    return None
+
+
+def file_format(path: str | Path) -> str:
+    """'plain', 'gzip', 'bz2', 'xz' or 'zstd': from the suffix, else from the file's first bytes."""
+    path = Path(path)
+    if path.suffix.lower() in COMPRESSED_SUFFIXES:
+        return COMPRESSED_SUFFIXES[path.suffix.lower()]
+    with open(path, "rb") as f:
+        return _sniff(f.read(16)) or "plain"
+
+
+class _Truncated(EOFError):
+    pass
+
+
+def _read_zstd(raw_file, max_bytes: int | None) -> bytes:
+    """Every frame of a .zst file, decompressed (the first `max_bytes`). A stream that stops inside a frame is an
+    error: zstandard's readers would hand back what they have without saying."""
+    try:
+        import zstandard
+    except ImportError:
+        zstandard = None
+    if zstandard is None:
+        try:  # the standard library's module, from Python 3.14
+            from compression import zstd
+        except ImportError:
+            raise DataError("reading .zst files needs the zstandard package: pip install zstandard") from None
+        with zstd.ZstdFile(raw_file) as f:
+            return _read_up_to(f, max_bytes)
+
+    chunks, total = [], 0
+    frame, fed = zstandard.ZstdDecompressor().decompressobj(), False
+    while max_bytes is None or total < max_bytes:
+        pending = raw_file.read(1 << 20)
+        if not pending:
+            if fed and not frame.eof:
+                raise _Truncated("the data ends inside a zstd frame (truncated or not zstd data)")
+            break
+        while pending:
+            out = frame.decompress(pending)
+            fed = True
+            chunks.append(out)
+            total += len(out)
+            pending = b""
+            if frame.eof:  # a frame ended: the rest of the chunk starts the next one
+                pending = frame.unused_data
+                frame, fed = zstandard.ZstdDecompressor().decompressobj(), False
+    data = b"".join(chunks)
+    return data if max_bytes is None else data[:max_bytes]
+
+
+def _read_up_to(f, max_bytes: int | None) -> bytes:
+    if max_bytes is None:
+        return f.read()
+    # decompressing readers may return less than asked before the end of the stream
+    chunks, left = [], max_bytes
+    while left > 0:
+        chunk = f.read(left)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_bytes(path: str | Path, max_bytes: int | None = None, what: str = "--data") -> bytes:
+    """The bytes of a plain, .gz, .bz2, .xz or .zst file (the first `max_bytes` of them, decompressed). Every
+    failure - missing, a folder, unreadable, corrupt or truncated, empty - is a DataError naming `what` and the
+    file."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"--data {path} does not exist")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read(-1 if max_bytes is None else max_bytes)
-    if len(raw) == 0:
-        raise ValueError(f"--data {path} is empty")
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        raise DataError(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise DataError(f"{what} {path} is a folder, not a file")
+    try:
+        kind = file_format(path)
+        with open(path, "rb") as raw_file:
+            if kind == "plain":
+                data = _read_up_to(raw_file, max_bytes)
+            elif kind == "zstd":
+                data = _read_zstd(raw_file, max_bytes)
+            else:
+                readers = dict(gzip=lambda: gzip.GzipFile(fileobj=raw_file), bz2=lambda: bz2.BZ2File(raw_file),
+                               xz=lambda: lzma.LZMAFile(raw_file))
+                with readers[kind]() as f:
+                    data = _read_up_to(f, max_bytes)
+    except DataError as error:
+        raise DataError(f"{what} {path}: {error}") from None
+    except (OSError, EOFError, lzma.LZMAError, ValueError) as error:
+        # zstandard raises its own ZstdError, a subclass of none of these: caught below by name
+        raise DataError(f"{what} {path} cannot be read as {_format_name(path)}: {_one_line(error)}") from None
+    except Exception as error:
+        if type(error).__name__ != "ZstdError":
+            raise
+        raise DataError(f"{what} {path} cannot be read as {_format_name(path)}: {_one_line(error)}") from None
+    if len(data) == 0:
+        raise DataError(f"{what} {path} is empty")
+    return data
+
+
+def _format_name(path: Path) -> str:
+    try:
+        kind = file_format(path)
+    except OSError:
+        return "a file"
+    return "a plain file" if kind == "plain" else f"{kind} data"
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def bytes_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def load_bytes(path: str | Path, max_bytes: int | None = None) -> torch.Tensor:
+    """A plain or compressed file (see `read_bytes`) as a uint8 tensor of its bytes."""
+    return bytes_tensor(read_bytes(path, max_bytes))
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def split_bytes(data: torch.Tensor, train_bytes: int | None = None, val_fraction: float = 0.1):
@@ -335,10 +481,26 @@ def random_crops(data: torch.Tensor, batch_size: int, length: int, generator: to
     return torch.stack([data[s : s + length] for s in starts.tolist()]).long()
 
 
+def printable(text: str) -> str:
+    """Control characters other than newline / tab shown as spaces: a byte model's output never drives the
+    terminal (escape sequences, carriage returns)."""
+    return "".join(c if c.isprintable() or c in "\n\t" else " " for c in text)
+
+
 def decode_bytes(tokens) -> str:
     """Bytes to readable text: invalid UTF-8 replaced, control characters other than newline/tab shown as spaces."""
-    text = bytes(int(t) for t in tokens).decode("utf-8", errors="replace")
-    return "".join(c if c.isprintable() or c in "\n\t" else " " for c in text)
+    return printable(bytes(int(t) for t in tokens).decode("utf-8", errors="replace"))
+
+
+def check_windows(splits: dict[str, torch.Tensor], window: int, source: str, flag: str = "--seq-len"):
+    """Every split must hold at least one training window of `window` tokens (random_crops draws starts from
+    [0, len - window), so a split needs window + 1 bytes)."""
+    for name, split in splits.items():
+        if len(split) <= window:
+            raise UsageError(
+                f"{source}: the {name} split has {len(split):,} bytes, windows of {flag} {window - 1} need at least "
+                f"{window + 1:,}; use a longer file or a smaller {flag}"
+            )
 
 
 # random state: everything a resumed run needs to replay the same batches, dropout masks and samples
@@ -403,9 +565,10 @@ def load_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, mode
     optimizer.load_state_dict(optim_state)
 
 
-def checkpoint(path, model, optimizer, step: int, args: dict, generators: dict, dist_info: Dist):
+def checkpoint(path, model, optimizer, step: int, args: dict, generators: dict, dist_info: Dist, extra: dict | None = None):
     """Gather state (all ranks), then rank 0 writes it with every rank's RNG state (`generators`: the script's own
-    torch.Generators by name, e.g. train and validation data streams)."""
+    torch.Generators by name, e.g. train and validation data streams). `extra` adds keys, e.g. the model
+    configuration and the data's checksum that make the checkpoint self-describing."""
     model_state, optim_state = training_state(model, optimizer, dist_info)
     rng = rng_state(generators)
     rngs = [rng]
@@ -413,19 +576,38 @@ def checkpoint(path, model, optimizer, step: int, args: dict, generators: dict, 
         rngs = [None] * dist_info.world_size
         dist.all_gather_object(rngs, rng)
     if dist_info.is_main:
-        state = dict(model=model_state, optimizer=optim_state, step=step, args=args, rng=rngs)
+        state = dict(model=model_state, optimizer=optim_state, step=step, args=args, rng=rngs, **(extra or {}))
         save_checkpoint(path, state)
     if dist_info.enabled:
         dist.barrier()
 
 
-def resume(path, model, optimizer, generators: dict, dist_info: Dist) -> int:
-    """Load model, optimizer and this rank's RNG state; returns the number of steps already done."""
+class CheckpointError(UsageError):
+    """A checkpoint file that is missing, unreadable, truncated, or not one of these scripts' checkpoints."""
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint loaded on the CPU (tensors and plain Python values only: no code runs while loading)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"--resume given but {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    load_training_state(model, optimizer, state["model"], state["optimizer"])
+        raise CheckpointError(f"{path} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many kinds (zip, pickle, EOF, OS errors) for a damaged file
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {_one_line(error)}") from None
+    if not (isinstance(state, dict) and "model" in state and "step" in state):
+        raise CheckpointError(f"{path} is not a checkpoint of the training scripts (no model weights and step)")
+    return state
+
+
+def restore(state: dict, model, optimizer, generators: dict, dist_info: Dist, source="checkpoint") -> int:
+    """Load a loaded checkpoint's model, optimizer and this rank's RNG state; returns the number of steps done."""
+    try:
+        load_training_state(model, optimizer, state["model"], state["optimizer"])
+    except (RuntimeError, KeyError, ValueError) as error:
+        raise CheckpointError(f"{source}: its weights do not fit the model: {_one_line(error)}") from None
     rngs = state["rng"]
     if len(rngs) == dist_info.world_size:
         set_rng_state(rngs[dist_info.rank], generators)
@@ -434,15 +616,276 @@ def resume(path, model, optimizer, generators: dict, dist_info: Dist) -> int:
     return state["step"]
 
 
-def start_run(args, write=None):
+def resume(path, model, optimizer, generators: dict, dist_info: Dist) -> int:
+    """Load model, optimizer and this rank's RNG state; returns the number of steps already done."""
+    return restore(load_checkpoint(path), model, optimizer, generators, dist_info, source=str(path))
+
+
+# models a checkpoint describes
+
+
+def build_model(config: dict) -> nn.Module:
+    """The model a checkpoint's `config` describes, so that it can be rebuilt without the training script:
+
+        {"model": "decoder", "num_tokens": 256, "max_seq_len": 1024, "decoder": {Decoder keywords}, ...}
+            -> AutoregressiveWrapper(TransformerWrapper(..., attn_layers=Decoder(...)))
+        {"model": "xtransformer", "kwargs": {XTransformer keywords}, ...}  -> XTransformer(...)
+
+    Other keys (e.g. "task") describe what the tokens mean, for generate.py."""
+    from x_transformers import AutoregressiveWrapper, Decoder, TransformerWrapper, XTransformer
+
+    kind = config.get("model") if isinstance(config, dict) else None
+    if kind == "decoder":
+        net = TransformerWrapper(num_tokens=config["num_tokens"], max_seq_len=config["max_seq_len"],
+                                 attn_layers=Decoder(**config["decoder"]))
+        return AutoregressiveWrapper(net)
+    if kind == "xtransformer":
+        return XTransformer(**config["kwargs"])
+    raise UsageError(f"unknown model configuration {config!r}: expected model 'decoder' or 'xtransformer'")
+
+
+def check_model_config(config: dict):
+    """Build the model on the meta device (no memory, no arithmetic): a bad model flag or --config keyword fails
+    here, as a UsageError, before any real model is built."""
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")  # the real build warns once, later
+            build_model(config)
+    except UsageError:
+        raise
+    except Exception as error:  # the layers' own checks raise ValueError, TypeError, AssertionError...
+        raise UsageError(f"the model flags and --config do not make a model: {_one_line(error)}") from None
+
+
+# command line
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps the description's layout and shows each flag's default; not where there is nothing to show
+    (None: the help text says what happens then; False: a switch that is off)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _number(text: str, kind, check, requirement: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}")
+    if not (math.isfinite(value) and check(value)):
+        raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 1, "at least 1")
+
+
+def non_negative_int(text: str) -> int:
+    return _number(text, int, lambda v: 0 <= v < 2**63, "0 or more (below 2**63)")
+
+
+def positive_float(text: str) -> float:
+    return _number(text, float, lambda v: v > 0, "above 0")
+
+
+def non_negative_float(text: str) -> float:
+    return _number(text, float, lambda v: v >= 0, "0 or more")
+
+
+def fraction(text: str) -> float:
+    return _number(text, float, lambda v: 0 < v <= 1, "above 0 and at most 1")
+
+
+def explicit_args(parser: argparse.ArgumentParser, argv=None) -> set[str]:
+    """The destinations the command line set itself (rather than left at their defaults): parse again into a
+    namespace already holding a marker for each, which argparse leaves alone unless the flag is given."""
+    marker = object()
+    namespace = argparse.Namespace(**{dest: marker for dest in vars(parser.parse_args(argv))})
+    parser.parse_args(argv, namespace=namespace)
+    return {dest for dest, value in vars(namespace).items() if value is not marker}
+
+
+def flag_name(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def check_device(name: str | None):
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as error:
+        raise UsageError(f"--device {name!r} is not a device ({_one_line(error)}); use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def parse_json_config(text: str, what: str) -> dict:
+    """--config: an inline JSON object, or the path of a file holding one."""
+    path, source = Path(text), "--config"
+    if path.is_file():
+        try:
+            text, source = path.read_text(), f"--config file {path}"
+        except (OSError, UnicodeDecodeError) as error:
+            raise UsageError(f"--config file {path} cannot be read: {_one_line(error)}") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        if source == "--config" and not text.lstrip().startswith(("{", "[")):
+            raise UsageError(f"--config {text!r} is neither a file nor a JSON object") from None
+        raise UsageError(f"{source} is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{source} must be a JSON object of {what} keywords, got {type(value).__name__} {text.strip()}")
+    return value
+
+
+# resuming with other arguments
+
+# flags about this invocation rather than the run: never taken from the checkpoint, free to differ from it
+PER_INVOCATION = frozenset({"resume", "overwrite", "out_dir", "device", "dtype", "compile", "fsdp", "fsdp_keep_params"})
+
+
+def _show(value) -> str:
+    return "unset" if value is None else str(value)
+
+
+@dataclass
+class RunArgs:
+    """A training command line, checked: the arguments (with a resumed run's own filled in), which ones the user
+    gave, the checkpoint path, the checkpoint to resume (loaded on the CPU), lines to log once logging is set up,
+    and the conflicts with the stored run that `refuse_conflicts` turns into one usage error."""
+
+    parser: argparse.ArgumentParser
+    args: argparse.Namespace
+    given: set
+    checkpoint: Path
+    state: dict | None = None
+    notes: list = field(default_factory=list)
+    conflicts: list = field(default_factory=list)
+
+    def error(self, message: str):
+        self.parser.error(message)
+
+    def check_stored(self, key: str, value: dict, what: str):
+        """Compare what this run would store under `key` with what the resumed checkpoint stored."""
+        if self.state is None or self.conflicts:
+            return
+        stored = self.state.get(key)
+        if stored is not None and stored != value:
+            self.conflicts.append(f"another {what} ({json.dumps(stored, sort_keys=True)}; "
+                                  f"given {json.dumps(value, sort_keys=True)})")
+
+    def check_data(self, data: dict, flag: str = "--data"):
+        """`data` is {"path", "sha256", "bytes"}: the bytes decide, a moved or renamed copy is fine."""
+        if self.state is None:
+            return
+        stored = self.state.get("data")
+        if stored is None:
+            self.notes.append(f"resume: the checkpoint records no data checksum, so {flag} {data['path']} is not "
+                              "checked against the data the run began with")
+        elif stored["sha256"] != data["sha256"]:
+            self.conflicts.append(f"{flag} {stored['path']} ({stored['bytes']:,} bytes, sha256 {stored['sha256'][:12]}; "
+                                  f"given {data['path']}: {data['bytes']:,} bytes, sha256 {data['sha256'][:12]})")
+        elif stored["path"] != data["path"]:
+            self.notes.append(f"resume: {flag} {stored['path']} -> {data['path']} (the same bytes, "
+                              f"sha256 {data['sha256'][:12]})")
+
+    def refuse_conflicts(self):
+        if self.conflicts:
+            self.error(f"--resume: {self.checkpoint} was trained with " + ", ".join(self.conflicts) +
+                       "; leave these flags out to continue that run, or start a new one in another --out-dir "
+                       "(or here with --overwrite)")
+
+
+def reconcile_args(args, given: set, stored: dict, changeable, checked_elsewhere=()) -> tuple[list, list]:
+    """Fill `args` from a resumed run's stored arguments. A flag the user left out takes the stored value; one given
+    with another value is applied with a note if it is `changeable` (learning rate, step count, cadences) and is a
+    conflict otherwise (model shape, data, batch shape, seed: the run would not be the same run). Returns
+    (notes, conflicts)."""
+    notes, conflicts = [], []
+    for name, old in stored.items():
+        if name in PER_INVOCATION or name in checked_elsewhere or not hasattr(args, name):
+            continue
+        new = getattr(args, name)
+        if name not in given:
+            setattr(args, name, old)
+        elif new != old:
+            if name in changeable:
+                notes.append(f"resume: {flag_name(name)} {_show(old)} -> {_show(new)} (given on the command line)")
+            else:
+                conflicts.append(f"{flag_name(name)} {_show(old)} (given {_show(new)})")
+    return notes, conflicts
+
+
+def parse_run_args(parser: argparse.ArgumentParser, argv, changeable, checked_elsewhere=(),
+                   config_keywords: str = "model") -> RunArgs:
+    """Parse a training command line and settle what it means next to `--out-dir`: a new run refuses to replace a
+    checkpoint unless --overwrite; --resume loads the checkpoint and fills in the run's own arguments
+    (`reconcile_args`). Every failure is a `parser.error` (one line, exit status 2). `config_keywords` names what
+    --config holds, for its error messages."""
+    args = parser.parse_args(argv)
+    given = explicit_args(parser, argv)
+    try:
+        check_device(getattr(args, "device", None))
+        if getattr(args, "config", None) is not None:
+            # stored as the JSON itself: the run stays described if the file changes or goes
+            args.config = json.dumps(parse_json_config(args.config, config_keywords), sort_keys=True)
+    except UsageError as error:
+        parser.error(str(error))
+
+    out = Path(args.out_dir)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out-dir {out} is a file, not a folder")
+    if args.resume and getattr(args, "overwrite", False):
+        parser.error("--resume continues the run in --out-dir and --overwrite replaces it: give one of them")
+    run = RunArgs(parser, args, given, out / "checkpoint.pt")
+    if args.resume:
+        if not run.checkpoint.exists():
+            parser.error(f"--resume: there is no checkpoint at {run.checkpoint} to continue; "
+                         "leave out --resume to start a new run there")
+        try:
+            run.state = load_checkpoint(run.checkpoint)
+        except UsageError as error:
+            parser.error(f"--resume: {error}")
+        run.notes, run.conflicts = reconcile_args(args, given, run.state.get("args", {}), changeable,
+                                                  checked_elsewhere)
+    elif run.checkpoint.exists() and not getattr(args, "overwrite", False):
+        parser.error(f"{run.checkpoint} already holds a training run: continue it with --resume, or start over with "
+                     "--overwrite (which replaces it)")
+    return run
+
+
+OUTPUT_FILES = ("checkpoint.pt", "metrics.csv", "loss.png")
+
+
+def start_run(args, write=None, notes=()):
     """The start both training scripts share: process group and device, rank-0 logging, autocast dtype, output
     folder, and seeds - the same on every rank for identical initial weights, while the train / validation data
-    streams (`generators`) differ per rank. Returns (dist_info, device, dtype, out, generators)."""
+    streams (`generators`) differ per rank. With --overwrite, rank 0 first removes the earlier run's outputs, so the
+    folder never mixes two runs. `notes` (from `parse_run_args`) are logged. Returns
+    (dist_info, device, dtype, out, generators)."""
     dist_info, device = setup_distributed(args.device)
     setup_logging(dist_info, write=write)
+    for note in notes:
+        logger.info(note)
     dtype = pick_dtype(args.dtype, device)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if getattr(args, "overwrite", False) and dist_info.is_main:
+        removed = [name for name in OUTPUT_FILES if (out / name).exists()]
+        for name in removed:
+            (out / name).unlink()
+        if removed:
+            logger.info(f"--overwrite: removed the earlier run's {', '.join(removed)} from {out}")
+    if dist_info.enabled:
+        dist.barrier()
     seed_everything(args.seed)
     generators = dict(
         train=torch.Generator().manual_seed(args.seed + dist_info.rank),
@@ -451,10 +894,21 @@ def start_run(args, write=None):
     return dist_info, device, dtype, out, generators
 
 
-def prepare_run(model, args, out: Path, generators: dict, metric_columns: list[str], dist_info: Dist, device):
+def written_outputs(out: Path) -> str:
+    """The output files that exist, for the closing log line (a run stopped early or without matplotlib has no
+    plot: name only what is there)."""
+    names = [name for name in OUTPUT_FILES if (Path(out) / name).exists()]
+    return ", ".join(names) if names else "nothing yet"
+
+
+def prepare_run(model, args, out: Path, generators: dict, metric_columns: list[str], dist_info: Dist, device,
+                state: dict | None = None, extra: dict | None = None):
     """The setup both training scripts share: wrap the model (DDP / FSDP2), Adam, optional torch.compile, resume from
-    `out/checkpoint.pt`, and the metrics CSV. Returns (model, optimizer, plain, train_model, start, metrics, save):
-    `plain` is the unwrapped module for validation and generation, `save(step)` writes the checkpoint atomically."""
+    `out/checkpoint.pt` (`state`: that checkpoint already loaded, as `parse_run_args` does), and the metrics CSV.
+    `extra` goes into every checkpoint (model configuration, data checksum). Returns
+    (model, optimizer, plain, train_model, start, metrics, save): `plain` is the unwrapped module for validation and
+    generation, `save(step)` writes the checkpoint atomically. A checkpoint whose weights do not fit raises a
+    CheckpointError naming it."""
     model = wrap_model(model, dist_info, device, fsdp=args.fsdp,
                        reshard_after_forward=not getattr(args, "fsdp_keep_params", False))
     # fused Adam on CUDA: one kernel for all parameters (also sharded DTensors) instead of a dozen foreach launches
@@ -465,13 +919,18 @@ def prepare_run(model, args, out: Path, generators: dict, metric_columns: list[s
     ckpt_path = out / "checkpoint.pt"
     start = 0
     if args.resume:
-        start = resume(ckpt_path, model, optimizer, generators, dist_info)
+        state = load_checkpoint(ckpt_path) if state is None else state
+        start = restore(state, model, optimizer, generators, dist_info, source=str(ckpt_path))
+        # the optimizer state carries the learning rate it was saved with; the run's --lr (the stored one, or a new
+        # one given on the command line) is the one to train with
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr
         logger.info(f"resumed from {ckpt_path} at step {start}")
     metrics = Metrics(out / "metrics.csv", metric_columns, resume_step=start if args.resume else None,
                       enabled=dist_info.is_main)
 
     def save(step):
-        checkpoint(ckpt_path, model, optimizer, step, vars(args), generators, dist_info)
+        checkpoint(ckpt_path, model, optimizer, step, vars(args), generators, dist_info, extra=extra)
 
     return model, optimizer, plain, train_model, start, metrics, save
 
