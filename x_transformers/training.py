@@ -428,11 +428,11 @@ def read_bytes(path: str | Path, max_bytes: int | None = None, what: str = "--da
         raise DataError(f"{what} {path}: {error}") from None
     except (OSError, EOFError, lzma.LZMAError, ValueError) as error:
         # zstandard raises its own ZstdError, a subclass of none of these: caught below by name
-        raise DataError(f"{what} {path} cannot be read as {_format_name(path)}: {_one_line(error)}") from None
+        raise DataError(f"{what} {path} cannot be read as {_format_name(path)}: {one_line(error)}") from None
     except Exception as error:
         if type(error).__name__ != "ZstdError":
             raise
-        raise DataError(f"{what} {path} cannot be read as {_format_name(path)}: {_one_line(error)}") from None
+        raise DataError(f"{what} {path} cannot be read as {_format_name(path)}: {one_line(error)}") from None
     if len(data) == 0:
         raise DataError(f"{what} {path} is empty")
     return data
@@ -446,7 +446,8 @@ def _format_name(path: Path) -> str:
     return "a plain file" if kind == "plain" else f"{kind} data"
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
+    """The first line of an error's message (or its type's name), for one-line usage errors."""
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
 
@@ -596,7 +597,7 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many kinds (zip, pickle, EOF, OS errors) for a damaged file
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {_one_line(error)}") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {one_line(error)}") from None
     if not (isinstance(state, dict) and "model" in state and "step" in state):
         raise CheckpointError(f"{path} is not a checkpoint of the training scripts (no model weights and step)")
     return state
@@ -607,7 +608,7 @@ def restore(state: dict, model, optimizer, generators: dict, dist_info: Dist, so
     try:
         load_training_state(model, optimizer, state["model"], state["optimizer"])
     except (RuntimeError, KeyError, ValueError) as error:
-        raise CheckpointError(f"{source}: its weights do not fit the model: {_one_line(error)}") from None
+        raise CheckpointError(f"{source}: its weights do not fit the model: {one_line(error)}") from None
     rngs = state["rng"]
     if len(rngs) == dist_info.world_size:
         set_rng_state(rngs[dist_info.rank], generators)
@@ -654,7 +655,7 @@ def check_model_config(config: dict):
     except UsageError:
         raise
     except Exception as error:  # the layers' own checks raise ValueError, TypeError, AssertionError...
-        raise UsageError(f"the model flags and --config do not make a model: {_one_line(error)}") from None
+        raise UsageError(f"the model flags and --config do not make a model: {one_line(error)}") from None
 
 
 # command line
@@ -719,7 +720,7 @@ def check_device(name: str | None):
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError) as error:
-        raise UsageError(f"--device {name!r} is not a device ({_one_line(error)}); use cpu, cuda or cuda:N") from None
+        raise UsageError(f"--device {name!r} is not a device ({one_line(error)}); use cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
@@ -734,7 +735,7 @@ def parse_json_config(text: str, what: str) -> dict:
         try:
             text, source = path.read_text(), f"--config file {path}"
         except (OSError, UnicodeDecodeError) as error:
-            raise UsageError(f"--config file {path} cannot be read: {_one_line(error)}") from None
+            raise UsageError(f"--config file {path} cannot be read: {one_line(error)}") from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
