@@ -87,13 +87,19 @@ def parse_args(argv=None):
 
 def decoder_kwargs(args) -> dict:
     """Decoder kwargs: the classic ones, the mixer flags when given, then --config on top."""
-    kwargs = dict(dim=args.dim, depth=args.depth, heads=args.heads, rotary_pos_emb=True)
+    kwargs = dict(dim=args.dim, depth=args.depth, heads=args.heads)
     if args.linear_attn is not None:
         kwargs["linear_attn"] = args.linear_attn
     if args.hybrid_pattern is not None:
         kwargs["hybrid_pattern"] = args.hybrid_pattern
-    if args.config:
-        kwargs.update(T.parse_json_config(args.config, "Decoder"))
+    extra = T.parse_json_config(args.config, "Decoder") if args.config else {}
+    merged = {**kwargs, **extra}
+    has_softmax = (merged.get("linear_attn") is None or "N" in (merged.get("hybrid_pattern") or "")
+                   or bool(merged.get("softmax_attn_layers")))
+    # rotary positions for the softmax layers; a stack of mixers alone takes no positions at all (its recurrence
+    # orders the tokens), so no absolute embedding either, and it decodes past --seq-len
+    kwargs.update(rotary_pos_emb=True) if has_softmax else kwargs.update(disable_abs_pos_emb=True)
+    kwargs.update(extra)
     return kwargs
 
 
