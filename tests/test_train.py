@@ -1,7 +1,11 @@
-"""Training scripts end to end, as a user runs them: tiny CPU runs as subprocesses (plus unit tests of the shared
-pieces in x_transformers/training.py)."""
+"""Training scripts end to end, as a user runs them: tiny CPU runs as subprocesses and in-process (`main(argv)`),
+their usage errors and resume rules, plus unit tests of the shared pieces in x_transformers/training.py."""
 
+import bz2
 import csv
+import gzip
+import importlib.util
+import lzma
 import os
 import signal
 import subprocess
@@ -13,8 +17,19 @@ import pytest
 import torch
 
 from x_transformers import training as T
+from x_transformers.mixers import MIXERS
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(path):
+    spec = importlib.util.spec_from_file_location(f"{path.stem}_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+enwik8, copy_task = load_script(ROOT / "train_enwik8.py"), load_script(ROOT / "train_copy.py")
 
 # a model small enough for a few dozen CPU steps in seconds
 TINY = ["--dim", "32", "--depth", "1", "--heads", "2", "--seq-len", "32", "--batch-size", "4", "--grad-accum", "2",
@@ -187,16 +202,12 @@ def test_data_helpers(tmp_path):
     assert T.decode_bytes("héllo\x01\n".encode()) == "héllo \n"
     with pytest.raises(ValueError, match="too short"):
         T.random_crops(val, 1, 10_000, gen)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(T.DataError, match="does not exist"):
         T.load_bytes(tmp_path / "missing.gz")
 
 
 def test_cli_passes_mixer_flags_and_config(tmp_path):
-    sys.path.insert(0, str(ROOT))
-    try:
-        import train_enwik8
-    finally:
-        sys.path.remove(str(ROOT))
+    train_enwik8 = enwik8
     args = train_enwik8.parse_args(["--linear-attn", "gated_deltanet", "--hybrid-pattern", "LLLN",
                                     "--config", '{"attn_flash": true, "depth": 2}'])
     kwargs = train_enwik8.decoder_kwargs(args)
@@ -204,17 +215,11 @@ def test_cli_passes_mixer_flags_and_config(tmp_path):
                           hybrid_pattern="LLLN", attn_flash=True)
     with pytest.raises(ValueError, match="JSON object"):
         train_enwik8.decoder_kwargs(train_enwik8.parse_args(["--config", "[1, 2]"]))
+    # a stack of mixers alone has no softmax layer to rotate: no positions at all
+    kwargs = train_enwik8.decoder_kwargs(train_enwik8.parse_args(["--linear-attn", "gla"]))
+    assert kwargs == dict(dim=512, depth=6, heads=8, linear_attn="gla", disable_abs_pos_emb=True)
     with pytest.raises(ValueError, match="unknown --dtype"):
         T.pick_dtype("fp8", torch.device("cpu"))
-
-
-def load_script(path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_benchmarks_smoke(tmp_path, capsys):
@@ -292,3 +297,188 @@ def test_graphed_train_step_matches_eager_steps():
         torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
     with pytest.raises(ValueError, match="captured for batches"):
         step(data[0, :2])
+
+
+# the command line: usage errors, resume rules, data formats (in-process, tiny runs)
+
+TINY_INPROC = ["--dim", "32", "--depth", "1", "--heads", "2", "--seq-len", "32", "--batch-size", "4",
+               "--grad-accum", "1", "--lr", "3e-3", "--validate-every", "2", "--generate-length", "8",
+               "--prime-length", "8", "--device", "cpu", "--seed", "0"]
+TEXT = b"ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun.\n" * 30
+
+
+def call(main, argv):
+    main([str(a) for a in argv])
+
+
+def usage_error(capsys, main, argv) -> str:
+    """Run a script's main expecting a usage error: exit status 2 and exactly one error line, returned."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+def test_bad_arguments_are_one_line_usage_errors_before_any_model(tmp_path, capsys):
+    data = tmp_path / "text.txt"
+    data.write_bytes(TEXT)
+    (tmp_path / "tiny.txt").write_bytes(b"x" * 40)  # 36 bytes to train, 4 to validate
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "corrupt.gz").write_bytes(gzip.compress(TEXT)[:100])
+    out = tmp_path / "out"
+    cases = [
+        (["--seq-len", "0"], "argument --seq-len: must be at least 1, got 0"),
+        (["--batch-size", "0"], "argument --batch-size: must be at least 1"),
+        (["--validate-every", "0"], "argument --validate-every: must be at least 1"),
+        (["--num-batches", "0"], "argument --num-batches: must be at least 1"),
+        (["--grad-accum", "-2"], "argument --grad-accum: must be at least 1"),
+        (["--seq-len", "ten"], "expected a whole number, got 'ten'"),
+        (["--lr", "0"], "argument --lr: must be above 0"),
+        (["--dtype", "fp8"], "argument --dtype: invalid choice"),
+        (["--hybrid-pattern", "LN"], "need `linear_attn`"),
+        (["--config", "[1, 2]"], "--config must be a JSON object of Decoder keywords"),
+        (["--config", "{oops"], "--config is not valid JSON"),
+        (["--config", "settings.json"], "neither a file nor a JSON object"),
+        (["--config", '{"no_such_flag": 1}'], "no_such_flag"),
+        (["--data", tmp_path / "missing.txt"], "missing.txt does not exist"),
+        (["--data", tmp_path], "is a folder"),
+        (["--data", tmp_path / "empty.txt"], "empty.txt is empty"),
+        (["--data", tmp_path / "corrupt.gz"], "corrupt.gz cannot be read as gzip data"),
+        (["--data", tmp_path / "tiny.txt"], "the validation split has 4 bytes, windows of --seq-len 32 need at least 34"),
+        (["--data", data, "--seq-len", "4000"], "the training split has"),
+        (["--data", data, "--resume"], "no checkpoint at"),
+        (["--data", data, "--resume", "--overwrite"], "give one of them"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "CUDA is not available"))
+    for argv, expected in cases:
+        assert expected in usage_error(capsys, enwik8.main, [*TINY_INPROC, *argv, "--out-dir", out]), argv
+    # an unknown mixer: the message lists the library's mixers
+    message = usage_error(capsys, enwik8.main, ["--linear-attn", "transformer", "--out-dir", out])
+    assert "invalid choice: 'transformer'" in message and all(name in message for name in MIXERS)
+    for argv, expected in [(["--num-symbols", "0"], "--num-symbols: must be at least 1"),
+                           (["--target-acc", "1.5"], "--target-acc: must be above 0 and at most 1"),
+                           (["--val-size", "0"], "--val-size: must be at least 1"),
+                           (["--config", '{"dec_no_such_flag": 1}'], "no_such_flag")]:
+        assert expected in usage_error(capsys, copy_task.main, [*argv, "--out-dir", out]), argv
+    assert not out.exists()  # refused before anything was built or written
+
+
+def test_help_shows_defaults_and_mixer_names(capsys):
+    for main, default in [(enwik8.main, "(default: 1024)"), (copy_task.main, "(default: 16)")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--help"])
+        assert exit_info.value.code == 0
+        text = capsys.readouterr().out
+        assert default in text and "--overwrite" in text and all(name in text for name in MIXERS)
+        assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_resume_applies_or_refuses_changed_arguments(tmp_path, capsys):
+    data = tmp_path / "text.txt"
+    data.write_bytes(TEXT)
+    out = tmp_path / "run"
+    ckpt = out / "checkpoint.pt"
+    call(enwik8.main, [*TINY_INPROC, "--data", data, "--num-batches", "2", "--out-dir", out])
+    capsys.readouterr()
+    state = torch.load(ckpt, weights_only=True)
+    assert state["config"] == dict(model="decoder", num_tokens=256, max_seq_len=32, task="bytes",
+                                   decoder=dict(dim=32, depth=1, heads=2, rotary_pos_emb=True))
+    assert state["data"] == dict(path=str(data.resolve()), sha256=T.sha256(TEXT), bytes=len(TEXT))
+
+    # a new run into the same folder is refused, saying how to go on
+    message = usage_error(capsys, enwik8.main, [*TINY_INPROC, "--data", data, "--out-dir", out])
+    assert "already holds a training run" in message and "--resume" in message and "--overwrite" in message
+
+    # what would change the model, the data or the batches is refused, naming each conflict
+    other = tmp_path / "other.txt"
+    other.write_bytes(TEXT.replace(b"ROMEO", b"JULIET"))
+    message = usage_error(capsys, enwik8.main, ["--out-dir", out, "--resume", "--dim", "64", "--data", other,
+                                                "--batch-size", "8"])
+    assert "--dim 32 (given 64)" in message and "--batch-size 4 (given 8)" in message
+    assert f"--data {data.resolve()}" in message and f"given {other.resolve()}" in message and "sha256" in message
+
+    # the learning rate and the step count may change: applied, one log line each; the rest comes from the checkpoint
+    call(enwik8.main, ["--out-dir", out, "--resume", "--lr", "1e-3", "--num-batches", "4"])
+    log = capsys.readouterr().out
+    assert "resume: --lr 0.003 -> 0.001" in log and "resume: --num-batches 2 -> 4" in log and "at step 2" in log
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] == 4 and state["args"]["dim"] == 32 and state["args"]["lr"] == 1e-3
+    assert all(group["lr"] == 1e-3 for group in state["optimizer"]["param_groups"])
+
+    # the same bytes under another name, compressed: the run goes on, and says so
+    moved = tmp_path / "moved.txt.xz"
+    moved.write_bytes(lzma.compress(TEXT))
+    call(enwik8.main, ["--out-dir", out, "--resume", "--data", moved])
+    log = capsys.readouterr().out
+    assert "the same bytes" in log and "nothing to train" in log
+
+    # --overwrite starts over
+    call(enwik8.main, [*TINY_INPROC, "--data", data, "--num-batches", "2", "--out-dir", out, "--overwrite"])
+    assert "--overwrite: removed the earlier run's checkpoint.pt, metrics.csv, loss.png" in capsys.readouterr().out
+    assert torch.load(ckpt, weights_only=True)["step"] == 2 and len(read_metrics(out)) == 2
+
+    # a damaged checkpoint is named
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    assert f"{ckpt} is not a readable checkpoint" in usage_error(capsys, enwik8.main, ["--out-dir", out, "--resume"])
+
+
+def test_copy_resume_refuses_another_model(tmp_path, capsys):
+    out = tmp_path / "copy"
+    call(copy_task.main, [*TINY_COPY, "--num-batches", "2", "--validate-every", "2", "--out-dir", out])
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["config"]["task"] == "copy"
+    capsys.readouterr()
+    message = usage_error(capsys, copy_task.main, ["--out-dir", out, "--resume", "--num-symbols", "5"])
+    assert "--num-symbols 4 (given 5)" in message
+    call(copy_task.main, ["--out-dir", out, "--resume", "--num-batches", "3", "--target-acc", "0.5"])
+    assert "resume: --target-acc 1.0 -> 0.5" in capsys.readouterr().out
+
+
+def test_closing_line_names_only_files_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(T, "plot_metrics", lambda *args, **kwargs: False)  # as without matplotlib
+    data = tmp_path / "text.txt"
+    data.write_bytes(TEXT)
+    call(enwik8.main, [*TINY_INPROC, "--data", data, "--num-batches", "2", "--out-dir", tmp_path / "run"])
+    assert f"outputs in {tmp_path / 'run'}: checkpoint.pt, metrics.csv\n" in capsys.readouterr().out
+    assert not (tmp_path / "run" / "loss.png").exists()
+
+
+def test_every_format_reads_the_same_bytes(tmp_path, monkeypatch):
+    raw = "héllo wörld, ".encode() * 2000
+    files = {
+        "a.txt": raw,
+        "a.txt.gz": gzip.compress(raw),
+        "a.txt.bz2": bz2.compress(raw),
+        "a.txt.xz": lzma.compress(raw),
+        "compressed_without_suffix": bz2.compress(raw),  # recognised by its first bytes
+    }
+    try:
+        import zstandard
+    except ImportError:
+        zstandard = None
+    if zstandard is not None:  # two frames, as zstd --long or concatenated files give
+        files["a.txt.zst"] = zstandard.ZstdCompressor().compress(raw[:100]) + zstandard.ZstdCompressor().compress(raw[100:])
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+        assert T.read_bytes(tmp_path / name) == raw, name
+        assert T.read_bytes(tmp_path / name, max_bytes=150) == raw[:150], name
+        assert torch.equal(T.load_bytes(tmp_path / name), T.bytes_tensor(raw))
+    if zstandard is not None:
+        (tmp_path / "cut.zst").write_bytes(files["a.txt.zst"][:40])
+        with pytest.raises(T.DataError, match="cut.zst cannot be read as zstd data.*truncated"):
+            T.read_bytes(tmp_path / "cut.zst")
+
+    # without the zstandard package: an error that says what to install
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    monkeypatch.setitem(sys.modules, "compression", None)
+    (tmp_path / "b.zst").write_bytes(b"\x28\xb5\x2f\xfd" + b"\0" * 16)
+    with pytest.raises(T.DataError, match=r"b.zst: reading .zst files needs the zstandard package: pip install zstandard"):
+        T.read_bytes(tmp_path / "b.zst")
+
+    # the benchmark reads through the same reader
+    compare = load_script(ROOT / "benchmarks" / "compare_mixers.py")
+    train, val = compare.load_bytes(tmp_path / "a.txt.xz")
+    assert torch.equal(torch.cat((train, val)), T.bytes_tensor(raw).long())
