@@ -36,6 +36,14 @@ SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= 
 
 # b - batch, h - heads, i - query positions, j - key positions, d - head dimension
 
+# `sdp_kwargs` flag -> the name of its torch.nn.attention.SDPBackend member
+SDPA_BACKEND_NAMES = dict(
+    enable_flash="FLASH_ATTENTION",
+    enable_mem_efficient="EFFICIENT_ATTENTION",
+    enable_math="MATH",
+    enable_cudnn="CUDNN_ATTENTION",
+)
+
 
 class LazyAttnMap:
     """An attention map field of `Intermediates`: set like a plain attribute, or computed on first read.
@@ -297,16 +305,15 @@ class Attend(Module):
         # without flash, SDPA still serves every call that needs no logit-level feature (same function, fused)
         needs_logits = dict(flash_incompatible, l2_distance=l2_distance, custom_attn_fn=exists(custom_attn_fn))
         self.logit_features = [name for name, on in needs_logits.items() if on]
-        backend_by_flag = dict(
-            enable_flash=torch.nn.attention.SDPBackend.FLASH_ATTENTION,
-            enable_mem_efficient=torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION,
-            enable_math=torch.nn.attention.SDPBackend.MATH,
-            enable_cudnn=torch.nn.attention.SDPBackend.CUDNN_ATTENTION,
-        )
-        unknown = set(sdp_kwargs) - set(backend_by_flag)
+        unknown = set(sdp_kwargs) - set(SDPA_BACKEND_NAMES)
         if unknown:
-            raise ValueError(f"unknown sdp_kwargs {sorted(unknown)}, expected some of {sorted(backend_by_flag)}")
-        self.sdpa_backends = [backend_by_flag[name] for name, on in sdp_kwargs.items() if on]
+            raise ValueError(f"unknown sdp_kwargs {sorted(unknown)}, expected some of {sorted(SDPA_BACKEND_NAMES)}")
+        # backend names, not SDPBackend members: those do not pickle, and the module must (torch.save, deepcopy)
+        self.sdpa_backend_names = [SDPA_BACKEND_NAMES[name] for name, on in sdp_kwargs.items() if on]
+
+    @property
+    def sdpa_backends(self) -> list:
+        return [getattr(torch.nn.attention.SDPBackend, name) for name in self.sdpa_backend_names]
 
     def sdp_context_manager(self):
         return torch.nn.attention.sdpa_kernel(self.sdpa_backends)

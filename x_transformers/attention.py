@@ -477,25 +477,31 @@ class Attention(Module):
 
     # data-dependent alibi
 
-    def data_dependent_alibi_bias(self, x: Tensor, cached: Tensor | None):
+    def data_dependent_alibi_bias(self, x: Tensor, cached: Tensor | None, mask: Tensor | None = None):
         """Forgetting-gate bias for the new queries against every key, and the state that extends it next call.
 
         Causal gates only look back, so the bias against cached keys follows from their cumulative log gates
         (or, per row, their small gate keys), which ride along in `cached_kv` with the keys and values.
+        A masked token (`mask` (b, n) False) forgets nothing: its log gate is zero, whatever its input holds.
         """
         dda = self.data_dependent_alibi
 
         if not self.causal:
-            return dda(x), None
+            return dda(x, mask=mask), None
 
         if isinstance(dda, PerRowDataDependentAlibi):
             q, k = dda.to_forget_gates(x)  # (b, h, n, d) each
+            if exists(mask):
+                k = k.masked_fill(~rearrange(mask, 'b n -> b 1 n 1'), 0.0)
             if exists(cached):
                 k = cat((cached, k), dim=-2)
 
             i, j = q.shape[-2], k.shape[-2]
             gates = (q @ k.transpose(-1, -2)) * dda.scale
             gates = F.logsigmoid(gates) * dda.post_log_scale
+            if exists(mask):
+                key_mask = pad_at_dim(mask, (j - i, 0), value=True)
+                gates = gates.masked_fill(~rearrange(key_mask, 'b j -> b 1 1 j'), 0.0)
 
             # new query r sits at position j - i + r; its bias to key c sums its gates over keys c .. (its position - 1)
             future_or_self = torch.ones((i, j), dtype=torch.bool, device=x.device).triu(j - i)
@@ -504,6 +510,8 @@ class Attention(Module):
             return bias, k
 
         gates = dda.to_forget_gates(x) * dda.post_log_scale  # (b, h, n)
+        if exists(mask):
+            gates = gates.masked_fill(~rearrange(mask, 'b n -> b 1 n'), 0.0)
         cum_gates = gates.cumsum(dim=-1)
         cum_gates = rearrange(cum_gates, 'b h n -> b h n 1')
 
@@ -720,6 +728,16 @@ class Attention(Module):
         i, j = q.shape[-2], k.shape[-2]
         input_mask = context_mask
 
+        # which of this call's own n tokens are real (self attention): features that read across positions (data-
+        # dependent alibi's gates, selective attention's penalties, the hybrid module) must not read masked ones
+        position_mask = None
+        if not has_context:
+            position_mask = default(context_mask, mask)
+            if exists(position_mask) and (position_mask.ndim != 2 or position_mask.shape[-1] < n):
+                position_mask = None
+            elif exists(position_mask):
+                position_mask = position_mask[:, -n:].bool()
+
         if not exists(input_mask) and not has_context:
             input_mask = mask
 
@@ -751,6 +769,18 @@ class Attention(Module):
 
             if exists(input_mask):
                 input_mask = pad_at_dim(input_mask, (num_mem_kv, 0), value=True)
+
+        # masked keys and values are zeroed, not only given zero weight: a zero weight times inf or NaN at a masked
+        # position is NaN, which the weighted sum would carry to every query
+
+        if exists(input_mask):
+            key_keep = rearrange(input_mask, 'b j -> b 1 j 1')
+            k, v = k.masked_fill(~key_keep, 0.0), v.masked_fill(~key_keep, 0.0)
+
+        # a masked query's logits feed selective attention's penalties on later queries: give it zero logits
+
+        if self.attend.selective and exists(position_mask):
+            q = q.masked_fill(~rearrange(position_mask, 'b n -> b 1 n 1'), 0.0)
 
         # combine key padding, explicit attention mask and the attend-past window into one keep-mask
 
@@ -793,7 +823,7 @@ class Attention(Module):
         # data-dependent alibi - forgetting transformer's gates as a bias, continued across cached calls
 
         if exists(self.data_dependent_alibi):
-            attn_bias, dda_state = self.data_dependent_alibi_bias(x, next(cached_extras, None))
+            attn_bias, dda_state = self.data_dependent_alibi_bias(x, next(cached_extras, None), position_mask)
             attn_bias = pad_at_dim(attn_bias, (num_mem_kv, 0))
 
             if exists(dda_state):
@@ -834,7 +864,8 @@ class Attention(Module):
         # hybrid module - average its (normalized) output with attention's, per head (hymba)
 
         if exists(self.hybrid_module):
-            hybrid_out, hybrid_hidden = self.hybrid_forward(x, mask, cache)
+            hybrid_x = x if not exists(position_mask) else x.masked_fill(~position_mask[..., None], 0.0)
+            hybrid_out, hybrid_hidden = self.hybrid_forward(hybrid_x, mask, cache)
             intermediates.hybrid_hidden = hybrid_hidden
 
             if hybrid_out.ndim == 3:

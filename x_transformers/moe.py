@@ -24,10 +24,25 @@ from x_transformers.feedforward import FeedForward
 from x_transformers.utils import exists
 
 
+def grouped_mm_supported(x: Tensor, w: Tensor) -> bool:
+    """Whether `torch._grouped_mm` takes these operands. Eager CPU runs it in fp32 too, but its meta function (what
+    torch.compile traces) accepts bf16 only, so a compiled graph takes it for bf16 alone."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if not all(s * x.element_size() % 16 == 0 for s in (x.shape[-1], w.shape[-1])):
+        return False
+    if torch.compiler.is_compiling():
+        return x.dtype == torch.bfloat16
+    return x.is_cuda or x.dtype == torch.float32
+
+
+def squared_relu(t: Tensor) -> Tensor:
+    return F.relu(t).square()
+
+
 def grouped_mm(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
     """Rows of `x` (sorted by group) times their group's matrix `w[e]`: (T, i) x (E, i, o) -> (T, o)."""
-    aligned = all(s * x.element_size() % 16 == 0 for s in (x.shape[-1], w.shape[-1]))
-    if hasattr(torch, "_grouped_mm") and aligned and (x.is_cuda or x.dtype == torch.float32):
+    if grouped_mm_supported(x, w):
         offs = counts.cumsum(0).to(torch.int32)
         return torch._grouped_mm(x, w.to(x.dtype), offs=offs)
     outs = [chunk @ w_e.to(x.dtype) for chunk, w_e in zip(x.split(counts.tolist()), w)]
@@ -42,7 +57,7 @@ class Experts(Module):
         super().__init__()
         hidden = int(dim * mult)
         self.glu = glu
-        self.act = F.silu if swish else ((lambda t: F.relu(t).square()) if relu_squared else F.gelu)
+        self.act = F.silu if swish else (squared_relu if relu_squared else F.gelu)
         self.w_in = nn.Parameter(torch.empty(num_experts, dim, hidden * (2 if glu else 1)))
         self.w_out = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.b_in = None if no_bias else nn.Parameter(torch.zeros(num_experts, hidden * (2 if glu else 1)))
@@ -122,18 +137,26 @@ class MoE(Module):
         tokens = rearrange(x, "... d -> (...) d")
         valid = mask.reshape(-1) if exists(mask) else None
         num_tokens, k, num_experts = tokens.shape[0], self.top_k, self.num_experts
+        if exists(valid):
+            if valid.shape[0] != num_tokens:
+                raise ValueError(f"MoE mask must cover the {num_tokens} tokens of x {tuple(shape)}, got {tuple(mask.shape)}")
+            # masked tokens enter as zeros: whatever they hold (inf, NaN) then stays out of the routing, the losses
+            # and the shared expert buffers
+            tokens = tokens.masked_fill(~valid[:, None], 0.0)
 
-        logits = self.router(tokens).float()
+        # routing in fp32 at least (fp64 for a fp64 model)
+        logits = self.router(tokens)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         probs = logits.softmax(dim=-1)
         top_probs, top_ids = probs.topk(k, dim=-1)  # (T, k)
         weights = top_probs if k == 1 else top_probs / top_probs.sum(dim=-1, keepdim=True)
         if exists(valid):
-            weights = weights * valid[:, None]
+            weights = weights.masked_fill(~valid[:, None], 0.0)
 
         aux_loss = self.losses(logits, probs, top_ids, valid)
 
         if exists(self.capacity_factor):
-            out = self.dispatch_with_capacity(tokens, top_ids, weights)
+            out = self.dispatch_with_capacity(tokens, top_ids, weights, valid)
         else:
             out = self.dispatch_sorted(tokens, top_ids, weights)
 
@@ -151,14 +174,19 @@ class MoE(Module):
         expert_out = expert_out * weights.reshape(-1)[order, None].to(expert_out.dtype)
         return torch.zeros_like(tokens).index_add_(0, token_of, expert_out.to(tokens.dtype))
 
-    def dispatch_with_capacity(self, tokens, top_ids, weights):
+    def dispatch_with_capacity(self, tokens, top_ids, weights, valid=None):
         num_tokens, k, num_experts = tokens.shape[0], self.top_k, self.num_experts
         capacity = max(1, math.ceil(self.capacity_factor * num_tokens * k / num_experts))
-        # slot of each (token, choice) inside its expert, first choices first
+        # slot of each (token, choice) inside its expert, first choices first; masked tokens take no slot
         flat_ids = top_ids.t().reshape(-1)  # (k * T), choice-major
         one_hot = F.one_hot(flat_ids, num_experts)
+        flat_valid = valid.repeat(k) if exists(valid) else None
+        if exists(flat_valid):
+            one_hot = one_hot * flat_valid[:, None]
         slot = ((one_hot.cumsum(dim=0) - 1) * one_hot).sum(dim=-1)
         keep = slot < capacity
+        if exists(flat_valid):
+            keep = keep & flat_valid
         token_of = torch.arange(num_tokens, device=tokens.device).repeat(k)
         flat_weights = weights.t().reshape(-1) * keep
 
@@ -172,7 +200,7 @@ class MoE(Module):
     def losses(self, logits, probs, top_ids, valid):
         num_experts = self.num_experts
         if exists(valid):
-            w = valid.float()
+            w = valid.to(probs.dtype)
             denom = w.sum().clamp(min=1.0)
         else:
             w, denom = torch.ones_like(probs[:, 0]), probs.shape[0]

@@ -38,6 +38,16 @@ def _relative_distance(i: int, j: int, device=None) -> Tensor:
 # embeddings
 
 
+def check_token_ids(ids: Tensor, num_tokens: int):
+    """A clear error for token ids outside [0, num_tokens). Checked where it costs no device sync and no graph break
+    (CPU tensors, eager); a CUDA embedding lookup stops out-of-range ids with its own device-side assert."""
+    if ids.is_cuda or ids.numel() == 0 or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= num_tokens:
+        raise ValueError(f"token ids must lie in [0, {num_tokens}) (num_tokens = {num_tokens}), got ids from {lo} to {hi}")
+
+
 class TokenEmbedding(Module):
     def __init__(self, dim, num_tokens, l2norm_embed=False):
         super().__init__()
@@ -46,7 +56,9 @@ class TokenEmbedding(Module):
 
     def forward(self, x):
         # float ids are accepted as upstream does (generation may build float prompts), and cast to long
-        token_emb = self.emb(x.long())
+        x = x.long()
+        check_token_ids(x, self.emb.num_embeddings)
+        token_emb = self.emb(x)
         return l2norm(token_emb) if self.l2norm_embed else token_emb
 
     def init_(self):
@@ -304,8 +316,11 @@ class DataDependentAlibi(Module):
 
         self.post_log_scale = post_log_scale
 
-    def forward(self, x):
+    def forward(self, x, mask=None):
         log_gates = self.to_forget_gates(x) * self.post_log_scale
+        # a masked token (mask False) forgets nothing, whatever its input holds
+        if exists(mask):
+            log_gates = log_gates.masked_fill(~mask[:, None, :], 0.0)
         cum = log_gates.cumsum(dim=-1)
 
         if self.causal:

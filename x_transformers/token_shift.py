@@ -12,37 +12,72 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from x_transformers.utils import exists, pad_at_dim
 
 
+def last(t, n, dim=-2):
+    """The last n positions of t along `dim`; empty for n = 0 (where a slice from -0 would be all of t)."""
+    return t.narrow(dim, t.shape[dim] - n, n)
+
+
 def shift(t, amount, mask=None):
     """Shift t (b, n, d) along the sequence by `amount` (> 0 towards the future), filling with zeros.
 
-    Masked (padding) positions are zeroed first so that they never leak into real tokens."""
+    Masked (padding) positions are zeroed first so that they never leak into real tokens. A mask longer than the
+    sequence (a key mask over cached positions too) is aligned on its last n columns."""
     if amount == 0:
         return t
 
-    seq_len = t.shape[1]
+    seq_len = t.shape[-2]
     amount = max(min(amount, seq_len), -seq_len)
 
     if exists(mask):
-        t = t.masked_fill(~mask[..., None], 0.0)
+        t = t.masked_fill(~last(mask, seq_len, dim=-1)[..., None], 0.0)
 
     return pad_at_dim(t, (amount, -amount), dim=-2, value=0.0)
 
 
+# `shift_mask` left out: the padding mask is the wrapped block's own `mask` kwarg
+_MASK_FROM_KWARGS = object()
+
+
+def shift_tail(x, length, mask=None, prev_tail=None):
+    """The last `length` inputs (b, length, d) that the next tokens shift in (decoding): padding zeroed, zeros before
+    the sequence start. `prev_tail` is the tail before `x`; `mask` (b, >= n) aligns on its last n columns."""
+    if exists(mask):
+        x = x.masked_fill(~last(mask, x.shape[-2], dim=-1)[..., None], 0.0)
+    if exists(prev_tail):
+        x = cat((prev_tail.to(x.dtype), x), dim=-2)
+    x = pad_at_dim(x, (max(length - x.shape[-2], 0), 0), dim=-2, value=0.0)
+    return last(x, length)
+
+
 class ShiftTokens(Module):
-    """Split the features into len(shifts) equal chunks, shift chunk k by shifts[k], leave the remainder."""
+    """Split the features into len(shifts) equal chunks, shift chunk k by shifts[k], leave the remainder.
+
+    `shift_mask` (b, n) marks the real tokens whose features may be shifted into their neighbours; without it the
+    wrapped block's `mask` kwarg serves. The layer stack passes it to every shifting block, feedforwards included
+    (which take no mask of their own), so padding never reaches a real token. `shift_tail` (b, max shift, d): the
+    inputs just before `x` (see `shift_tail`), so that a decode step shifts in what the whole sequence would."""
 
     def __init__(self, shifts, fn):
         super().__init__()
         self.fn = fn
         self.shifts = tuple(shifts)
 
-    def forward(self, x, **kwargs):
-        mask = kwargs.get("mask", None)
+    def forward(self, x, shift_mask=_MASK_FROM_KWARGS, shift_tail=None, **kwargs):
+        mask = kwargs.get("mask", None) if shift_mask is _MASK_FROM_KWARGS else shift_mask
+        n = x.shape[-2]
+        if exists(mask):
+            mask = last(mask, n, dim=-1)
+        seq = x
+        if exists(shift_tail):
+            # the tail was zeroed where it held padding already
+            seq = cat((shift_tail.to(x.dtype), x), dim=-2)
+            if exists(mask):
+                mask = pad_at_dim(mask, (shift_tail.shape[-2], 0), dim=-1, value=True)
         segments = len(self.shifts)
-        chunks = x.split(x.shape[-1] // segments, dim=-1)
+        chunks = seq.split(seq.shape[-1] // segments, dim=-1)
         to_shift, rest = chunks[:segments], chunks[segments:]
-        shifted = [shift(chunk, amount, mask=mask) for chunk, amount in zip(to_shift, self.shifts)]
-        return self.fn(cat((*shifted, *rest), dim=-1), **kwargs)
+        shifted = [last(shift(chunk, amount, mask=mask), n) for chunk, amount in zip(to_shift, self.shifts)]
+        return self.fn(cat((*shifted, *(last(chunk, n) for chunk in rest)), dim=-1), **kwargs)
 
 
 class FoldAxially(Module):

@@ -77,7 +77,7 @@ from x_transformers.positional import (
     rotate_half,
 )
 from x_transformers.residual import Residual, GRUGating, HyperConnection, Scale, LayerScale, AdaptiveLayerScale
-from x_transformers.token_shift import ShiftTokens, FoldAxially, shift
+from x_transformers.token_shift import ShiftTokens, FoldAxially, shift, shift_tail
 
 # b - batch, n - sequence, d - feature dimension, h - heads, s - residual streams
 
@@ -264,6 +264,53 @@ def _check_bool_mask(name, mask, shape):
         raise ValueError(f"`{name}` must have shape {tuple(shape)}, got {tuple(mask.shape)}")
 
 
+def _per_layer(name, value, layer_types):
+    """A flag given once for every layer, or as a tuple / list with one entry per layer (in `layer_types` order)."""
+    if not isinstance(value, (tuple, list)):
+        return (value,) * len(layer_types)
+    if len(value) != len(layer_types):
+        raise ValueError(
+            f"`{name}` has {len(value)} entries but the stack has {len(layer_types)} layers {tuple(layer_types)}; "
+            "give one value, or one per layer"
+        )
+    return tuple(value)
+
+
+# softmax-attention flags that configs shared between softmax and mixer stacks carry, and that a mixer stack may keep:
+# a head size, an SDPA backend choice, and rotary positions (which also switch the absolute positional embedding off,
+# their one effect on a mixer stack)
+SHARED_ATTENTION_FLAGS = {"dim_head", "flash"}
+
+
+def _check_softmax_only_flags(layer_types, *, attn_kwargs, cross_attn_kwargs, **flags):
+    """Raise a ValueError naming any flag that acts only on softmax attention layers the stack does not have."""
+    has_self, has_cross = "a" in layer_types, "c" in layer_types
+    attn_kwargs = {key: value for key, value in attn_kwargs.items() if key not in SHARED_ATTENTION_FLAGS}
+    # what each flag acts on: self attention only, or any softmax attention (self or cross)
+    self_only = {"rel_pos_bias", "dynamic_pos_bias", "alibi_pos_bias", "residual_attn", "qkv_receive_diff_residuals"}
+    cross_only = {"cross_residual_attn"}
+    unused = []
+    for name, on in flags.items():
+        if not on:
+            continue
+        if name in self_only and not has_self:
+            unused.append(name)
+        elif name in cross_only and not has_cross:
+            unused.append(name)
+        elif name not in self_only | cross_only and not (has_self or has_cross):
+            unused.append(name)
+    if not (has_self or has_cross):
+        unused += [f"attn_{key}" for key in attn_kwargs]
+    if not has_cross:
+        unused += [f"cross_attn_{key}" for key in cross_attn_kwargs]
+    if unused:
+        raise ValueError(
+            f"{', '.join(unused)} only act on softmax attention layers, and this stack of linear_attn mixers has "
+            f"{'no self-attention layer' if has_cross else 'none'} (layer types {tuple(layer_types)}); keep softmax "
+            "layers with `hybrid_pattern` / `softmax_attn_layers`, or drop the flag"
+        )
+
+
 # the stack
 
 
@@ -347,6 +394,7 @@ class AttentionLayers(Module):
         attn_kwargs, kwargs = groupby_prefix_and_trim("attn_", kwargs)
         cross_attn_kwargs, kwargs = groupby_prefix_and_trim("cross_attn_", kwargs)
         mixer_kwargs, kwargs = groupby_prefix_and_trim("linear_attn_", kwargs)
+        user_attn_kwargs = dict(attn_kwargs)
 
         if len(kwargs) > 0:
             raise TypeError(f"{type(self).__name__} got unknown keyword argument(s): {', '.join(sorted(kwargs))}")
@@ -548,6 +596,26 @@ class AttentionLayers(Module):
             raise ValueError(f"`hybrid_pattern` must be a non-empty string of 'L' (mixer) and 'N' (softmax), got {hybrid_pattern!r}")
         if len(mixer_kwargs) > 0 and not exists(linear_attn):
             raise ValueError(f"`linear_attn_` kwargs given without `linear_attn`: {', '.join('linear_attn_' + k for k in mixer_kwargs)}")
+        if exists(linear_attn) and "a" not in layer_types and "l" not in layer_types:
+            raise ValueError(
+                f"`linear_attn={linear_attn!r}` replaces self-attention blocks, but this stack has none "
+                f"(layer types {layer_types}); a mixer cannot cross attend"
+            )
+        num_self_attn_blocks = sum(1 for t in layer_types if t == "a")
+        if exists(softmax_attn_layers):
+            softmax_attn_layers = tuple(cast_tuple(softmax_attn_layers))
+            bad = [i for i in softmax_attn_layers if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < num_self_attn_blocks]
+            if "l" in layer_types:
+                raise ValueError("`softmax_attn_layers` places mixers by index; with 'l' entries in `custom_layers` the layers are placed already")
+            if bad:
+                raise ValueError(
+                    f"`softmax_attn_layers` indexes the {num_self_attn_blocks} self-attention blocks (0 to "
+                    f"{num_self_attn_blocks - 1}), got {bad}"
+                )
+            if len(set(softmax_attn_layers)) != len(softmax_attn_layers):
+                raise ValueError(f"`softmax_attn_layers` lists a block twice: {softmax_attn_layers}")
+        if exists(hybrid_pattern) and "l" in layer_types:
+            raise ValueError("`hybrid_pattern` places mixers by pattern; with 'l' entries in `custom_layers` the layers are placed already")
         # explicit 'l' entries in `custom_layers` place the mixers themselves; otherwise 'a' blocks are converted
         if exists(linear_attn) and "a" in layer_types and "l" not in layer_types:
             new_types, attn_index = [], 0
@@ -563,12 +631,34 @@ class AttentionLayers(Module):
                     attn_index += 1
                 new_types.append(layer_type)
             layer_types = tuple(new_types)
+            if exists(hybrid_pattern) and "N" in hybrid_pattern and "a" not in layer_types:
+                raise ValueError(
+                    f"`hybrid_pattern={hybrid_pattern!r}` over {num_self_attn_blocks} self-attention block(s) places no "
+                    "softmax layer ('N'); shorten the pattern or add depth"
+                )
         if "l" in layer_types and not exists(linear_attn):
             raise ValueError("layer type 'l' needs `linear_attn` (the mixer name) to be set")
 
+        # flags that only act on softmax attention must find some: a pure mixer stack would silently ignore them
+        if exists(linear_attn):
+            _check_softmax_only_flags(
+                layer_types,
+                attn_kwargs=user_attn_kwargs,
+                cross_attn_kwargs=cross_attn_kwargs,
+                rel_pos_bias=rel_pos_bias,
+                dynamic_pos_bias=dynamic_pos_bias,
+                alibi_pos_bias=alibi_pos_bias,
+                residual_attn=residual_attn,
+                cross_residual_attn=cross_residual_attn,
+                add_value_residual=add_value_residual,
+                qkv_receive_diff_residuals=qkv_receive_diff_residuals,
+            )
+
         self.layer_types = layer_types
         self.layers_execute_order = default(layers_execute_order, tuple(range(len(layer_types))))
-        assert all(i < len(self.layer_types) for i in self.layers_execute_order), "`layers_execute_order` indexes past the layers"
+        bad_order = [i for i in self.layers_execute_order if not isinstance(i, int) or not 0 <= i < len(layer_types)]
+        if bad_order:
+            raise ValueError(f"`layers_execute_order` indexes the {len(layer_types)} layers (0 to {len(layer_types) - 1}), got {bad_order}")
 
         self.num_attn_layers = sum(1 for t in layer_types if t == "a")
 
@@ -576,13 +666,15 @@ class AttentionLayers(Module):
         self.depth = depth
 
         # stochastic depth - drop whole layers at random while training (arXiv 1909.11556)
-        self.layer_dropouts = cast_tuple(layer_dropout, len(layer_types))
+        self.layer_dropouts = _per_layer("layer_dropout", layer_dropout, layer_types)
 
         # structured dropout of the context tokens for cross attention
         self.cross_attn_tokens_dropout = cross_attn_tokens_dropout
 
         # token shifting - shift a slice of the features along the sequence before each block (RWKV-style)
-        shift_tokens = cast_tuple(shift_tokens, len(layer_types))
+        shift_tokens = _per_layer("shift_tokens", shift_tokens, layer_types)
+        if any(amount < 0 for amount in shift_tokens):
+            raise ValueError(f"`shift_tokens` must be non-negative, got {shift_tokens}")
 
         # output soft clamping before the final norm (Gemma 2)
         self.softclamp_output = softclamp_output
@@ -682,6 +774,9 @@ class AttentionLayers(Module):
             self.layers.append(ModuleList([norms, layer, residual]))
 
         self.has_moe = exists(moe_cls)
+        # a shifted token reads the previous tokens' inputs to its layer: a decode step gets them from the cache, where
+        # each shifting layer keeps its last `amount` inputs (an entry of layer type 's' in attn_intermediates)
+        self.layer_shifts = tuple(shift_tokens)
         self.can_cache_kv = all(getattr(module, "can_cache_kv", True) for module in self._mixing_modules())
 
     def _mixing_modules(self):
@@ -713,7 +808,11 @@ class AttentionLayers(Module):
         condition=None,
         in_attn_cond=None,  # arXiv 2105.04090
         layers_execute_order: tuple[int, ...] | None = None,
+        recurrent_states: list | None = None,
     ):
+        """`recurrent_states`: the linear_attn mixers' states to start from, one per mixer call in execution order, as
+        a previous call returned them (`[t.recurrent_state for t in intermediates.attn_intermediates if t.layer_type
+        == 'l']`): a long sequence then runs in segments, as Transformer-XL memories do for softmax attention."""
         if not torch.is_tensor(x) or x.ndim != 3 or x.shape[-1] != self.dim:
             shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
             raise ValueError(f"{type(self).__name__} expects input of shape (batch, seq, {self.dim}), got {shape}")
@@ -755,9 +854,13 @@ class AttentionLayers(Module):
         mem_masks = list(mem_masks) if exists(mem_masks) else [None] * self.num_attn_layers
 
         # left-padded sequences - keys before each row's start position are masked out
+        left_pad_mask = None
         if exists(seq_start_pos):
             left_pad_mask = arange(seq_len, device=x.device, dtype=torch.long) >= seq_start_pos[..., None]
             self_attn_kv_mask = left_pad_mask if not exists(self_attn_kv_mask) else (self_attn_kv_mask & left_pad_mask)
+
+        # token shifting moves features of padding (mask, or left padding) into no real token, in any kind of block
+        shift_mask = default(mask, left_pad_mask)
 
         # rotary positions, shifted back by the length of any Transformer-XL memories
         cross_attn_rotary_pos_emb = dict()
@@ -781,6 +884,16 @@ class AttentionLayers(Module):
 
         # kv cache - only the newest `cache_age` tokens are run; keys / values of the rest come from the cache
         attn_cache = []
+        if exists(recurrent_states):
+            if exists(cache):
+                raise ValueError("pass either `cache` or `recurrent_states` (the cache holds the mixers' states already)")
+            if not self.causal:
+                raise ValueError("`recurrent_states` continue causal mixers; they do not apply to an Encoder")
+            num_mixer_calls = sum(1 for i in default(layers_execute_order, self.layers_execute_order) if self.layer_types[i] == "l")
+            if len(recurrent_states) != num_mixer_calls:
+                raise ValueError(f"`recurrent_states` needs one state per mixer call ({num_mixer_calls}), got {len(recurrent_states)}")
+        iter_recurrent_states = iter(recurrent_states if exists(recurrent_states) else ())
+
         if exists(cache):
             if not self.causal:
                 raise ValueError("`cache` can only be used with causal layers (Decoder)")
@@ -792,7 +905,9 @@ class AttentionLayers(Module):
                 x = x[:, -cache_age:]
             attn_cache = cache.attn_intermediates
 
-        iter_attn_cache = iter(attn_cache)
+        # the token-shift tails ('s' entries) go to the shifting layers, everything else to its block
+        iter_attn_cache = iter([t for t in attn_cache if t.layer_type != "s"])
+        iter_shift_cache = iter([t for t in attn_cache if t.layer_type == "s"])
 
         # the mixers' mask: keep-mask over the whole sequence so far, its last columns aligned with x
         mixer_mask = default(mask, self_attn_kv_mask)
@@ -800,7 +915,7 @@ class AttentionLayers(Module):
         layers_execute_order = default(layers_execute_order, self.layers_execute_order)
         layer_variables = [
             tuple(variable[i] for i in layers_execute_order)
-            for variable in (self.layer_types, self.skip_combines, self.layers, self.layer_dropouts)
+            for variable in (self.layer_types, self.skip_combines, self.layers, self.layer_dropouts, self.layer_shifts)
         ]
 
         # input re-injection (arXiv 1909.01377) or in-attention conditioning (arXiv 2105.04090)
@@ -828,14 +943,20 @@ class AttentionLayers(Module):
         first_self_attn_inter = None
         first_cross_attn_inter = None
 
-        for layer_type, skip_combine, (norms, block, residual_fn), layer_dropout in zip(*layer_variables):
+        for layer_type, skip_combine, (norms, block, residual_fn), layer_dropout, layer_shift in zip(*layer_variables):
             # u-net skips - stash every hidden, combine with the mirrored one where this layer has a combiner
             skip_hiddens.append(x)
             if exists(skip_combine):
                 x = skip_combine(x, skip_hiddens)
 
+            # a mixer's starting state (carried over from a previous segment), whether or not the layer runs
+            layer_state = next(iter_recurrent_states, None) if layer_type == "l" else None
+
             # layer dropout - skip the whole layer at random while training
             if self.training and layer_dropout > 0.0 and random() < layer_dropout:
+                # a skipped mixer hands its state on unchanged, so the returned states stay one per mixer call
+                if exists(recurrent_states) and layer_type == "l" and return_hiddens:
+                    intermediates.append(Intermediates(recurrent_state=layer_state, layer_type="l"))
                 continue
 
             if layer_type == "a":
@@ -867,7 +988,14 @@ class AttentionLayers(Module):
                 if layer_type == "a" and exists(layer_mem):
                     layer_mem = pre_norm(layer_mem)
 
-            block = partial(block, **block_forward_kwargs)
+            shift_kwargs = dict()
+            if layer_shift > 0:
+                prev_tail = next(iter_shift_cache, None)
+                prev_tail = prev_tail.recurrent_state[0] if exists(prev_tail) else None
+                shift_kwargs = dict(shift_mask=shift_mask, shift_tail=prev_tail)
+                block_input = x
+
+            block = partial(block, **block_forward_kwargs, **shift_kwargs)
 
             # value residual - hand the first self / cross attention's values to the later ones
             self_value_residual = cross_value_residual = None
@@ -906,7 +1034,10 @@ class AttentionLayers(Module):
                     return_intermediates=True,
                 )
             elif layer_type == "l":
-                out, inter = block(x, mask=mixer_mask, cache=next(iter_attn_cache, None), return_intermediates=True)
+                layer_cache = next(iter_attn_cache, None)
+                if exists(layer_state):
+                    layer_cache = Intermediates(recurrent_state=layer_state, layer_type="l")
+                out, inter = block(x, mask=mixer_mask, cache=layer_cache, return_intermediates=True)
             elif self.has_moe:
                 out, aux_loss = block(x, mask=mask)
                 aux_losses.append(aux_loss)
@@ -930,6 +1061,10 @@ class AttentionLayers(Module):
             if exists(inter) and return_hiddens:
                 inter.layer_type = layer_type
                 intermediates.append(inter)
+
+            if layer_shift > 0 and return_hiddens and self.causal:
+                tail = shift_tail(block_input, layer_shift, mask=shift_mask, prev_tail=shift_kwargs["shift_tail"])
+                intermediates.append(Intermediates(recurrent_state=(tail,), layer_type="s"))
 
             if layer_type == "a" and self.residual_attn:
                 prev_attn = inter.pre_softmax_attn
@@ -1227,7 +1362,7 @@ class TransformerWrapper(Module):
             self.to_logits = None
         elif tie_embedding:
             assert isinstance(token_emb, TokenEmbedding), "can only tie the embedding when using `TokenEmbedding`"
-            self.to_logits = lambda t: t @ self.token_emb.emb.weight.t()
+            self.to_logits = TiedEmbeddingLogits(self)
         elif num_output_heads > 1:
             self.to_logits = ModuleList([LinearNoBias(dim, logits_dim) for _ in range(num_output_heads)])
         else:
@@ -1463,10 +1598,21 @@ class TransformerWrapper(Module):
             return out, intermediates
 
         if return_attn:
-            attn_maps = [t.post_softmax_attn for t in intermediates.attn_intermediates if t.layer_type != "l"]
+            attn_maps = [t.post_softmax_attn for t in intermediates.attn_intermediates if t.layer_type in ("a", "c")]
             return out, attn_maps
 
         return out
+
+
+class TiedEmbeddingLogits:
+    """Logits from the token embedding's weight (`tie_embedding`). A plain callable, not a Module, so the embedding
+    is not registered (and saved) twice; not a lambda, so the model pickles."""
+
+    def __init__(self, wrapper: TransformerWrapper):
+        self.wrapper = wrapper
+
+    def __call__(self, t):
+        return t @ self.wrapper.token_emb.emb.weight.t()
 
 
 class XTransformer(Module):
