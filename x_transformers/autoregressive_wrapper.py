@@ -178,6 +178,22 @@ def _resolve_filter(filter_logits_fn):
     return filter_logits_fn
 
 
+def check_generate_args(seq_len, temperature=1.0):
+    """Clear errors for a bad number of new tokens or temperature (0 new tokens is fine: an empty result)."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) and not (torch.is_tensor(seq_len) and seq_len.ndim == 0 and not seq_len.is_floating_point()):
+        raise TypeError(f"seq_len (the number of tokens to generate) must be an int, got {seq_len!r}")
+    if int(seq_len) < 0:
+        raise ValueError(f"seq_len (the number of tokens to generate) must be >= 0, got {int(seq_len)}")
+    if not temperature >= 0.0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    return int(seq_len)
+
+
+def check_prompt_length(prompt_len: int):
+    if prompt_len == 0:
+        raise ValueError("prompts must hold at least one token (start from a BOS token to generate from nothing)")
+
+
 def mask_after_eos(out: Tensor, eos_token: int, pad_value):
     """Replace every token after the first `eos_token` of each row with `pad_value`."""
     is_eos = out == eos_token
@@ -222,6 +238,8 @@ class AutoregressiveWrapper(Module):
                 raise ValueError("a list of prompts must hold 1-D token id tensors")
 
             prompt_lens = tensor([p.shape[0] for p in prompts], device=prompts[0].device)
+            if int(prompt_lens.amin()) == 0:
+                check_prompt_length(0)
             prompts = pad_sequence(list(prompts), batch_first=True, padding_value=self.pad_value)
 
         if not torch.is_tensor(prompts):
@@ -229,12 +247,17 @@ class AutoregressiveWrapper(Module):
         if prompts.is_floating_point() or prompts.is_complex():
             raise TypeError(f"prompts must be integer token ids, got {prompts.dtype}")
 
+        if prompts.ndim == 0:
+            raise ValueError("prompts must be token ids of shape (seq,) or (batch, seq), got a scalar")
+        check_prompt_length(prompts.shape[-1])
         prompts, packed_shape = pack([prompts], "* n")
         seq_len = prompts.shape[-1]
 
         # variable length prompts are left padded, and the network told where each one starts
         seq_start_pos = None
         if exists(prompt_lens):
+            if prompt_lens.numel() > 0 and not (1 <= int(prompt_lens.amin()) and int(prompt_lens.amax()) <= seq_len):
+                raise ValueError(f"prompt_lens must lie in [1, {seq_len}] (the prompt tensor's length), got {prompt_lens.tolist()}")
             prompts = align_right(prompts, prompt_lens, pad_id=self.pad_value)
             seq_start_pos = seq_len - prompt_lens
 
@@ -364,6 +387,7 @@ class AutoregressiveWrapper(Module):
         pick the step; False keeps the plain path. Greedy tokens equal the plain path's (exactly in fp32); sampling
         draws from the same distribution through another random stream.
         """
+        seq_len = check_generate_args(seq_len, temperature)
         greedy = temperature == 0.0
         filter_logits_fn = _resolve_filter(filter_logits_fn)
 
@@ -496,6 +520,7 @@ class AutoregressiveWrapper(Module):
     ):
         """Keep the `beams` sequences of highest total log-probability; returns the best, or all with their scores."""
         assert beams >= 1, "beams must be at least 1"
+        seq_len = check_generate_args(seq_len, temperature)
         filter_logits_fn = _resolve_filter(filter_logits_fn)
 
         prompts, packed_shape, prompt_start_pos = self._prepare_prompts(prompts, prompt_lens)

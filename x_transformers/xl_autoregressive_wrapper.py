@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from einops import rearrange, pack, unpack
 from torch import nn
 
-from x_transformers.autoregressive_wrapper import eval_decorator, mask_after_eos, top_k, _resolve_filter
+from x_transformers.autoregressive_wrapper import (
+    _resolve_filter, check_generate_args, check_prompt_length, eval_decorator, mask_after_eos, top_k,
+)
 from x_transformers.utils import exists
 
 
@@ -58,9 +60,11 @@ class XLAutoregressiveWrapper(nn.Module):
         cache_kv=True,
         **kwargs,
     ):
+        seq_len = check_generate_args(seq_len, temperature)
         max_seq_len, greedy = self.max_seq_len, temperature == 0.0
         filter_logits_fn = _resolve_filter(filter_logits_fn)
 
+        check_prompt_length(start_tokens.shape[-1])
         start_tokens, packed_shape = pack([start_tokens], "* n")
         prompt_len = start_tokens.shape[-1]
 
