@@ -236,14 +236,19 @@ class DynamicPositionBias(Module):
         return next(self.parameters()).device
 
     def forward(self, i, j):
-        device = self.device
+        dtype = self.mlp[-1].weight.dtype
+        device = self.mlp[-1].weight.device
 
-        # run the MLP once per distinct distance (query minus key, in [-(j-1), j-1]), then gather
-        pos = torch.arange(-j + 1, j, device=device).float()[:, None]
+        # run the MLP once per distinct distance (query minus key, in [-(j-1), j-1]), then gather. Distances and the
+        # first projection in fp32 at least (bf16 holds integers exactly only up to 256), the rest in the MLP's dtype
+        acc = torch.promote_types(dtype, torch.float32)
+        pos = torch.arange(-j + 1, j, device=device, dtype=acc)[:, None]
         if self.log_distance:
             pos = torch.sign(pos) * torch.log(pos.abs() + 1)
 
-        for layer in self.mlp:
+        first, *rest = self.mlp[0]
+        pos = F.linear(pos, first.weight.to(acc), first.bias.to(acc)).to(dtype)
+        for layer in (*rest, *self.mlp[1:]):
             pos = layer(pos)
 
         indices = -_relative_distance(i, j, device=device) + (j - 1)
