@@ -22,6 +22,8 @@ setup(
         "triton": ["triton>=3.3"],
         "test": ["pytest", "triton>=3.3,<3.7", "matplotlib"],  # the interpreter tests are checked with 3.6
         "examples": ["tqdm", "matplotlib"],  # kept for upstream users' install commands
+        # x_transformers.hf: transformers models, safetensors weights, lm-eval (whose hf model needs accelerate)
+        "hf": ["transformers>=5,<6", "safetensors", "lm_eval>=0.4", "accelerate>=0.26"],
     },
     classifiers=[
         "Intended Audience :: Developers",
