@@ -15,7 +15,7 @@ pytest.importorskip("safetensors")
 from safetensors import safe_open  # noqa: E402
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from x_transformers import AutoregressiveWrapper  # noqa: E402
+from x_transformers import AutoregressiveWrapper, Decoder, TransformerWrapper  # noqa: E402
 from x_transformers import training as T  # noqa: E402
 from x_transformers.hf import (  # noqa: E402
     ByteTokenizer,
@@ -109,6 +109,17 @@ def test_left_padded_batch_generates_as_one_by_one(name):
     assert torch.equal(out, ours.generate(rows, 7, temperature=0.0))
 
 
+@pytest.mark.parametrize("name", ["softmax", "hybrid", "absolute"])
+def test_decoding_past_max_seq_len_slides_the_window_as_ours(name):
+    # rotary / mixers: the cache is trimmed to the window; an absolute positional embedding recomputes the window
+    decoder = CONFIGS.get(name, {})
+    model, ours = make(decoder)
+    x = prompts()
+    hf = model.generate(x, max_new_tokens=50, do_sample=False)
+    expected = ours.generate(x, 50, temperature=0.0, cache_kv=name != "absolute")
+    assert torch.equal(hf[:, x.shape[1] :], expected)
+
+
 def test_cache_continues_exactly_and_can_be_reused():
     model, _ = make(CONFIGS["hybrid"])
     x = prompts(length=12)
@@ -181,6 +192,18 @@ def test_save_load_identical_logits_and_no_gamma_beta_keys(tmp_path):
 
     net, _ = load_transformer_wrapper(tmp_path)
     torch.testing.assert_close(net(x), ours.net(x), rtol=0, atol=0)
+
+
+def test_wraps_a_trained_transformer_wrapper():
+    # ALiBi slopes and sinusoidal frequencies: buffers a plain TransformerWrapper leaves out of its state dict
+    wrapper, decoder = dict(WRAPPER, scaled_sinu_pos_emb=True), dict(LAYERS, alibi_pos_bias=True)
+    net = TransformerWrapper(**wrapper, attn_layers=Decoder(**decoder)).eval()
+    model = XTransformersForCausalLM.from_transformer_wrapper(net, wrapper, decoder).eval()
+    x = prompts()
+    torch.testing.assert_close(model(x).logits, net(x), rtol=0, atol=0)
+    assert model.x_transformers_state_dict().keys() == net.state_dict().keys()
+    with pytest.raises(ValueError, match="input_ids"):
+        model(inputs_embeds=torch.zeros(1, 2, 32))
 
 
 def test_labels_give_the_autoregressive_loss():
@@ -287,7 +310,9 @@ metric_list:
 
 
 def test_lm_eval_runs_loglikelihood_and_generate_until(tmp_path, monkeypatch):
-    pytest.importorskip("lm_eval")
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(name, "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets_cache"))
@@ -303,12 +328,36 @@ def test_lm_eval_runs_loglikelihood_and_generate_until(tmp_path, monkeypatch):
     for i, text in enumerate(LM_EVAL_TASKS.format(data=data).split("---")):
         (tasks / f"task{i}.yaml").write_text(text)
 
-    main([
-        "lm-eval", "--model", "hf", "--model_args", f"pretrained={tmp_path / 'model'}", "--tasks",
-        "xt_local_loglikelihood,xt_local_generate", "--include_path", str(tasks), "--device", "cpu",
-        "--batch_size", "2", "--output_path", str(tmp_path / "results"),
-    ])
-    (result_file,) = (tmp_path / "results").rglob("results*.json")
-    results = json.loads(result_file.read_text())["results"]
+    # what `lm-eval --model hf --model_args pretrained=DIR` runs, minus the scan of lm-eval's own task folders
+    # (some 15 s; the command line always makes it)
+    out = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=dict(pretrained=str(tmp_path / "model"), backend="causal"),
+        tasks=["xt_local_loglikelihood", "xt_local_generate"],
+        task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+        device="cpu",
+        batch_size=2,
+    )
+    results = out["results"]
     assert results["xt_local_loglikelihood"]["perplexity,none"] > 1
     assert results["xt_local_generate"]["exact_match,none"] == 0.0
+    assert len(out["samples"]["xt_local_generate"]) == 2
+
+
+def test_lm_eval_command_gets_our_classes_and_the_causal_backend(monkeypatch):
+    pytest.importorskip("lm_eval")
+    import lm_eval.__main__
+
+    seen = {}
+
+    def fake_cli():
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        seen.update(argv=list(__import__("sys").argv), registered="x_transformers" in CONFIG_MAPPING)
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", fake_cli)
+    main(["lm-eval", "--model", "hf", "--model_args", "pretrained=DIR", "--tasks", "t"])
+    assert seen == dict(
+        argv=["lm-eval", "--model", "hf", "--model_args", "pretrained=DIR,backend=causal", "--tasks", "t"],
+        registered=True,
+    )

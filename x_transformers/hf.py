@@ -49,7 +49,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationMixin,
-    PretrainedConfig,
+    PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizer,
 )
@@ -67,6 +67,7 @@ __all__ = [
     "XTransformersCache",
     "XTransformersConfig",
     "XTransformersForCausalLM",
+    "XTransformersByteTokenizer",
     "XTransformersModel",
     "export_checkpoint",
     "hf_key",
@@ -133,11 +134,17 @@ def _rename_gamma_beta(root: nn.Module):
             module.__class__ = _aliased_class(type(module), tuple(renames))
 
 
-def _persist_buffers(root: nn.Module):
-    # transformers builds the model on the meta device and fills in only what the weights file holds; buffers our
-    # modules compute in their constructors (ALiBi slopes, sinusoidal frequencies) are therefore saved with the weights
-    for module in root.modules():
+def _persist_buffers(root: nn.Module) -> set[str]:
+    """Make every buffer part of the state dict; returns the names of those that were not.
+
+    transformers builds the model on the meta device and fills in only what the weights file holds, so buffers our
+    modules compute in their constructors (ALiBi slopes, sinusoidal frequencies) are saved with the weights."""
+    computed = set()
+    for name, module in root.named_modules():
+        prefix = f"{name}." if name else ""
+        computed |= {prefix + b for b in module._non_persistent_buffers_set if module._buffers.get(b) is not None}
         module._non_persistent_buffers_set.clear()
+    return computed
 
 
 # configuration
@@ -160,7 +167,7 @@ def build_transformer_wrapper(transformer_wrapper: dict, decoder: dict) -> Trans
 _LAYER_TYPES = {"a": "full_attention", "l": "linear_attention"}
 
 
-class XTransformersConfig(PretrainedConfig):
+class XTransformersConfig(PreTrainedConfig):
     """`wrapper_kwargs`: TransformerWrapper keywords (num_tokens and max_seq_len at least, attn_layers aside);
     `decoder_kwargs`: Decoder keywords. The usual transformers fields are derived from them on construction (the
     names avoid `decoder`, which transformers takes for a sub-configuration)."""
@@ -305,27 +312,26 @@ class XTransformersCache(Cache):
         self.tokens, self.state = None, None
 
     def crop(self, tokens_to_remove: int):
-        # transformers' convention: a negative count is the number of tokens to remove, a positive one the length
-        length = self.get_seq_length()
-        keep = length - abs(tokens_to_remove) if tokens_to_remove < 0 else min(tokens_to_remove, length)
-        if keep >= length:
+        """Forget the last `-tokens_to_remove` tokens (transformers passes minus the count, as to its own caches)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes minus the number of tokens to remove, got {tokens_to_remove}")
+        remove = -tokens_to_remove
+        if remove == 0 or self.tokens is None:
             return
         if not self.is_croppable:
             raise ValueError("a cache holding recurrent (mixer / hybrid) states cannot be cropped")
-        self.tokens = self.tokens[:, :keep]
-        if self.state is not None:
-            cached = self.state.attn_intermediates[0].cached_kv if self.state.attn_intermediates else None
-            cached_len = cached[0].shape[-2] if cached is not None else length
-            # the cache may hold fewer positions than tokens (a window past max_seq_len): cut the same count
-            trim = cached_len - (length - keep)
-            if trim <= 0:
+        self.tokens = self.tokens[:, : max(self.tokens.shape[1] - remove, 0)]
+        if self.state is None:
+            return
+        # every cached tensor holds positions on dim -2 (fewer than the tokens once a window slid)
+        for inter in self.state.attn_intermediates:
+            if inter.cached_kv is None:
+                continue
+            if any(torch.is_tensor(t) and t.shape[-2] <= remove for t in inter.cached_kv):
+                # nothing left to continue from: the next call recomputes from the tokens
                 self.state = None
-            else:
-                for inter in self.state.attn_intermediates:
-                    if inter.cached_kv is not None:
-                        inter.cached_kv = tuple(
-                            t[..., :trim, :] if torch.is_tensor(t) else t for t in inter.cached_kv
-                        )
+                return
+            inter.cached_kv = tuple(t[..., : t.shape[-2] - remove, :] if torch.is_tensor(t) else t for t in inter.cached_kv)
 
 
 # models
@@ -356,7 +362,8 @@ class XTransformersPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = False
-    _no_split_modules = []
+    # the stack hands shared tensors (rotary tables, masks, the tied embedding) from layer to layer: one device
+    _no_split_modules = ["TransformerWrapper"]
     # our tied embedding reads the token embedding in the logit projection (one tensor, no lm-head parameter), so
     # there is nothing for transformers to tie
     _tied_weights_keys = {}
@@ -365,7 +372,8 @@ class XTransformersPreTrainedModel(PreTrainedModel):
         super().__init__(config)
         self.model = build_transformer_wrapper(config.wrapper_kwargs, config.decoder_kwargs)
         _rename_gamma_beta(self.model)
-        _persist_buffers(self.model)
+        # buffers a plain TransformerWrapper computes itself and leaves out of its state dict
+        self._computed_buffers = _persist_buffers(self.model)
         self.post_init()
 
     def _init_weights(self, module):
@@ -382,11 +390,15 @@ class XTransformersPreTrainedModel(PreTrainedModel):
 
     def load_x_transformers_state_dict(self, state_dict: dict, strict: bool = True):
         """Load a `TransformerWrapper.state_dict()` (our names) into `self.model`."""
-        return self.model.load_state_dict({hf_key(k): v for k, v in state_dict.items()}, strict=strict)
+        state = {hf_key(k): v for k, v in state_dict.items()}
+        own = self.model.state_dict()
+        for name in self._computed_buffers:
+            state.setdefault(name, own[name])
+        return self.model.load_state_dict(state, strict=strict)
 
     def x_transformers_state_dict(self) -> dict:
         """`self.model`'s weights under our names, as a plain `TransformerWrapper` of this config loads them."""
-        return {xt_key(k): v for k, v in self.model.state_dict().items()}
+        return {xt_key(k): v for k, v in self.model.state_dict().items() if k not in self._computed_buffers}
 
     @classmethod
     def from_transformer_wrapper(cls, net: TransformerWrapper, wrapper_kwargs: dict, decoder_kwargs: dict, **config):
@@ -398,14 +410,14 @@ class XTransformersPreTrainedModel(PreTrainedModel):
     def to_transformer_wrapper(self) -> TransformerWrapper:
         """A plain `TransformerWrapper` with these weights (our parameter names, no transformers in it)."""
         net = build_transformer_wrapper(self.config.wrapper_kwargs, self.config.decoder_kwargs)
-        expected = net.state_dict().keys()
-        net.load_state_dict({k: v for k, v in self.x_transformers_state_dict().items() if k in expected})
+        net.load_state_dict(self.x_transformers_state_dict())
         return net.to(self.device)
 
-    def _run(self, input_ids, attention_mask, cache, use_cache, return_embeddings):
-        """Outputs for `input_ids` (the new tokens when `cache` holds earlier ones), intermediates, and the cache."""
-        if input_ids is None:
-            raise ValueError("input_ids are required (the network embeds token ids itself; no inputs_embeds)")
+    def _run(self, input_ids, attention_mask, cache, use_cache, return_embeddings, inputs_embeds=None):
+        """Outputs for `input_ids` (the new tokens when `cache` holds earlier ones), intermediates, and the cache.
+        Positions come from the token history, so `position_ids` are not taken."""
+        if input_ids is None or inputs_embeds is not None:
+            raise ValueError("the model takes input_ids (it embeds the tokens itself), not inputs_embeds")
         if cache is not None and not isinstance(cache, XTransformersCache):
             raise TypeError(
                 f"cache must be an XTransformersCache, got {type(cache).__name__}; leave it out and the model makes one"
@@ -455,11 +467,12 @@ class XTransformersModel(XTransformersPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         cache: XTransformersCache | None = None,
         use_cache: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ):
-        hidden, intermediates, cache = self._run(input_ids, attention_mask, cache, use_cache, return_embeddings=True)
+        hidden, intermediates, cache = self._run(input_ids, attention_mask, cache, use_cache, True, inputs_embeds)
         hiddens = tuple(intermediates.layer_hiddens) if output_hidden_states else None
         output = BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache, hidden_states=hiddens)
         return output if return_dict is not False else output.to_tuple()
@@ -472,6 +485,7 @@ class XTransformersForCausalLM(XTransformersPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         cache: XTransformersCache | None = None,
         use_cache: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         output_hidden_states: bool | None = None,
@@ -482,7 +496,7 @@ class XTransformersForCausalLM(XTransformersPreTrainedModel, GenerationMixin):
         input ids; -100 is ignored) give the next-token loss, plus the mixture-of-experts losses as in
         `AutoregressiveWrapper`. `hidden_states` are our `layer_hiddens`: the input of every block, then the
         stack's output before the final norm."""
-        logits, intermediates, cache = self._run(input_ids, attention_mask, cache, use_cache, return_embeddings=False)
+        logits, intermediates, cache = self._run(input_ids, attention_mask, cache, use_cache, False, inputs_embeds)
 
         loss = None
         if labels is not None:
@@ -506,7 +520,7 @@ class XTransformersForCausalLM(XTransformersPreTrainedModel, GenerationMixin):
 # tokenizer
 
 
-class ByteTokenizer(PreTrainedTokenizer):
+class XTransformersByteTokenizer(PreTrainedTokenizer):
     """Token ids are the bytes of the UTF-8 text (0-255); NUL (id 0) is eos and pad. Decoding turns bytes that are
     not valid UTF-8 into U+FFFD."""
 
@@ -545,6 +559,10 @@ class ByteTokenizer(PreTrainedTokenizer):
         return ()
 
 
+# the saved tokenizer_config names the class; the short name is for users
+ByteTokenizer = XTransformersByteTokenizer
+
+
 # registration
 
 
@@ -553,7 +571,7 @@ def register():
     AutoConfig.register(MODEL_TYPE, XTransformersConfig, exist_ok=True)
     AutoModel.register(XTransformersConfig, XTransformersModel, exist_ok=True)
     AutoModelForCausalLM.register(XTransformersConfig, XTransformersForCausalLM, exist_ok=True)
-    AutoTokenizer.register(XTransformersConfig, tokenizer_class=ByteTokenizer, exist_ok=True)
+    AutoTokenizer.register(XTransformersConfig, tokenizer_class=XTransformersByteTokenizer, exist_ok=True)
 
 
 register()
@@ -563,25 +581,15 @@ register()
 
 
 def _checkpoint_spec(state: dict) -> tuple[dict, dict, dict]:
-    """(transformer_wrapper, decoder, extra config fields) of a training checkpoint."""
+    """(TransformerWrapper keywords, Decoder keywords, extra config fields) of a training checkpoint, from the model
+    configuration it stores (`x_transformers.training.build_model`'s format)."""
     config = state.get("config")
-    if isinstance(config, dict):
-        if config.get("model") != "decoder":
-            raise ValueError(f"only decoder checkpoints convert to a causal LM, this one is {config.get('model')!r}")
-        wrapper = dict(num_tokens=config["num_tokens"], max_seq_len=config["max_seq_len"], **config.get("wrapper", {}))
-        return wrapper, dict(config["decoder"]), dict(task=config.get("task"))
-    # checkpoints written before they stored their model configuration: rebuild it from the script's arguments
-    args = state.get("args") or {}
-    if not {"dim", "depth", "heads", "seq_len"} <= set(args):
-        raise ValueError("the checkpoint has neither a model configuration nor the training arguments to rebuild one")
-    decoder = dict(dim=args["dim"], depth=args["depth"], heads=args["heads"], rotary_pos_emb=True)
-    for flag in ("linear_attn", "hybrid_pattern"):
-        if args.get(flag) is not None:
-            decoder[flag] = args[flag]
-    if args.get("config"):
-        text = args["config"]
-        decoder.update(json.loads(Path(text).read_text() if Path(text).is_file() else text))
-    return dict(num_tokens=256, max_seq_len=args["seq_len"]), decoder, dict(task="bytes")
+    if not isinstance(config, dict):
+        raise ValueError("the checkpoint stores no model configuration (written by an older training script)")
+    if config.get("model") != "decoder":
+        raise ValueError(f"only decoder checkpoints convert to a causal LM, this one is {config.get('model')!r}")
+    wrapper = dict(num_tokens=config["num_tokens"], max_seq_len=config["max_seq_len"], **config.get("wrapper", {}))
+    return wrapper, dict(config["decoder"]), dict(task=config.get("task"))
 
 
 def _strip_prefixes(state_dict: dict) -> dict:
