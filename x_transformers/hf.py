@@ -64,11 +64,12 @@ MODEL_TYPE = "x_transformers"
 
 __all__ = [
     "ByteTokenizer",
+    "XTransformersByteTokenizer",
     "XTransformersCache",
     "XTransformersConfig",
     "XTransformersForCausalLM",
-    "XTransformersByteTokenizer",
     "XTransformersModel",
+    "build_transformer_wrapper",
     "export_checkpoint",
     "hf_key",
     "import_checkpoint",
@@ -116,7 +117,7 @@ def _aliased_class(cls, renames: tuple):
 
 def _rename_gamma_beta(root: nn.Module):
     """Rename, in place, every parameter, buffer and submodule of `root` whose name holds gamma / beta (`hf_key`)."""
-    for name, module in root.named_modules():
+    for name, module in list(root.named_modules()):
         renames = []
         for store in (module._parameters, module._buffers, module._modules):
             # a name already spelled the renamed way would be read back as gamma / beta
@@ -227,7 +228,7 @@ class XTransformersConfig(PreTrainedConfig):
         self.mlp_layer_types = mlp if len(mlp) == len(self.layer_types) else None
         self.num_hidden_layers = len(self.layer_types)
         self.hidden_size = decoder["dim"]
-        self.num_attention_heads = decoder.get("heads", layers.heads)
+        self.num_attention_heads = layers.heads
         self.vocab_size = wrapper.get("logits_dim") or wrapper["num_tokens"]
         self.max_position_embeddings = wrapper["max_seq_len"]
         self.tie_word_embeddings = bool(wrapper.get("tie_embedding", False))
@@ -665,6 +666,15 @@ def import_checkpoint(directory: str | Path, out: str | Path) -> dict:
         step=config.training_step or 0,
         config=ckpt_config,
     )
+    # the checkpoint must rebuild this very model through the training scripts' reader (on the meta device, the
+    # weights assigned rather than copied: only keys and shapes are checked)
+    try:
+        with torch.device("meta"):
+            T.build_model(ckpt_config).load_state_dict(state["model"], assign=True)
+    except RuntimeError as error:
+        raise ValueError(
+            f"x_transformers.training.build_model does not rebuild this model from {ckpt_config}: {error}"
+        ) from None
     T.save_checkpoint(out, state)
     return state
 
