@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("transformers")
+pytest.importorskip("transformers", minversion="5")
 pytest.importorskip("safetensors")
 
 from safetensors import safe_open  # noqa: E402
