@@ -42,6 +42,20 @@ CONFIGS = {
 }
 
 
+# more flags, for the save / load round trip: the constructor keywords go through JSON and back
+FLAG_CONFIGS = {
+    "attention_flags": dict(rotary_pos_emb=True, attn_qk_norm=True, ff_glu=True, use_rmsnorm=True,
+                            attn_gate_values=True, add_value_residual=True, attn_kv_heads=1),
+    "scalenorm_layerscale_macaron": dict(use_scalenorm=True, use_layerscale=True, macaron=True, rotary_pos_emb=True),
+    "data_dependent_alibi": dict(attn_data_dependent_alibi=True),
+    "t5_relative_bias_shift_tokens": dict(rel_pos_bias=True, shift_tokens=1),
+    "sandwich_gated_residual": dict(sandwich_norm=True, gate_residual=True, rotary_pos_emb=True),
+    "multi_latent": dict(rotary_pos_emb=True, attn_use_latent_kv=True, attn_dim_latent_kv=16),
+    "weight_tied_layers": dict(weight_tie_layers=True, rotary_pos_emb=True),
+    "custom_layers": dict(custom_layers=["a", "f", "l", "f"], linear_attn="gla", depth=None, rotary_pos_emb=True),
+}
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     # tiny models on a shared 2-core box: a second intra-op thread only waits on the first (10x slower steps)
@@ -158,6 +172,17 @@ def test_right_padding_mask_runs_uncached_and_exact():
     # only the first 5 tokens of row 1 count: its logits there equal those of the unpadded row
     torch.testing.assert_close(out.logits[1, :5], model(x[1:, :5]).logits[0], rtol=1e-5, atol=1e-5)
     assert out.cache.state is None and out.cache.get_seq_length() == 8
+
+
+@pytest.mark.parametrize("name", [*CONFIGS, *FLAG_CONFIGS])
+def test_save_load_round_trips_any_configuration(name, tmp_path):
+    model, ours = make({**CONFIGS, **FLAG_CONFIGS}[name])
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    x = prompts(length=10)
+    torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
+    out = loaded.generate(x, max_new_tokens=5, do_sample=False)
+    assert torch.equal(out[:, x.shape[1] :], ours.generate(x, 5, temperature=0.0))
 
 
 def test_save_load_identical_logits_and_no_gamma_beta_keys(tmp_path):
