@@ -179,7 +179,8 @@ class MoE(Module):
         capacity = max(1, math.ceil(self.capacity_factor * num_tokens * k / num_experts))
         # slot of each (token, choice) inside its expert, first choices first; masked tokens take no slot
         flat_ids = top_ids.t().reshape(-1)  # (k * T), choice-major
-        one_hot = F.one_hot(flat_ids, num_experts)
+        # a comparison, not F.one_hot (which reads the largest id, a value torch.func.vmap cannot read)
+        one_hot = (flat_ids[:, None] == torch.arange(num_experts, device=flat_ids.device)).long()
         flat_valid = valid.repeat(k) if exists(valid) else None
         if exists(flat_valid):
             one_hot = one_hot * flat_valid[:, None]
@@ -205,7 +206,7 @@ class MoE(Module):
         else:
             w, denom = torch.ones_like(probs[:, 0]), probs.shape[0]
         # fraction of routed assignments per expert, and mean router probability per expert
-        routed = F.one_hot(top_ids, num_experts).float().sum(dim=1) * w[:, None]
+        routed = (top_ids[..., None] == torch.arange(num_experts, device=top_ids.device)).to(w.dtype).sum(dim=1) * w[:, None]
         frac = routed.sum(dim=0) / (denom * self.top_k)
         mean_prob = (probs * w[:, None]).sum(dim=0) / denom
         balance = num_experts * (frac * mean_prob).sum()

@@ -40,8 +40,11 @@ def _relative_distance(i: int, j: int, device=None) -> Tensor:
 
 def check_token_ids(ids: Tensor, num_tokens: int):
     """A clear error for token ids outside [0, num_tokens). Checked where it costs no device sync and no graph break
-    (CPU tensors, eager); a CUDA embedding lookup stops out-of-range ids with its own device-side assert."""
+    (CPU tensors, eager, outside torch.func transforms, which cannot read a value); a CUDA embedding lookup stops
+    out-of-range ids with its own device-side assert."""
     if ids.is_cuda or ids.numel() == 0 or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return
+    if torch._C._functorch.is_functorch_wrapped_tensor(ids):
         return
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= num_tokens:

@@ -81,21 +81,28 @@ def fused_linear(x: Tensor, *layers: nn.Linear | None) -> list[Tensor | None]:
 
 class L2Norm(torch.autograd.Function):
     """`x / max(|x|, eps)` over the last dim with a hand-written backward: one reduction and one product each way
-    (autograd of F.normalize runs some ten elementwise passes over the full tensor in its backward)."""
+    (autograd of F.normalize runs some ten elementwise passes over the full tensor in its backward). Written with
+    `setup_context`, so torch.func transforms (vmap, grad) take it too."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x: Tensor, eps: float):
+    def forward(x: Tensor, eps: float):
         with torch.autocast(x.device.type, enabled=False):
             # statistics in fp32 at least, whatever the activation dtype
             acc = acc_dtype(x.dtype)
             norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc)
             inv = norm.clamp_min(eps).reciprocal().to(x.dtype)
-            y = x * inv
-        ctx.save_for_backward(y, inv)
-        return y
+            return x * inv, inv
 
     @staticmethod
-    def backward(ctx, dy: Tensor):
+    def setup_context(ctx, inputs, output):
+        y, inv = output
+        ctx.mark_non_differentiable(inv)
+        ctx.save_for_backward(y, inv)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor, _):
         y, inv = ctx.saved_tensors
         with torch.autocast(dy.device.type, enabled=False):
             # d/dx (x / |x|) = (dy - y <y, dy>) / |x|; the sum accumulates in fp32 even for half-precision inputs
@@ -105,7 +112,7 @@ class L2Norm(torch.autograd.Function):
 
 
 def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
-    return L2Norm.apply(x, eps)
+    return L2Norm.apply(x, eps)[0]
 
 
 class ShortConvolution(Module):

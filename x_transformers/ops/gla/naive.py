@@ -36,25 +36,28 @@ def naive_recurrent_gla(
     acc = _acc_dtype(q, k, v)
     q, k, v, g = (t.to(acc) for t in (q, k, v, g))
 
-    if cu_seqlens is None:
-        # (b, h, k, v) state stepped over time; the batch is the set of independent sequences
-        spans = [(b, 0, T) for b in range(B)]
-    else:
-        offsets = cu_seqlens.tolist()
-        spans = [(0, bos, eos) for bos, eos in zip(offsets[:-1], offsets[1:])]
-
-    outputs = torch.zeros(B, T, H, V, dtype=acc, device=q.device)
-    finals = []
-    for n, (b, bos, eos) in enumerate(spans):
-        S = q.new_zeros(H, K, V) if initial_state is None else initial_state[n].to(acc)
+    def run(q, k, v, g, S):
+        # (b, h, k, v) state stepped over time; the outputs stacked, never written into a preallocated tensor (which
+        # torch.func.vmap cannot batch)
         rows = []
-        for t in range(bos, eos):
-            S = S * g[b, t].exp()[..., None] + k[b, t][..., None] * v[b, t][:, None, :]
-            rows.append(torch.einsum("hk,hkv->hv", q[b, t] * scale, S))
-        if rows:
-            outputs[b, bos:eos] = torch.stack(rows)
-        finals.append(S)
+        for t in range(q.shape[1]):
+            S = S * g[:, t].exp()[..., None] + k[:, t][..., None] * v[:, t][..., None, :]
+            rows.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
+        o = torch.stack(rows, 1) if rows else q.new_zeros(q.shape[0], 0, H, V)
+        return o, S
 
-    # an empty batch has no sequences to stack
-    final_state = (torch.stack(finals) if finals else q.new_zeros(0, H, K, V)) if output_final_state else None
-    return outputs.to(dtype), final_state
+    if cu_seqlens is None:
+        S0 = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(acc)
+        o, S = run(q, k, v, g, S0)
+        return o.to(dtype), (S if output_final_state else None)
+
+    offsets = cu_seqlens.tolist()
+    outs, finals = [], []
+    for n, (bos, eos) in enumerate(zip(offsets[:-1], offsets[1:])):
+        S0 = q.new_zeros(1, H, K, V) if initial_state is None else initial_state[n : n + 1].to(acc)
+        o, S = run(*(t[:, bos:eos] for t in (q, k, v, g)), S0)
+        outs.append(o)
+        finals.append(S)
+    o = torch.cat(outs, 1) if outs else q.new_zeros(1, 0, H, V)
+    final_state = (torch.cat(finals) if finals else q.new_zeros(0, H, K, V)) if output_final_state else None
+    return o.to(dtype), final_state
