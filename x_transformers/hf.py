@@ -55,6 +55,7 @@ from transformers import (
 )
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
 
 from x_transformers.attend import Intermediates
 from x_transformers.autoregressive_wrapper import map_cache_batch, trim_cached_kv
@@ -462,6 +463,8 @@ class XTransformersPreTrainedModel(PreTrainedModel):
 class XTransformersModel(XTransformersPreTrainedModel):
     """The network's final hidden states (before the logit projection)."""
 
+    # callers written for transformers 4 pass the cache as past_key_values
+    @deprecate_kwarg("past_key_values", "6.0.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -480,6 +483,7 @@ class XTransformersModel(XTransformersPreTrainedModel):
 
 
 class XTransformersForCausalLM(XTransformersPreTrainedModel, GenerationMixin):
+    @deprecate_kwarg("past_key_values", "6.0.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
