@@ -19,8 +19,8 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "triton": ["triton>=3.3"],
-        "test": ["pytest", "triton>=3.3,<3.7", "matplotlib"],  # the interpreter tests are checked with 3.6
+        "triton": ["triton>=3.6,<3.10"],  # the tested range: CI runs tests/ops on its oldest and newest release
+        "test": ["pytest", "hypothesis", "triton>=3.6,<3.10", "matplotlib"],
         "examples": ["tqdm", "matplotlib"],  # kept for upstream users' install commands
         # x_transformers.hf: transformers models, safetensors weights, lm-eval (whose hf model needs accelerate)
         "hf": ["transformers>=5,<6", "safetensors", "lm_eval>=0.4", "accelerate>=0.26"],

@@ -167,17 +167,16 @@ def conv(dtype):
 
 
 def gla(dtype):
-    from x_transformers.ops.gla import chunk as chunk_module
-    from x_transformers.ops.gla import fused_recurrent as recurrent_module
+    from x_transformers.ops.gla.chunk import chunk_gla_triton
+    from x_transformers.ops.gla.fused_recurrent import fused_recurrent_gla_triton
 
-    # the public entry points pick the torch path for CPU tensors: make them take the Triton one
-    chunk_module.use_triton = recurrent_module.use_triton = lambda *tensors: True
+    # the Triton entry points (after the public functions' checks), which also prepare the inputs and chunk indices
     for K, V, varlen in ((128, 128, False), (100, 64, True)):
         cu, q, k, v, h0 = attention_inputs(K, V, 2, varlen, dtype)
         g = (-torch.rand(1, q.shape[1], 2, K)).requires_grad_()
-        for fn in (chunk_module.chunk_gla, recurrent_module.fused_recurrent_gla):
+        for fn in (chunk_gla_triton, fused_recurrent_gla_triton):
             for state in (h0, None):
-                o, ht = fn(q, k, v, g, initial_state=state, output_final_state=state is not None, cu_seqlens=cu)
+                o, ht = fn(q, k, v, g, K**-0.5, state, state is not None, cu)
                 # the intercepted launches leave garbage in the outputs; only the backward launches matter here
                 loss = o.float().sum() + (ht.sum() if ht is not None else 0)
                 torch.autograd.grad(loss, [q, k, v, g])

@@ -9,9 +9,6 @@ import triton.language as tl
 from torch import Tensor
 
 from x_transformers.ops.common.chunk_index import prepare_chunk_indices
-from x_transformers.ops.common.interpreter_compat import patch
-
-patch()
 
 
 @triton.jit
@@ -26,10 +23,10 @@ def chunk_local_cumsum_kernel(g, gc, cu_seqlens, chunk_indices, T, H: tl.constex
         T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
     else:
         bos = i_b.to(tl.int64) * T
-    p_g = tl.make_block_ptr(g + bos * H + i_h, (T,), (H,), (i_t * BT,), (BT,), (0,))
-    p_gc = tl.make_block_ptr(gc + bos * H + i_h, (T,), (H,), (i_t * BT,), (BT,), (0,))
-    b_g = tl.load(p_g, boundary_check=(0,)).to(tl.float32)
-    tl.store(p_gc, tl.cumsum(b_g, axis=0), boundary_check=(0,))
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    b_g = tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=0).to(tl.float32)
+    tl.store(gc + (bos + o_t) * H + i_h, tl.cumsum(b_g, axis=0), mask=m_t)
 
 
 @triton.jit
@@ -42,16 +39,19 @@ def reverse_cumsum_kernel(x, y, cu_seqlens, T, H: tl.constexpr, BT: tl.constexpr
     else:
         bos = i_n.to(tl.int64) * T
     NT = tl.cdiv(T, BT)
+    o_h = i_hb * BH + tl.arange(0, BH)
+    m_h = o_h < H
     b_carry = tl.zeros([BH], dtype=tl.float32)
     for i in range(NT):
         i_t = NT - 1 - i
-        p_x = tl.make_block_ptr(x + bos * H, (T, H), (H, 1), (i_t * BT, i_hb * BH), (BT, BH), (1, 0))
-        p_y = tl.make_block_ptr(y + bos * H, (T, H), (H, 1), (i_t * BT, i_hb * BH), (BT, BH), (1, 0))
-        b_x = tl.load(p_x, boundary_check=(0, 1)).to(tl.float32)
+        o_t = i_t * BT + tl.arange(0, BT)
+        m = (o_t < T)[:, None] & m_h[None, :]
+        p = (bos + o_t)[:, None] * H + o_h[None, :]
+        b_x = tl.load(x + p, mask=m, other=0).to(tl.float32)
         b_tot = tl.sum(b_x, axis=0)
         # suffix sum inside the chunk = total - prefix + self
         b_y = b_tot[None, :] - tl.cumsum(b_x, axis=0) + b_x + b_carry[None, :]
-        tl.store(p_y, b_y.to(p_y.dtype.element_ty), boundary_check=(0, 1))
+        tl.store(y + p, b_y.to(y.dtype.element_ty), mask=m)
         b_carry += b_tot
 
 

@@ -1,14 +1,17 @@
-"""Two fixes to the Triton interpreter (TRITON_INTERPRET=1), which runs our kernels on CPU in tests and CI.
+"""Three fixes to the Triton interpreter (TRITON_INTERPRET=1), which runs our kernels on CPU in tests and CI; the
+ops apply them before their first kernel launch under the interpreter (`utils.require_triton`).
 
-1. Loops with run-time bounds under NumPy >= 2.4. The interpreter holds scalars as 1-element arrays and turns them into loop bounds with `int(array)`, which NumPy 2.4
-rejects for arrays with ndim > 0 ("only 0-dimensional arrays can be converted to Python scalars"). Every chunked
-kernel loops `for i_t in range(NT)` with NT known only at run time, so we read the one element explicitly instead.
+1. Loops with run-time bounds under NumPy >= 2.4. Triton 3.6's interpreter holds scalars as 1-element arrays and
+turns them into loop bounds with `int(array)`, which NumPy 2.4 rejects for arrays with ndim > 0 ("only 0-dimensional
+arrays can be converted to Python scalars"). Every chunked kernel loops `for i_t in range(NT)` with NT known only at
+run time, so we read the one element explicitly instead (3.7 and later read it themselves; there it changes nothing).
 2. `tl.dot` on bfloat16 blocks: the interpreter keeps bf16 as raw uint16 bits and multiplied the bits; we widen both
 operands to fp32 first (exact, and what the tensor cores accumulate in anyway).
 3. fp32 -> bf16 casts: the interpreter truncates, GPUs round to nearest even; truncation biases every rounded value
 towards zero, and the bias adds up coherently in long sums, so we round to nearest even as the hardware does.
 
-Compiled (GPU) kernels are unaffected; calling `patch()` more than once is harmless.
+2 and 3 are needed on every Triton from 3.6 to 3.9 (tests/ops/test_interpreter_compat.py checks all three). Compiled
+(GPU) kernels are unaffected; calling `patch()` more than once is harmless.
 """
 
 from __future__ import annotations

@@ -4,17 +4,61 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 from torch import Tensor
 
+# Triton releases the kernels are tested on: from the first (inclusive) to the second (exclusive); setup.py's extras
+# state the same range
+TRITON_TESTED = ((3, 6), (3, 10))
+TRITON_INSTALL = "pip install 'triton>=3.6,<3.10'"
 
+
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
+    """Whether triton imports. It is imported only here and in the kernel modules, which the ops load on their first
+    Triton launch, so CPU-only installs never need it."""
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def triton_version_tested(version: str) -> bool:
+    from packaging.version import Version
+
+    return TRITON_TESTED[0] <= Version(version).release[:2] < TRITON_TESTED[1]
+
+
+@functools.lru_cache(maxsize=None)
+def _check_triton_version():
+    import triton
+
+    if not triton_version_tested(triton.__version__):
+        lo, hi = TRITON_TESTED
+        warnings.warn(
+            f"x_transformers.ops kernels are tested on Triton {lo[0]}.{lo[1]} up to (not including) {hi[0]}.{hi[1]}, "
+            f"found {triton.__version__}: if they fail, {TRITON_INSTALL}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def require_triton(why: str):
+    """Called before a Triton kernel launches: a clear error where triton is missing, the interpreter fixes under
+    TRITON_INTERPRET=1, and one warning for a Triton release outside the tested range."""
+    if not triton_available():
+        raise ModuleNotFoundError(
+            f"x_transformers.ops: {why}, and triton is not installed: {TRITON_INSTALL} "
+            "(or pip install 'x-transformers-hybrid[triton]'). Without it, CPU tensors take the PyTorch path."
+        )
+    _check_triton_version()
+    if interpreting():
+        from x_transformers.ops.common.interpreter_compat import patch
+
+        patch()
 
 
 # X_TRANSFORMERS_FUSED=0 keeps the model's rotary and LayerNorm on their PyTorch formulas (for A/B benchmarks)
@@ -80,12 +124,15 @@ def interpreting() -> bool:
 
 
 def use_triton(*tensors: Tensor | None) -> bool:
-    """Triton kernels for CUDA tensors, and for any tensors under `TRITON_INTERPRET=1`; the torch path otherwise."""
-    if not triton_available():
-        return False
+    """Triton kernels for CUDA tensors, and for any tensors under `TRITON_INTERPRET=1`; the torch path otherwise.
+    Taking the kernels needs triton: without it this raises, naming what to install."""
     if interpreting():
+        require_triton("TRITON_INTERPRET=1 runs the Triton kernels in its interpreter")
         return True
-    return all(t.is_cuda for t in tensors if t is not None)
+    if not all(t.is_cuda for t in tensors if t is not None):
+        return False
+    require_triton("CUDA tensors run the Triton kernels")
+    return True
 
 
 def check_shape(name: str, t: Tensor | None, shape: tuple, where: str):

@@ -25,13 +25,9 @@ import triton.language as tl
 
 from x_transformers.ops.common.bounds import chunk_bounds, seq_chunk_bounds
 from x_transformers.ops.common.chunk_index import chunk_meta
-from x_transformers.ops.common.interpreter_compat import patch as patch_interpreter
-from x_transformers.ops.common.utils import check_delta_inputs, interpreting, min_dot_tile, narrow_value_tiles, sm_count, use_triton
-from x_transformers.ops.delta_rule.chunk_torch import chunk_delta_rule_torch
-from x_transformers.ops.delta_rule.fused_recurrent import fused_recurrent_delta_rule
-
-if interpreting():
-    patch_interpreter()
+from x_transformers.ops.common.tiles import load_tile, store_tile
+from x_transformers.ops.common.utils import min_dot_tile, narrow_value_tiles, sm_count
+from x_transformers.ops.delta_rule.fused_recurrent import fused_recurrent_delta_rule_triton
 
 # the triangular solve substitutes row by row inside WY_SUB x WY_SUB diagonal blocks (4 or 16) and merges the rest
 # with tensor-core products: fewer serial steps of cross-warp reductions
@@ -92,8 +88,11 @@ def wy_fwd_kernel(
         b_gc = tl.cumsum(tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32), 0)
         tl.store(gc + (bos + o_t) * H + i_h, b_gc, mask=m_t)
 
-    p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
-    b_k = tl.load(p_k, boundary_check=(0, 1))
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    # the (token, head) row of this chunk's first token, int64: offsets from it stay small, in int32
+    row0 = (bos + i_t * BT) * H + i_h
+    b_k = load_tile(k + row0 * K, o_i, m_t, H * K, o_k, m_k, 1)
     m_lower = o_i[:, None] > o_i[None, :]
     b_L = tl.dot(b_k, tl.trans(b_k), input_precision=PREC) * b_beta[:, None]
     b_L *= tl.exp(tl.where(m_lower, b_gc[:, None] - b_gc[None, :], 0.0))
@@ -116,18 +115,16 @@ def wy_fwd_kernel(
     b_A = _merge_inverse(b_D, tl.where(m_lower & ~m_16, b_L, 0.0), m_eye, PREC)
     # exact zeros above the diagonal (the products above leave rounding dust there)
     b_A = tl.where(m_lower | m_eye, b_A, 0.0).to(DT)
-    p_A = tl.make_block_ptr(A + (bos * H + i_h) * BT, (T, BT), (H * BT, 1), (i_t * BT, 0), (BT, BT), (1, 0))
-    tl.store(p_A, b_A, boundary_check=(0, 1))
+    tl.store(A + row0 * BT + o_i[:, None] * (H * BT) + o_i[None, :], b_A, mask=m_t[:, None])
 
     b_w = tl.dot(b_A, (b_k * (b_beta * tl.exp(b_gc))[:, None]).to(DT), input_precision=PREC)
-    p_w = tl.make_block_ptr(w + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
-    tl.store(p_w, b_w.to(DT), boundary_check=(0, 1))
+    store_tile(w + row0 * K, b_w, o_i, m_t, H * K, o_k, m_k, 1)
     for i_v in range(tl.cdiv(V, BV)):
-        p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
-        p_u = tl.make_block_ptr(u + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
-        b_v = tl.load(p_v, boundary_check=(0, 1))
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        b_v = load_tile(v + row0 * V, o_i, m_t, H * V, o_v, m_v, 1)
         b_u = tl.dot(b_A, (b_v * b_beta[:, None]).to(DT), input_precision=PREC)
-        tl.store(p_u, b_u.to(DT), boundary_check=(0, 1))
+        store_tile(u + row0 * V, b_u, o_i, m_t, H * V, o_v, m_v, 1)
 
 
 @triton.jit
@@ -144,32 +141,32 @@ def state_fwd_kernel(
     i_n, i_h = i_nh // H, i_nh % H
     bos, T, NT, boh = seq_chunk_bounds(i_n, T, cu_seqlens, chunk_offsets, BT, IS_VARLEN)
     DT = k.dtype.element_ty
+    o_i = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
 
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
-        p_h0 = tl.make_block_ptr(h0 + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
-        b_h = tl.load(p_h0, boundary_check=(0, 1)).to(tl.float32)
+        b_h = load_tile(h0 + i_nh.to(tl.int64) * K * V, o_k, m_k, V, o_v, m_v, 1).to(tl.float32)
     for i_t in range(NT):
-        p_h = tl.make_block_ptr(h + ((boh + i_t) * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
-        p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
-        p_w = tl.make_block_ptr(w + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
-        p_u = tl.make_block_ptr(u + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
-        p_d = tl.make_block_ptr(d + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        m_t = i_t * BT + o_i < T
+        row0 = (bos + i_t * BT) * H + i_h
         b_hc = b_h.to(DT)
-        tl.store(p_h, b_hc, boundary_check=(0, 1))
-        b_k = tl.load(p_k, boundary_check=(0, 1))
-        b_w = tl.load(p_w, boundary_check=(0, 1))
-        b_d = tl.load(p_u, boundary_check=(0, 1)).to(tl.float32) - tl.dot(b_w, b_hc, input_precision=PREC)
+        store_tile(h + ((boh + i_t) * H + i_h) * K * V, b_hc, o_k, m_k, V, o_v, m_v, 1)
+        b_k = load_tile(k + row0 * K, o_i, m_t, H * K, o_k, m_k, 1)
+        b_w = load_tile(w + row0 * K, o_i, m_t, H * K, o_k, m_k, 1)
+        b_u = load_tile(u + row0 * V, o_i, m_t, H * V, o_v, m_v, 1)
+        b_d = b_u.to(tl.float32) - tl.dot(b_w, b_hc, input_precision=PREC)
         b_d = b_d.to(DT)
-        tl.store(p_d, b_d, boundary_check=(0, 1))
+        store_tile(d + row0 * V, b_d, o_i, m_t, H * V, o_v, m_v, 1)
         if USE_G:
             b_gc, b_glast = _load_gates(gc, bos, i_t, i_h, T, H, BT)
             b_h *= tl.exp(b_glast)
             b_k = (b_k * tl.exp(b_glast - b_gc)[:, None]).to(DT)
         b_h += tl.dot(tl.trans(b_k), b_d, input_precision=PREC)
     if STORE_FINAL_STATE:
-        p_ht = tl.make_block_ptr(ht + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
-        tl.store(p_ht, b_h, boundary_check=(0, 1))
+        store_tile(ht + i_nh.to(tl.int64) * K * V, b_h, o_k, m_k, V, o_v, m_v, 1)
 
 
 @triton.jit
@@ -184,13 +181,15 @@ def output_fwd_kernel(
     i_t, i_tg, bos, T = chunk_bounds(tl.program_id(1), i_bh // H, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
     DT = q.dtype.element_ty
     o_i = tl.arange(0, BT)
-    p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
-    p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
-    p_h = tl.make_block_ptr(h + (i_tg * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
-    p_d = tl.make_block_ptr(d + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
-    b_q = tl.load(p_q, boundary_check=(0, 1))
-    b_k = tl.load(p_k, boundary_check=(0, 1))
-    b_o = tl.dot(b_q, tl.load(p_h, boundary_check=(0, 1)), input_precision=PREC)
+    m_t = i_t * BT + o_i < T
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    # the (token, head) row of this chunk's first token, int64: offsets from it stay small, in int32
+    row0 = (bos + i_t * BT) * H + i_h
+    b_q = load_tile(q + row0 * K, o_i, m_t, H * K, o_k, m_k, 1)
+    b_k = load_tile(k + row0 * K, o_i, m_t, H * K, o_k, m_k, 1)
+    b_o = tl.dot(b_q, load_tile(h + (i_tg * H + i_h) * K * V, o_k, m_k, V, o_v, m_v, 1), input_precision=PREC)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
     m_causal = o_i[:, None] >= o_i[None, :]
     if USE_G:
@@ -198,9 +197,8 @@ def output_fwd_kernel(
         b_o *= tl.exp(b_gc)[:, None]
         b_s *= tl.exp(tl.where(m_causal, b_gc[:, None] - b_gc[None, :], 0.0))
     b_s = tl.where(m_causal, b_s, 0.0).to(DT)
-    b_o += tl.dot(b_s, tl.load(p_d, boundary_check=(0, 1)), input_precision=PREC)
-    p_o = tl.make_block_ptr(o + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
-    tl.store(p_o, (b_o * scale).to(p_o.dtype.element_ty), boundary_check=(0, 1))
+    b_o += tl.dot(b_s, load_tile(d + row0 * V, o_i, m_t, H * V, o_v, m_v, 1), input_precision=PREC)
+    store_tile(o + row0 * V, b_o * scale, o_i, m_t, H * V, o_v, m_v, 1)
 
 
 @triton.jit
@@ -218,26 +216,24 @@ def state_bwd_kernel(
     bos, T, NT, boh = seq_chunk_bounds(i_n, T, cu_seqlens, chunk_offsets, BT, IS_VARLEN)
     DT = q.dtype.element_ty
     o_i = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
     # rows j, columns i: entry (j, i) links key j to query i >= j
     m_causal_t = o_i[:, None] <= o_i[None, :]
 
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_FINAL_STATE_GRADIENT:
-        p_dht = tl.make_block_ptr(dht + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
-        b_dh = tl.load(p_dht, boundary_check=(0, 1)).to(tl.float32)
+        b_dh = load_tile(dht + i_nh.to(tl.int64) * K * V, o_k, m_k, V, o_v, m_v, 1).to(tl.float32)
     for i_t in range(NT - 1, -1, -1):
-        p_dh = tl.make_block_ptr(dh + ((boh + i_t) * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
-        p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
-        p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
-        p_w = tl.make_block_ptr(w + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
-        p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
-        p_dd = tl.make_block_ptr(dd + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        m_t = i_t * BT + o_i < T
+        row0 = (bos + i_t * BT) * H + i_h
         b_dhc = b_dh.to(DT)
-        tl.store(p_dh, b_dhc, boundary_check=(0, 1))
-        b_q = tl.load(p_q, boundary_check=(0, 1))
-        b_k = tl.load(p_k, boundary_check=(0, 1))
-        b_w = tl.load(p_w, boundary_check=(0, 1))
-        b_do = tl.load(p_do, boundary_check=(0, 1))
+        store_tile(dh + ((boh + i_t) * H + i_h) * K * V, b_dhc, o_k, m_k, V, o_v, m_v, 1)
+        b_q = load_tile(q + row0 * K, o_i, m_t, H * K, o_k, m_k, 1)
+        b_k = load_tile(k + row0 * K, o_i, m_t, H * K, o_k, m_k, 1)
+        b_w = load_tile(w + row0 * K, o_i, m_t, H * K, o_k, m_k, 1)
+        b_do = load_tile(do + row0 * V, o_i, m_t, H * V, o_v, m_v, 1)
         b_gc, b_glast = _load_gates(gc, bos, i_t, i_h, T, H, BT)
 
         b_s = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)
@@ -246,13 +242,12 @@ def state_bwd_kernel(
         b_kd = (b_k * tl.exp(b_glast - b_gc)[:, None]).to(DT)
         b_dd = tl.dot(b_s, b_do, input_precision=PREC) * scale + tl.dot(b_kd, b_dhc, input_precision=PREC)
         b_dd = b_dd.to(DT)
-        tl.store(p_dd, b_dd, boundary_check=(0, 1))
+        store_tile(dd + row0 * V, b_dd, o_i, m_t, H * V, o_v, m_v, 1)
         b_qg = (b_q * (tl.exp(b_gc) * scale)[:, None]).to(DT)
         b_dh = b_dh * tl.exp(b_glast) - tl.dot(tl.trans(b_w), b_dd, input_precision=PREC)
         b_dh += tl.dot(tl.trans(b_qg), b_do, input_precision=PREC)
     if USE_INITIAL_STATE:
-        p_dh0 = tl.make_block_ptr(dh0 + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
-        tl.store(p_dh0, b_dh, boundary_check=(0, 1))
+        store_tile(dh0 + i_nh.to(tl.int64) * K * V, b_dh, o_k, m_k, V, o_v, m_v, 1)
 
 
 @triton.jit
@@ -276,12 +271,13 @@ def chunk_bwd_kernel(
 
     b_beta = tl.load(beta + (bos + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
     b_gc, b_glast = _load_gates(gc, bos, i_t, i_h, T, H, BT)
-    p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
-    p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
-    p_A = tl.make_block_ptr(A + (bos * H + i_h) * BT, (T, BT), (H * BT, 1), (i_t * BT, 0), (BT, BT), (1, 0))
-    b_q = tl.load(p_q, boundary_check=(0, 1))
-    b_k = tl.load(p_k, boundary_check=(0, 1))
-    b_A = tl.load(p_A, boundary_check=(0, 1))
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    # the (token, head) row of this chunk's first token, int64: offsets from it stay small, in int32
+    row0 = (bos + i_t * BT) * H + i_h
+    b_q = load_tile(q + row0 * K, o_i, m_t, H * K, o_k, m_k, 1)
+    b_k = load_tile(k + row0 * K, o_i, m_t, H * K, o_k, m_k, 1)
+    b_A = tl.load(A + row0 * BT + o_i[:, None] * (H * BT) + o_i[None, :], mask=m_t[:, None], other=0)
 
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dks = tl.zeros([BT, BK], dtype=tl.float32)
@@ -291,19 +287,14 @@ def chunk_bwd_kernel(
     b_dbeta = tl.zeros([BT], dtype=tl.float32)
     b_dhh = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
-        p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
-        p_d = tl.make_block_ptr(d + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
-        p_dd = tl.make_block_ptr(dd + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
-        p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
-        p_dv = tl.make_block_ptr(dv + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
-        p_h = tl.make_block_ptr(h + (i_tg * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
-        p_dh = tl.make_block_ptr(dh + (i_tg * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
-        b_v = tl.load(p_v, boundary_check=(0, 1))
-        b_d = tl.load(p_d, boundary_check=(0, 1))
-        b_dd = tl.load(p_dd, boundary_check=(0, 1))
-        b_do = tl.load(p_do, boundary_check=(0, 1))
-        b_h = tl.load(p_h, boundary_check=(0, 1))
-        b_dh = tl.load(p_dh, boundary_check=(0, 1))
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        b_v = load_tile(v + row0 * V, o_i, m_t, H * V, o_v, m_v, 1)
+        b_d = load_tile(d + row0 * V, o_i, m_t, H * V, o_v, m_v, 1)
+        b_dd = load_tile(dd + row0 * V, o_i, m_t, H * V, o_v, m_v, 1)
+        b_do = load_tile(do + row0 * V, o_i, m_t, H * V, o_v, m_v, 1)
+        b_h = load_tile(h + (i_tg * H + i_h) * K * V, o_k, m_k, V, o_v, m_v, 1)
+        b_dh = load_tile(dh + (i_tg * H + i_h) * K * V, o_k, m_k, V, o_v, m_v, 1)
         # output stage: o = scale (exp(G) q S0 + causal(q k^T decay) d)
         b_dq += tl.dot(b_do, tl.trans(b_h), input_precision=PREC)
         b_ds += tl.dot(b_do, tl.trans(b_d), input_precision=PREC)
@@ -314,7 +305,7 @@ def chunk_bwd_kernel(
         b_dw -= tl.dot(b_dd, tl.trans(b_h), input_precision=PREC)
         b_dA += tl.dot(b_dd, tl.trans((b_v * b_beta[:, None]).to(DT)), input_precision=PREC)
         b_du = tl.dot(tl.trans(b_A), b_dd, input_precision=PREC)
-        tl.store(p_dv, (b_du * b_beta[:, None]).to(p_dv.dtype.element_ty), boundary_check=(0, 1))
+        store_tile(dv + row0 * V, b_du * b_beta[:, None], o_i, m_t, H * V, o_v, m_v, 1)
         b_dbeta += tl.sum(b_du * b_v.to(tl.float32), 1)
 
     b_qf, b_kf = b_q.to(tl.float32), b_k.to(tl.float32)
@@ -353,10 +344,8 @@ def chunk_bwd_kernel(
     b_dLc = b_dL.to(DT)
     b_dk += tl.dot(b_dLc, b_k, input_precision=PREC) + tl.dot(tl.trans(b_dLc), b_k, input_precision=PREC)
 
-    p_dq = tl.make_block_ptr(dq + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
-    p_dk = tl.make_block_ptr(dk + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
-    tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), boundary_check=(0, 1))
-    tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
+    store_tile(dq + row0 * K, b_dq, o_i, m_t, H * K, o_k, m_k, 1)
+    store_tile(dk + row0 * K, b_dk, o_i, m_t, H * K, o_k, m_k, 1)
     tl.store(dbeta + (bos + o_t) * H + i_h, b_dbeta, mask=m_t)
     if USE_G:
         b_dG = tl.where(m_t, b_dG, 0.0)
@@ -512,33 +501,20 @@ class ChunkDeltaRuleFunction(torch.autograd.Function):
         return dq, dk, dv, dbeta, dg, None, dh0, None, None
 
 
-def chunk_delta_rule(
-    q, k, v, beta, g=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
-):
-    """Chunked (gated) delta rule: `S' = exp(g_t) S_{t-1}`, `S_t = S' + beta_t k_t^T (v_t - k_t S')`,
-    `o_t = scale q_t S_t`.
-
-    q, k `[B, T, H, K]`; v `[B, T, H, V]`; beta, g `[B, T, H]` (g is a log-space gate, None = no decay);
-    initial_state `[N, H, K, V]`; cu_seqlens `[N+1]` offsets of packed sequences (B = 1). Returns
-    `(o [B, T, H, V] in v's dtype, final state [N, H, K, V] fp32 or None)`. Products run in v's dtype (q, k are cast
-    to it): bf16/fp16 on the tensor cores with fp32 accumulation and an fp32 running state. Keys wider than 256 run
-    the token-by-token kernels.
-    """
-    where = "chunk_delta_rule"
-    B, T, H, K, V, N = check_delta_inputs(where, q, k, v, beta, g, initial_state, cu_seqlens)
-    scale = K**-0.5 if scale is None else scale
-    if not use_triton(q, k, v, beta, g, initial_state) or T == 0:
-        return chunk_delta_rule_torch(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens)
+def chunk_delta_rule_triton(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens):
+    """`chunk_delta_rule` on the Triton kernels, for inputs it has checked (T > 0, scale set)."""
+    K, V = q.shape[-1], v.shape[-1]
     if K > 256:
         # the chunk kernels hold all K columns of a chunk in one block, which no longer fits in shared memory
-        return fused_recurrent_delta_rule(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens)
+        return fused_recurrent_delta_rule_triton(q, k, v, beta, g, scale, initial_state, output_final_state,
+                                                 cu_seqlens)
     # the kernels multiply in v's dtype: q and k follow it (under autocast L2-normalised q, k arrive in fp32)
     q, k, v, beta = q.to(v.dtype).contiguous(), k.to(v.dtype).contiguous(), v.contiguous(), beta.contiguous()
     g = g.contiguous() if g is not None else None
     initial_state = initial_state.contiguous() if initial_state is not None else None
     if narrow_value_tiles(v.dtype, *_blocks(max(K, MIN_HALF_K), V, v.dtype)):
-        o, ht = chunk_delta_rule(q.float(), k.float(), v.float(), beta, g, scale, initial_state, output_final_state,
-                                 cu_seqlens)
+        o, ht = chunk_delta_rule_triton(q.float(), k.float(), v.float(), beta, g, scale, initial_state,
+                                        output_final_state, cu_seqlens)
         return o.to(v.dtype), ht
     if K < MIN_HALF_K and v.dtype in (torch.bfloat16, torch.float16):
         # zero key channels leave the recurrence and the output unchanged (their state rows stay zero); autograd

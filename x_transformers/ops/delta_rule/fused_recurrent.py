@@ -16,12 +16,6 @@ import triton.language as tl
 
 from x_transformers.ops.common.bounds import seq_bounds
 from x_transformers.ops.common.chunk_index import prepare_chunk_offsets
-from x_transformers.ops.common.interpreter_compat import patch as patch_interpreter
-from x_transformers.ops.common.utils import check_delta_inputs, interpreting, use_triton
-from x_transformers.ops.delta_rule.naive import naive_delta_rule
-
-if interpreting():
-    patch_interpreter()
 
 
 @triton.jit
@@ -234,17 +228,8 @@ class FusedRecurrentDeltaRuleFunction(torch.autograd.Function):
         )
 
 
-def fused_recurrent_delta_rule(
-    q, k, v, beta, g=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
-):
-    """Token-by-token (gated) delta rule with the same signature and results as `chunk_delta_rule`; meant for
-    decoding (T = 1 with a carried state) and short inputs. Off CUDA (and outside the Triton interpreter) it runs the
-    step-by-step PyTorch reference."""
-    where = "fused_recurrent_delta_rule"
-    B, T, H, K, V, N = check_delta_inputs(where, q, k, v, beta, g, initial_state, cu_seqlens)
-    scale = K**-0.5 if scale is None else scale
-    if not use_triton(q, k, v, beta, g, initial_state) or T == 0:
-        return naive_delta_rule(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens)
+def fused_recurrent_delta_rule_triton(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens):
+    """`fused_recurrent_delta_rule` on the Triton kernels, for inputs it has checked (T > 0, scale set)."""
     q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
     g = g.contiguous() if g is not None else None
     initial_state = initial_state.contiguous() if initial_state is not None else None

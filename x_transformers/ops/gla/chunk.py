@@ -8,7 +8,6 @@ Pipeline (chunks of BT = 64, sub-chunks of BC = 16, all decay arithmetic in fp32
             (chunk_intra.py) -> dv = A^T do + (k exp(gc_last - gc)) dh -> inter + intra dq, dk and dg (reverse
             in-chunk cumsum of q dq - k dk, plus the gradient through each chunk's total decay), building the mild
             chunks' dA and intra parts in the same pass.
-Triton for CUDA tensors or under TRITON_INTERPRET=1, the chunked torch path (chunk_torch.py) otherwise.
 Offsets inside one sequence are int32 (T * H * max(K, V, 64) < 2**31 per sequence), sequence starts int64.
 """
 
@@ -20,14 +19,9 @@ import triton.language as tl
 
 from x_transformers.ops.common.bounds import chunk_bounds
 from x_transformers.ops.common.chunk_index import prepare_chunk_indices, prepare_chunk_offsets
-from x_transformers.ops.common.interpreter_compat import patch as patch_interpreter
-from x_transformers.ops.common.utils import (
-    check_linear_attn_inputs, default_scale, empty_input_result, fill_sm_tiles, interpreting, min_dot_tile,
-    narrow_value_tiles, use_triton,
-)
+from x_transformers.ops.common.utils import fill_sm_tiles, interpreting, min_dot_tile, narrow_value_tiles
 from x_transformers.ops.gla.chunk_intra import _chunk_span, chunk_gla_bwd_intra_kernel, chunk_gla_fwd_intra_kernel
 from x_transformers.ops.gla.chunk_state import chunk_gla_bwd_dh_kernel, chunk_gla_cumsum_kernel, chunk_gla_fwd_h_kernel
-from x_transformers.ops.gla.chunk_torch import chunk_gla_torch
 
 BT = 64
 BC = 16
@@ -134,7 +128,9 @@ def chunk_gla_fwd_o_kernel(
     p_A = A + o_t[:, None] * (H * BT) + o_c[None, :]
     if mild:
         b_A = tl.where(m_A, b_A * scale, 0.0)
-        tl.store(p_A, b_A.to(A.dtype.element_ty), mask=m_t[:, None] & (i_v == 0))
+        # (a scalar condition enters the mask through tl.where, which keeps it boolean: `&` with a scalar
+        # comparison gives an int32 mask in Triton 3.9's interpreter)
+        tl.store(p_A, b_A.to(A.dtype.element_ty), mask=tl.where(i_v == 0, m_t[:, None], False))
     else:
         b_A = tl.load(p_A, mask=m_A, other=0.0).to(tl.float32)
     b_o += tl.dot(b_A.to(DT), b_v.to(DT), input_precision=PREC)
@@ -511,8 +507,6 @@ def chunk_gla_bwd(q, k, v, g, gc, h, A, do, dht, scale, initial_state, cu_seqlen
 
 def prepare_triton_inputs(q, k, v, g, initial_state, cu_seqlens):
     """What the gla kernels index: contiguous inputs, an fp32 initial state and int64 offsets on the inputs' device."""
-    if interpreting():
-        patch_interpreter()
     q, k, v, g = (t.contiguous() for t in (q, k, v, g))
     if initial_state is not None:
         initial_state = initial_state.float().contiguous()
@@ -541,22 +535,12 @@ class ChunkGLAFunction(torch.autograd.Function):
         return dq, dk, dv, dg, None, dh0, None, None, None, None
 
 
-def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
-    """Chunked gated linear attention with per-key-channel decay.
-
-    q, k: [B, T, H, K]; v: [B, T, H, V]; g: [B, T, H, K] log decay (<= 0); initial_state: [N, H, K, V];
-    cu_seqlens: [N + 1] offsets of packed sequences (B = 1). Returns (o [B, T, H, V] in v's dtype, final state
-    [N, H, K, V] fp32 or None).
-    """
-    B, T, H, K, V, N = check_linear_attn_inputs("chunk_gla", q, k, v, g, initial_state, cu_seqlens, g_per_channel=True)
-    if T == 0:
-        return empty_input_result(v, (N, H, K, V), initial_state, output_final_state)
-    scale = default_scale(q, scale)
-    if not use_triton(q, k, v, g, initial_state):
-        return chunk_gla_torch(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
-
+def chunk_gla_triton(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
+    """`chunk_gla` on the Triton kernels, for inputs it has checked (T > 0, scale set)."""
+    K, V = q.shape[-1], v.shape[-1]
     if _half_tiles_unsafe(K, V, v.dtype):
-        o, ht = chunk_gla(q.float(), k.float(), v.float(), g, scale, initial_state, output_final_state, cu_seqlens)
+        o, ht = chunk_gla_triton(q.float(), k.float(), v.float(), g, scale, initial_state, output_final_state,
+                                 cu_seqlens)
         return o.to(v.dtype), ht
     q, k, v, g, initial_state, cu_seqlens = prepare_triton_inputs(q, k, v, g, initial_state, cu_seqlens)
     chunk_indices = chunk_offsets = None

@@ -106,7 +106,9 @@ def chunk_gla_fwd_intra_kernel(
         b_q = tl.load(q + o_c[:, None] * (H * K) + o_k[None, :], mask=m_ck, other=0.0).to(tl.float32)
         b_g = tl.load(gc + o_c[:, None] * (H * K) + o_k[None, :], mask=m_ck, other=0.0)
         for j in range(0, BC):
-            m_j = m_k & (o_i + j < T)
+            # key row j, if within the sequence: a scalar condition enters masks through tl.where, which keeps
+            # them boolean (`&` with a scalar comparison gives int32 masks in Triton 3.9's interpreter)
+            m_j = tl.where(o_i + j < T, m_k, False)
             b_kj = tl.load(k + (o_i + j) * (H * K) + o_k, mask=m_j, other=0.0).to(tl.float32)
             b_gj = tl.load(gc + (o_i + j) * (H * K) + o_k, mask=m_j, other=0.0)
             m_s = (o_a >= j) & m_c
@@ -209,10 +211,10 @@ def chunk_gla_bwd_intra_kernel(
     b_dq *= tl.exp(tl.where(m_c[:, None], b_g - b_gn[None, :], float("-inf")))
     # dq, diagonal block, one column s at a time
     for j in range(0, BC):
-        m_j = o_i + j < T
         o_s = o_i + j
-        b_kj = tl.load(k + o_s * (H * K) + o_k, mask=m_k & m_j, other=0.0).to(tl.float32)
-        b_gj = tl.load(gc + o_s * (H * K) + o_k, mask=m_k & m_j, other=0.0)
+        m_j = tl.where(o_s < T, m_k, False)
+        b_kj = tl.load(k + o_s * (H * K) + o_k, mask=m_j, other=0.0).to(tl.float32)
+        b_gj = tl.load(gc + o_s * (H * K) + o_k, mask=m_j, other=0.0)
         b_dAj = tl.load(dA + o_c * (H * BT) + i_i * BC + j, mask=m_c, other=0.0)
         m_s = (o_a >= j) & m_c
         b_e = tl.exp(tl.where(m_s[:, None], b_g - b_gj[None, :], float("-inf")))
@@ -233,12 +235,13 @@ def chunk_gla_bwd_intra_kernel(
     b_dk *= tl.exp(tl.where(m_c[:, None], b_gn[None, :] - b_g, float("-inf")))
     # dk, diagonal block, one row t at a time
     for j in range(0, BC):
-        m_j = o_i + j < T
         o_t = o_i + j
-        b_qj = tl.load(q + o_t * (H * K) + o_k, mask=m_k & m_j, other=0.0).to(tl.float32)
-        b_gj = tl.load(gc + o_t * (H * K) + o_k, mask=m_k & m_j, other=0.0)
-        b_dAj = tl.load(dA + o_t * (H * BT) + i_i * BC + o_a, mask=m_j, other=0.0)
-        m_s = (o_a <= j) & m_j
+        m_j = tl.where(o_t < T, m_k, False)
+        m_s = tl.where(o_t < T, o_a <= j, False)
+        b_qj = tl.load(q + o_t * (H * K) + o_k, mask=m_j, other=0.0).to(tl.float32)
+        b_gj = tl.load(gc + o_t * (H * K) + o_k, mask=m_j, other=0.0)
+        # dA is zero above the diagonal: row j's columns past j need no load
+        b_dAj = tl.load(dA + o_t * (H * BT) + i_i * BC + o_a, mask=m_s, other=0.0)
         b_e = tl.exp(tl.where(m_s[:, None], b_gj[None, :] - b_g, float("-inf")))
         b_dk += b_dAj[:, None] * b_qj[None, :] * b_e
 

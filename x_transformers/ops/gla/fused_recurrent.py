@@ -4,7 +4,6 @@ One program walks one sequence and one V tile, holding its [K, V] state slice in
 forward once for dq, backward once for dk, dv and the initial-state gradient, then a last reverse walk gives dg:
 g_t enters through G_t = cumsum(g), and with q_t exp(G_t), k_t exp(-G_t) the gradient of G_t is q_t dq_t - k_t dk_t
 (plus sum_v S_T dS_T at the last step), so dg is its reverse cumsum; no exp(+G) is ever formed.
-Triton for CUDA tensors or under TRITON_INTERPRET=1, the naive torch loop otherwise.
 """
 
 from __future__ import annotations
@@ -14,11 +13,8 @@ import triton
 import triton.language as tl
 
 from x_transformers.ops.common.bounds import seq_bounds
-from x_transformers.ops.common.utils import (
-    check_linear_attn_inputs, default_scale, empty_input_result, num_seqs, use_triton,
-)
+from x_transformers.ops.common.utils import num_seqs
 from x_transformers.ops.gla.chunk import prepare_triton_inputs
-from x_transformers.ops.gla.naive import naive_recurrent_gla
 
 
 @triton.jit
@@ -296,16 +292,7 @@ class FusedRecurrentGLAFunction(torch.autograd.Function):
         return dq, dk, dv, dg, None, dh0, None, None
 
 
-def fused_recurrent_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
-    """Token-by-token gated linear attention with per-key-channel decay; same contract as `chunk_gla`."""
-    B, T, H, K, V, N = check_linear_attn_inputs(
-        "fused_recurrent_gla", q, k, v, g, initial_state, cu_seqlens, g_per_channel=True
-    )
-    if T == 0:
-        return empty_input_result(v, (N, H, K, V), initial_state, output_final_state)
-    scale = default_scale(q, scale)
-    if not use_triton(q, k, v, g, initial_state):
-        return naive_recurrent_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
-
+def fused_recurrent_gla_triton(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
+    """`fused_recurrent_gla` on the Triton kernels, for inputs it has checked (T > 0, scale set)."""
     q, k, v, g, initial_state, cu_seqlens = prepare_triton_inputs(q, k, v, g, initial_state, cu_seqlens)
     return FusedRecurrentGLAFunction.apply(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)

@@ -16,19 +16,16 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch import Tensor
 
 from x_transformers.ops.common.bounds import seq_bounds
 from x_transformers.ops.common.chunk_index import prepare_chunk_indices, prepare_chunk_offsets
-from x_transformers.ops.common.interpreter_compat import patch
-from x_transformers.ops.common.utils import (
-    check_cu_seqlens, check_float, check_shape, empty_input_result, num_seqs, use_triton,
-)
-from x_transformers.ops.hgrn.scan_torch import hgrn_scan_torch
-
-patch()
+from x_transformers.ops.common.utils import num_seqs
 
 BT = 64
+
+
+# masks that include a scalar condition are `tl.where(cond, m_d, False)`: `m_d & cond` gives an int32 mask in Triton
+# 3.9's interpreter, which it refuses
 
 
 @triton.jit
@@ -111,7 +108,7 @@ def hgrn_bwd_kernel(
         b_dh = tl.sum(tl.where((o_r == BT - 1)[:, None], b_y, 0), axis=0)
 
     if USE_INITIAL_STATE:
-        b_g0 = tl.load(g + bos * D + o_d, mask=m_d & (T > 0), other=0).to(tl.float32)
+        b_g0 = tl.load(g + bos * D + o_d, mask=tl.where(T > 0, m_d, False), other=0).to(tl.float32)
         tl.store(dh0 + i_n.to(tl.int64) * D + o_d, b_dh * tl.exp(b_g0), mask=m_d)
 
 
@@ -153,9 +150,9 @@ def hgrn_chunk_fwd_kernel(
     b_g = tl.load(g + offs, mask=m, other=0).to(tl.float32)
     b_a, b_y = tl.associative_scan((b_g, b_x), axis=0, combine_fn=_combine)
     if OUTPUT:
-        b_c = tl.load(states + (boc + i_t - 1) * D + o_d, mask=m_d & (i_t > 0), other=0)
+        b_c = tl.load(states + (boc + i_t - 1) * D + o_d, mask=tl.where(i_t > 0, m_d, False), other=0)
         if USE_INITIAL_STATE:
-            b_c += tl.load(h0 + i_n * D + o_d, mask=m_d & (i_t == 0), other=0).to(tl.float32)
+            b_c += tl.load(h0 + i_n * D + o_d, mask=tl.where(i_t == 0, m_d, False), other=0).to(tl.float32)
         b_y += tl.exp(b_a) * b_c[None, :]
         tl.store(h + offs, b_y.to(h.dtype.element_ty), mask=m)
     else:
@@ -187,9 +184,9 @@ def hgrn_chunk_bwd_kernel(
     b_a, b_y = tl.associative_scan((b_gn, b_do), axis=0, combine_fn=_combine)
     m_first = (o_r == BT - 1)[:, None]
     if OUTPUT:
-        b_c = tl.load(states + (boc + i_t + 1) * D + o_d, mask=m_d & (i_t + 1 < NT), other=0)
+        b_c = tl.load(states + (boc + i_t + 1) * D + o_d, mask=tl.where(i_t + 1 < NT, m_d, False), other=0)
         if USE_FINAL_STATE_GRADIENT:
-            b_c += tl.load(dht + i_n * D + o_d, mask=m_d & (i_t + 1 == NT), other=0).to(tl.float32)
+            b_c += tl.load(dht + i_n * D + o_d, mask=tl.where(i_t + 1 == NT, m_d, False), other=0).to(tl.float32)
         b_y += tl.exp(b_a) * b_c[None, :]
         tl.store(dx + offs, b_y.to(dx.dtype.element_ty), mask=m)
         b_g = tl.load(g + offs, mask=m, other=0).to(tl.float32)
@@ -198,7 +195,7 @@ def hgrn_chunk_bwd_kernel(
             b_h0 = tl.load(h0 + i_n * D + o_d, mask=m_d, other=0).to(tl.float32)
             b_hp = tl.where((o_t == 0)[:, None], b_h0[None, :], b_hp)
             b_dh = tl.sum(tl.where(m_first, b_y * tl.exp(b_g), 0), axis=0)
-            tl.store(dh0 + i_n * D + o_d, b_dh, mask=m_d & (i_t == 0))
+            tl.store(dh0 + i_n * D + o_d, b_dh, mask=tl.where(i_t == 0, m_d, False))
         tl.store(dg + offs, (b_y * tl.exp(b_g) * b_hp).to(dg.dtype.element_ty), mask=m)
     else:
         tl.store(sa + (boc + i_t) * D + o_d, tl.sum(tl.where(m_first, b_a, 0), axis=0), mask=m_d)
@@ -329,33 +326,6 @@ class HGRNScanFunction(torch.autograd.Function):
         return dx, dg, dh0.to(ctx.h0_dtype) if dh0 is not None else None, None, None
 
 
-def hgrn_scan(
-    x: Tensor,
-    g: Tensor,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    cu_seqlens: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """Elementwise gated scan `h_t = exp(g_t) * h_{t-1} + x_t`. x, g: [B, T, D] (or [B, T, H, D], treated as
-    D' = H * D channels); initial_state / final state: [N, D] (or [N, H, D]) fp32. Returns (h in x's dtype, ht)."""
-    where = "hgrn_scan"
-    for name, t in (("x", x), ("g", g), ("initial_state", initial_state)):
-        check_float(name, t, where)
-    if x.ndim not in (3, 4):
-        raise ValueError(f"{where}: `x` must have shape (B, T, D) or (B, T, H, D), got {tuple(x.shape)}")
-    check_shape("g", g, tuple(x.shape), where)
-    check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1], where)
-    N = num_seqs(x.shape[0], cu_seqlens)
-    state_shape = (N, *x.shape[2:])
-    check_shape("initial_state", initial_state, state_shape, where)
-
-    B, T = x.shape[:2]
-    if T == 0:
-        return empty_input_result(x, state_shape, initial_state, output_final_state)
-    x3, g3 = x.reshape(B, T, -1), g.reshape(B, T, -1)
-    h0 = initial_state.reshape(N, -1) if initial_state is not None else None
-    if use_triton(x, g, initial_state):
-        h, ht = HGRNScanFunction.apply(x3.contiguous(), g3.contiguous(), h0, output_final_state, cu_seqlens)
-    else:
-        h, ht = hgrn_scan_torch(x3, g3, h0, output_final_state, cu_seqlens)
-    return h.view(x.shape), (ht.view(state_shape) if ht is not None else None)
+def hgrn_scan_triton(x, g, initial_state, output_final_state, cu_seqlens):
+    """`hgrn_scan` on the Triton kernels, for inputs it has checked and flattened to [B, T, D] (T > 0)."""
+    return HGRNScanFunction.apply(x.contiguous(), g.contiguous(), initial_state, output_final_state, cu_seqlens)

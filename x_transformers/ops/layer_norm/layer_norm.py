@@ -10,15 +10,8 @@ afterwards (deterministic, no atomics).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch import Tensor
-
-from x_transformers.ops.common.interpreter_compat import patch
-from x_transformers.ops.common.utils import use_triton
-
-patch()
 
 ELEMENTS_PER_PROGRAM = 4096  # rows per program = this / padded width (1 to 16): ~32 values per thread and tensor
 
@@ -100,15 +93,3 @@ class LayerNormFunction(torch.autograd.Function):
                                            num_warps=warps)
         dw = dw_part.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
         return dx.view(ctx.shape), dw, None
-
-
-def fused_layer_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
-    """`F.layer_norm(x, (d,), weight, eps=eps)` (no bias) computed in float32, output in x's dtype; x (..., d).
-    Off CUDA (unless TRITON_INTERPRET=1) F.layer_norm itself runs."""
-    if weight.ndim != 1 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"fused_layer_norm wants a weight of shape ({x.shape[-1]},), got {tuple(weight.shape)}")
-    if x.shape[-1] > 16384:
-        raise ValueError(f"fused_layer_norm normalises rows of at most 16384 features, got {x.shape[-1]}")
-    if not use_triton(x, weight):
-        return F.layer_norm(x.float(), (x.shape[-1],), weight.float(), eps=eps).to(x.dtype)
-    return LayerNormFunction.apply(x, weight, eps)

@@ -14,12 +14,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from x_transformers.ops.common.interpreter_compat import patch
-from x_transformers.ops.common.utils import use_triton
-from x_transformers.ops.rotary.naive import naive_rotary
-
-patch()
-
 BLOCK_ROWS = 16  # positions per program (times the head dimension, padded to a power of two)
 
 
@@ -78,22 +72,3 @@ class RotaryFunction(torch.autograd.Function):
     def backward(ctx, dy):
         cos, sin = ctx.saved_tensors
         return _rotate(dy, cos, sin, backward=True), None, None
-
-
-def fused_rotary(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate t (b, h, n, d) or (b, n, d), any float dtype, d even and unit-strided (other strides are free), by the
-    float32 tables cos, sin (1 or b, n, d) that do not require grad; returns a contiguous tensor in t's dtype.
-    Same result as `naive_rotary` (float32 arithmetic, one rounding), which runs instead off CUDA (unless
-    TRITON_INTERPRET=1)."""
-    if t.ndim not in (3, 4) or t.shape[-1] % 2:
-        raise ValueError(f"fused_rotary wants t (b, h, n, d) or (b, n, d) with d even, got {tuple(t.shape)}")
-    expected = (t.shape[-2], t.shape[-1])
-    shape_ok = cos.ndim == 3 and tuple(cos.shape[1:]) == expected and cos.shape[0] in (1, t.shape[0])
-    if cos.shape != sin.shape or not shape_ok:
-        raise ValueError(f"fused_rotary wants cos, sin of shape (1 or {t.shape[0]}, {expected[0]}, {expected[1]}), "
-                         f"got {tuple(cos.shape)} and {tuple(sin.shape)}")
-    if cos.requires_grad or sin.requires_grad:
-        raise ValueError("fused_rotary does not differentiate the tables; use naive_rotary")
-    if not use_triton(t, cos, sin):
-        return naive_rotary(t, cos, sin)
-    return RotaryFunction.apply(t, cos, sin)

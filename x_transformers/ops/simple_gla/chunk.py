@@ -10,16 +10,13 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch import Tensor
 
 from x_transformers.ops.common.bounds import chunk_bounds
 from x_transformers.ops.common.chunk_index import chunk_meta
 from x_transformers.ops.common.cumsum import chunk_local_cumsum
-from x_transformers.ops.common.utils import (
-    check_linear_attn_inputs, default_scale, empty_input_result, narrow_value_tiles, use_triton,
-)
+from x_transformers.ops.common.tiles import load_tile, store_tile
+from x_transformers.ops.common.utils import narrow_value_tiles
 from x_transformers.ops.simple_gla.chunk_h import chunk_bwd_dh, chunk_fwd_h, tile
-from x_transformers.ops.simple_gla.chunk_torch import chunk_simple_gla_torch
 
 CHUNK_SIZE = 64
 
@@ -34,35 +31,39 @@ def chunk_fwd_o_kernel(
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     i_t, i_tg, bos, T = chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
+    o_i = tl.arange(0, BT)
+    m_t = i_t * BT + o_i < T
+    # the (token, head) row of this chunk's first token, int64: offsets from it stay small, in int32
+    row0 = (bos + i_t * BT) * H + i_h
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    p_q = q + row0 * K
+    p_k = k + row0 * K
+    p_h = h + (i_tg * H + i_h) * K * V
 
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
-        p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
-        p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (K, T), (1, H * K), (i_k * BK, i_t * BT), (BK, BT), (0, 1))
-        p_h = tl.make_block_ptr(h + (i_tg * H + i_h) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-        b_q = tl.load(p_q, boundary_check=(0, 1))
-        b_k = tl.load(p_k, boundary_check=(0, 1))
-        b_h = tl.load(p_h, boundary_check=(0, 1))
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_q = load_tile(p_q, o_i, m_t, H * K, o_k, m_k, 1)
+        b_k = load_tile(p_k, o_k, m_k, 1, o_i, m_t, H * K)
+        b_h = load_tile(p_h, o_k, m_k, V, o_v, m_v, 1)
         b_o += tl.dot(b_q, b_h, input_precision="ieee")
         b_A += tl.dot(b_q, b_k, input_precision="ieee")
 
-    o_i = tl.arange(0, BT)
-    m_t = i_t * BT + o_i < T
     # padded rows carry gate 0, so their decay factors could overflow: mask them out with the acausal part
     m_A = (o_i[:, None] >= o_i[None, :]) & m_t[:, None] & m_t[None, :]
     if USE_G:
-        p_g = tl.make_block_ptr(gc + bos * H + i_h, (T,), (H,), (i_t * BT,), (BT,), (0,))
-        b_g = tl.load(p_g, boundary_check=(0,))
+        b_g = tl.load(gc + row0 + o_i * H, mask=m_t, other=0)
         b_o = b_o * tl.exp(b_g)[:, None]
         b_A = b_A * tl.exp(tl.where(m_A, b_g[:, None] - b_g[None, :], 0))
     b_A = tl.where(m_A, b_A, 0)
 
-    p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
-    b_v = tl.load(p_v, boundary_check=(0, 1))
+    p_v = v + row0 * V
+    b_v = load_tile(p_v, o_i, m_t, H * V, o_v, m_v, 1)
     b_o = (b_o + tl.dot(b_A.to(b_v.dtype), b_v, input_precision="ieee")) * scale
-    p_o = tl.make_block_ptr(o + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
-    tl.store(p_o, b_o.to(p_o.dtype.element_ty), boundary_check=(0, 1))
+    store_tile(o + row0 * V, b_o, o_i, m_t, H * V, o_v, m_v, 1)
 
 
 @triton.jit
@@ -75,37 +76,40 @@ def chunk_bwd_dv_kernel(
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     i_t, i_tg, bos, T = chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
+    o_i = tl.arange(0, BT)
+    m_t = i_t * BT + o_i < T
+    # the (token, head) row of this chunk's first token, int64: offsets from it stay small, in int32
+    row0 = (bos + i_t * BT) * H + i_h
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    p_q = q + row0 * K
+    p_k = k + row0 * K
+    p_dh = dh + (i_tg * H + i_h) * K * V
 
     b_dv = tl.zeros([BT, BV], dtype=tl.float32)
     # b_A[j, i] = k_j . q_i
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
-        p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
-        p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (K, T), (1, H * K), (i_k * BK, i_t * BT), (BK, BT), (0, 1))
-        p_dh = tl.make_block_ptr(dh + (i_tg * H + i_h) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-        b_k = tl.load(p_k, boundary_check=(0, 1))
-        b_q = tl.load(p_q, boundary_check=(0, 1))
-        b_dh = tl.load(p_dh, boundary_check=(0, 1))
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_k = load_tile(p_k, o_i, m_t, H * K, o_k, m_k, 1)
+        b_q = load_tile(p_q, o_k, m_k, 1, o_i, m_t, H * K)
+        b_dh = load_tile(p_dh, o_k, m_k, V, o_v, m_v, 1)
         b_A += tl.dot(b_k, b_q, input_precision="ieee")
         b_dv += tl.dot(b_k, b_dh, input_precision="ieee")
 
-    o_i = tl.arange(0, BT)
-    m_t = i_t * BT + o_i < T
     m_A = (o_i[:, None] <= o_i[None, :]) & m_t[:, None] & m_t[None, :]
     if USE_G:
         last = tl.minimum(i_t * BT + BT, T) - 1
         b_g_last = tl.load(gc + (bos + last) * H + i_h)
-        p_g = tl.make_block_ptr(gc + bos * H + i_h, (T,), (H,), (i_t * BT,), (BT,), (0,))
-        b_g = tl.load(p_g, boundary_check=(0,))
+        b_g = tl.load(gc + row0 + o_i * H, mask=m_t, other=0)
         b_dv = b_dv * tl.where(m_t, tl.exp(b_g_last - b_g), 0)[:, None]
         b_A = b_A * tl.exp(tl.where(m_A, b_g[None, :] - b_g[:, None], 0))
     b_A = tl.where(m_A, b_A * scale, 0)
 
-    p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
-    b_do = tl.load(p_do, boundary_check=(0, 1))
+    b_do = load_tile(do + row0 * V, o_i, m_t, H * V, o_v, m_v, 1)
     b_dv += tl.dot(b_A.to(b_do.dtype), b_do, input_precision="ieee")
-    p_dv = tl.make_block_ptr(dv + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
-    tl.store(p_dv, b_dv.to(p_dv.dtype.element_ty), boundary_check=(0, 1))
+    store_tile(dv + row0 * V, b_dv, o_i, m_t, H * V, o_v, m_v, 1)
 
 
 @triton.jit
@@ -119,6 +123,16 @@ def chunk_bwd_dqk_kernel(
     i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     i_t, i_tg, bos, T = chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
+    o_i = tl.arange(0, BT)
+    m_t = i_t * BT + o_i < T
+    # the (token, head) row of this chunk's first token, int64: offsets from it stay small, in int32
+    row0 = (bos + i_t * BT) * H + i_h
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    p_v = v + row0 * V
+    p_do = do + row0 * V
+    p_h = h + (i_tg * H + i_h) * K * V
+    p_dh = dh + (i_tg * H + i_h) * K * V
 
     # b_ds[i, j] = do_i . v_j
     b_ds = tl.zeros([BT, BT], dtype=tl.float32)
@@ -127,34 +141,29 @@ def chunk_bwd_dqk_kernel(
     # <h, dh> over this K tile: the chunk-start state against the gradient of the chunk-end state
     b_hdh = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
-        p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
-        p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
-        p_h = tl.make_block_ptr(h + (i_tg * H + i_h) * K * V, (V, K), (1, V), (i_v * BV, i_k * BK), (BV, BK), (0, 1))
-        p_dh = tl.make_block_ptr(dh + (i_tg * H + i_h) * K * V, (V, K), (1, V), (i_v * BV, i_k * BK), (BV, BK), (0, 1))
-        b_v = tl.load(p_v, boundary_check=(0, 1))
-        b_do = tl.load(p_do, boundary_check=(0, 1))
-        b_h = tl.load(p_h, boundary_check=(0, 1))
-        b_dh = tl.load(p_dh, boundary_check=(0, 1))
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        b_v = load_tile(p_v, o_i, m_t, H * V, o_v, m_v, 1)
+        b_do = load_tile(p_do, o_i, m_t, H * V, o_v, m_v, 1)
+        b_h = load_tile(p_h, o_v, m_v, 1, o_k, m_k, V)
+        b_dh = load_tile(p_dh, o_v, m_v, 1, o_k, m_k, V)
         b_ds += tl.dot(b_do, tl.trans(b_v), input_precision="ieee")
         b_dq += tl.dot(b_do, b_h.to(b_do.dtype), input_precision="ieee")
         b_dk += tl.dot(b_v, b_dh.to(b_v.dtype), input_precision="ieee")
         if USE_G:
             b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=0)
 
-    p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
-    p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
-    b_q = tl.load(p_q, boundary_check=(0, 1))
-    b_k = tl.load(p_k, boundary_check=(0, 1))
+    p_q = q + row0 * K
+    p_k = k + row0 * K
+    b_q = load_tile(p_q, o_i, m_t, H * K, o_k, m_k, 1)
+    b_k = load_tile(p_k, o_i, m_t, H * K, o_k, m_k, 1)
 
-    o_i = tl.arange(0, BT)
-    m_t = i_t * BT + o_i < T
     # padded rows carry gate 0, so their decay factors could overflow: mask them out with the acausal part
     m_A = (o_i[:, None] >= o_i[None, :]) & m_t[:, None] & m_t[None, :]
     if USE_G:
         last = tl.minimum(i_t * BT + BT, T) - 1
         b_g_last = tl.load(gc + (bos + last) * H + i_h)
-        p_g = tl.make_block_ptr(gc + bos * H + i_h, (T,), (H,), (i_t * BT,), (BT,), (0,))
-        b_g = tl.load(p_g, boundary_check=(0,))
+        b_g = tl.load(gc + row0 + o_i * H, mask=m_t, other=0)
         b_dq = b_dq * tl.exp(b_g)[:, None]
         b_dk = b_dk * tl.where(m_t, tl.exp(b_g_last - b_g), 0)[:, None]
         b_ds = b_ds * tl.exp(tl.where(m_A, b_g[:, None] - b_g[None, :], 0))
@@ -173,15 +182,12 @@ def chunk_bwd_dqk_kernel(
         b_P = b_ds * tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
         b_C = tl.cumsum(b_P, axis=1) - b_P
         b_dg += tl.sum(tl.where(o_i[:, None] >= o_i[None, :], b_C, 0), axis=0)
-        p_dg = tl.make_block_ptr(dg + (bos * H + i_h) * NK + i_k, (T,), (H * NK,), (i_t * BT,), (BT,), (0,))
-        tl.store(p_dg, b_dg, boundary_check=(0,))
+        tl.store(dg + row0 * NK + i_k + o_i * (H * NK), b_dg, mask=m_t)
     b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision="ieee")
     b_dk += tl.dot(tl.trans(b_ds).to(b_q.dtype), b_q, input_precision="ieee")
 
-    p_dq = tl.make_block_ptr(dq + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
-    p_dk = tl.make_block_ptr(dk + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
-    tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), boundary_check=(0, 1))
-    tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
+    store_tile(dq + row0 * K, b_dq, o_i, m_t, H * K, o_k, m_k, 1)
+    store_tile(dk + row0 * K, b_dk, o_i, m_t, H * K, o_k, m_k, 1)
 
 
 def chunk_simple_gla_fwd(q, k, v, gc, scale, h0, output_final_state, cu_seqlens, meta, BT=CHUNK_SIZE):
@@ -252,31 +258,14 @@ class ChunkSimpleGLAFunction(torch.autograd.Function):
         return dq, dk, dv, dg, None, dh0, None, None
 
 
-def chunk_simple_gla(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    g: Tensor | None = None,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    cu_seqlens: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """Scalar-decay linear attention, chunked. q, k: [B, T, H, K]; v: [B, T, H, V]; g: [B, T, H] log decay per step
-    (None = plain linear attention); initial_state / final state: [N, H, K, V] fp32. Returns (o in v's dtype, ht)."""
-    B, T, H, K, V, N = check_linear_attn_inputs(
-        "chunk_simple_gla", q, k, v, g, initial_state, cu_seqlens, g_per_channel=False
+def chunk_simple_gla_triton(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
+    """`chunk_simple_gla` on the Triton kernels, for inputs it has checked (T > 0, scale set)."""
+    K, V = q.shape[-1], v.shape[-1]
+    if narrow_value_tiles(v.dtype, tile(K, v.dtype), tile(V, v.dtype)):
+        o, ht = chunk_simple_gla_triton(q.float(), k.float(), v.float(), g, scale, initial_state, output_final_state,
+                                        cu_seqlens)
+        return o.to(v.dtype), ht
+    return ChunkSimpleGLAFunction.apply(
+        q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous() if g is not None else None,
+        scale, initial_state, output_final_state, cu_seqlens,
     )
-    if T == 0:
-        return empty_input_result(v, (N, H, K, V), initial_state, output_final_state)
-    scale = default_scale(q, scale)
-    if use_triton(q, k, v, g, initial_state):
-        if narrow_value_tiles(v.dtype, tile(K, v.dtype), tile(V, v.dtype)):
-            o, ht = chunk_simple_gla(q.float(), k.float(), v.float(), g, scale, initial_state, output_final_state,
-                                     cu_seqlens)
-            return o.to(v.dtype), ht
-        return ChunkSimpleGLAFunction.apply(
-            q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous() if g is not None else None,
-            scale, initial_state, output_final_state, cu_seqlens,
-        )
-    return chunk_simple_gla_torch(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)

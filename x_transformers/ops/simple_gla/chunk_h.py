@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from x_transformers.ops.common.bounds import seq_chunk_bounds
+from x_transformers.ops.common.tiles import load_tile, store_tile
 from x_transformers.ops.common.utils import fill_sm_tiles, min_dot_tile, num_seqs
 
 
@@ -32,32 +33,31 @@ def chunk_fwd_h_kernel(
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos, T, NT, boh = seq_chunk_bounds(i_n, T, cu_seqlens, chunk_offsets, BT, IS_VARLEN)
+    o_i = tl.arange(0, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
 
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
-        p_h0 = tl.make_block_ptr(h0 + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-        b_h += tl.load(p_h0, boundary_check=(0, 1)).to(tl.float32)
+        b_h += load_tile(h0 + i_nh.to(tl.int64) * K * V, o_k, m_k, V, o_v, m_v, 1).to(tl.float32)
 
     for i_t in range(NT):
-        p_h = tl.make_block_ptr(h + ((boh + i_t) * H + i_h) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-        tl.store(p_h, b_h.to(p_h.dtype.element_ty), boundary_check=(0, 1))
-        p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (K, T), (1, H * K), (i_k * BK, i_t * BT), (BK, BT), (0, 1))
-        p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
-        b_k = tl.load(p_k, boundary_check=(0, 1))
-        b_v = tl.load(p_v, boundary_check=(0, 1))
+        store_tile(h + ((boh + i_t) * H + i_h) * K * V, b_h, o_k, m_k, V, o_v, m_v, 1)
+        m_t = i_t * BT + o_i < T
+        row0 = (bos + i_t * BT) * H + i_h
+        b_k = load_tile(k + row0 * K, o_k, m_k, 1, o_i, m_t, H * K)
+        b_v = load_tile(v + row0 * V, o_i, m_t, H * V, o_v, m_v, 1)
         if USE_G:
-            o_t = i_t * BT + tl.arange(0, BT)
             last = tl.minimum(i_t * BT + BT, T) - 1
             b_g_last = tl.load(gc + (bos + last) * H + i_h)
-            p_g = tl.make_block_ptr(gc + bos * H + i_h, (T,), (H,), (i_t * BT,), (BT,), (0,))
-            b_g = tl.load(p_g, boundary_check=(0,))
-            b_v = (b_v * tl.where(o_t < T, tl.exp(b_g_last - b_g), 0)[:, None]).to(b_k.dtype)
+            b_g = tl.load(gc + row0 + o_i * H, mask=m_t, other=0)
+            b_v = (b_v * tl.where(m_t, tl.exp(b_g_last - b_g), 0)[:, None]).to(b_k.dtype)
             b_h *= tl.exp(b_g_last)
         b_h += tl.dot(b_k, b_v, input_precision="ieee")
 
     if STORE_FINAL_STATE:
-        p_ht = tl.make_block_ptr(ht + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-        tl.store(p_ht, b_h.to(p_ht.dtype.element_ty), boundary_check=(0, 1))
+        store_tile(ht + i_nh.to(tl.int64) * K * V, b_h, o_k, m_k, V, o_v, m_v, 1)
 
 
 @triton.jit
@@ -72,25 +72,26 @@ def chunk_bwd_dh_kernel(
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos, T, NT, boh = seq_chunk_bounds(i_n, T, cu_seqlens, chunk_offsets, BT, IS_VARLEN)
+    o_i = tl.arange(0, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
 
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_FINAL_STATE_GRADIENT:
-        p_dht = tl.make_block_ptr(dht + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-        b_dh += tl.load(p_dht, boundary_check=(0, 1)).to(tl.float32)
+        b_dh += load_tile(dht + i_nh.to(tl.int64) * K * V, o_k, m_k, V, o_v, m_v, 1).to(tl.float32)
 
     for i in range(NT):
         i_t = NT - 1 - i
-        p_dh = tl.make_block_ptr(dh + ((boh + i_t) * H + i_h) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-        tl.store(p_dh, b_dh.to(p_dh.dtype.element_ty), boundary_check=(0, 1))
-        p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (K, T), (1, H * K), (i_k * BK, i_t * BT), (BK, BT), (0, 1))
-        p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
-        b_q = tl.load(p_q, boundary_check=(0, 1))
-        b_do = tl.load(p_do, boundary_check=(0, 1))
+        store_tile(dh + ((boh + i_t) * H + i_h) * K * V, b_dh, o_k, m_k, V, o_v, m_v, 1)
+        m_t = i_t * BT + o_i < T
+        row0 = (bos + i_t * BT) * H + i_h
+        b_q = load_tile(q + row0 * K, o_k, m_k, 1, o_i, m_t, H * K)
+        b_do = load_tile(do + row0 * V, o_i, m_t, H * V, o_v, m_v, 1)
         if USE_G:
             last = tl.minimum(i_t * BT + BT, T) - 1
             b_g_last = tl.load(gc + (bos + last) * H + i_h)
-            p_g = tl.make_block_ptr(gc + bos * H + i_h, (T,), (H,), (i_t * BT,), (BT,), (0,))
-            b_g = tl.load(p_g, boundary_check=(0,))
+            b_g = tl.load(gc + row0 + o_i * H, mask=m_t, other=0)
             b_q = (b_q * (tl.exp(b_g) * scale)[None, :]).to(b_do.dtype)
             b_dh *= tl.exp(b_g_last)
         else:
@@ -98,8 +99,7 @@ def chunk_bwd_dh_kernel(
         b_dh += tl.dot(b_q, b_do, input_precision="ieee")
 
     if STORE_INITIAL_STATE_GRADIENT:
-        p_dh0 = tl.make_block_ptr(dh0 + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-        tl.store(p_dh0, b_dh.to(p_dh0.dtype.element_ty), boundary_check=(0, 1))
+        store_tile(dh0 + i_nh.to(tl.int64) * K * V, b_dh, o_k, m_k, V, o_v, m_v, 1)
 
 
 def chunk_fwd_h(k, v, gc, h0, output_final_state, cu_seqlens, chunk_offsets, num_chunks, BT):

@@ -10,16 +10,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch import Tensor
 
 from x_transformers.ops.common.bounds import seq_bounds
 from x_transformers.ops.common.chunk_index import last_positions
 from x_transformers.ops.common.cumsum import reverse_cumsum
-from x_transformers.ops.common.utils import (
-    check_linear_attn_inputs, default_scale, empty_input_result, num_seqs, use_triton,
-)
+from x_transformers.ops.common.utils import num_seqs
 from x_transformers.ops.simple_gla.chunk_h import tile
-from x_transformers.ops.simple_gla.naive import naive_simple_gla
 
 
 @triton.jit
@@ -225,28 +221,9 @@ class FusedRecurrentSimpleGLAFunction(torch.autograd.Function):
         return dq, dk, dv, dg, None, dh0, None, None
 
 
-def fused_recurrent_simple_gla(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    g: Tensor | None = None,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    cu_seqlens: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """Same contract and results as `chunk_simple_gla`, computed token by token (decoding, short inputs)."""
-    B, T, H, K, V, N = check_linear_attn_inputs(
-        "fused_recurrent_simple_gla", q, k, v, g, initial_state, cu_seqlens, g_per_channel=False
+def fused_recurrent_simple_gla_triton(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
+    """`fused_recurrent_simple_gla` on the Triton kernels, for inputs it has checked (T > 0, scale set)."""
+    return FusedRecurrentSimpleGLAFunction.apply(
+        q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous() if g is not None else None,
+        scale, initial_state, output_final_state, cu_seqlens,
     )
-    if T == 0:
-        return empty_input_result(v, (N, H, K, V), initial_state, output_final_state)
-    scale = default_scale(q, scale)
-    if use_triton(q, k, v, g, initial_state):
-        return FusedRecurrentSimpleGLAFunction.apply(
-            q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous() if g is not None else None,
-            scale, initial_state, output_final_state, cu_seqlens,
-        )
-    # CPU: the step loop is cheap for the short inputs this op is meant for
-    o, ht = naive_simple_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
-    return o.to(v.dtype), ht
