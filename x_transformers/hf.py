@@ -245,7 +245,12 @@ def _decode_state(intermediates: LayerIntermediates) -> LayerIntermediates:
     # only what the next cached call reads: the values, attention maps and hiddens of this call would be held on to
     # for nothing
     names = [f.name for f in fields(Intermediates) if f.name not in _NOT_DECODE_STATE]
-    layers = [Intermediates(**{n: getattr(inter, n, None) for n in names}) for inter in intermediates.attn_intermediates]
+    layers = []
+    for inter in intermediates.attn_intermediates:
+        layer = Intermediates()
+        for name in names:
+            setattr(layer, name, getattr(inter, name, None))
+        layers.append(layer)
     return LayerIntermediates(attn_intermediates=layers)
 
 
