@@ -338,7 +338,9 @@ class XTransformersCache(Cache):
                 # nothing left to continue from: the next call recomputes from the tokens
                 self.state = None
                 return
-            inter.cached_kv = tuple(t[..., : t.shape[-2] - remove, :] if torch.is_tensor(t) else t for t in inter.cached_kv)
+            inter.cached_kv = tuple(
+                t[..., : t.shape[-2] - remove, :] if torch.is_tensor(t) else t for t in inter.cached_kv
+            )
 
 
 # models
@@ -452,7 +454,9 @@ class XTransformersPreTrainedModel(PreTrainedModel):
             ok = keep > 0 and net.can_cache_kv_outside_max_seq_len
             state = trim_cached_kv(state, keep) if state is not None and ok else None
 
-        kwargs = dict(return_intermediates=True, seq_start_pos=seq_start_pos, mask=mask, return_embeddings=return_embeddings)
+        kwargs = dict(
+            return_intermediates=True, seq_start_pos=seq_start_pos, mask=mask, return_embeddings=return_embeddings
+        )
         if state is not None:
             out, intermediates = net(x, cache=state, cache_age=new, **kwargs)
         else:
@@ -619,7 +623,9 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> XTransform
 
     state = T.load_checkpoint(checkpoint)
     wrapper, decoder, extra = _checkpoint_spec(state)
-    config = XTransformersConfig(wrapper_kwargs=wrapper, decoder_kwargs=decoder, training_step=state.get("step"), **extra)
+    config = XTransformersConfig(
+        wrapper_kwargs=wrapper, decoder_kwargs=decoder, training_step=state.get("step"), **extra
+    )
     model = XTransformersForCausalLM(config)
     model.load_x_transformers_state_dict(_strip_prefixes(state["model"]))
     model.eval()
