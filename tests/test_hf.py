@@ -335,12 +335,12 @@ metric_list:
 
 
 def test_lm_eval_runs_loglikelihood_and_generate_until(tmp_path, monkeypatch):
-    lm_eval = pytest.importorskip("lm_eval")
-    from lm_eval.tasks import TaskManager
-
+    # no network, and the datasets cache in tmp (read when `datasets` is first imported, by lm-eval)
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(name, "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets_cache"))
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
     model, _ = make(CONFIGS["hybrid"])
     model.save_pretrained(tmp_path / "model")
     ByteTokenizer(model_max_length=48).save_pretrained(tmp_path / "model")
