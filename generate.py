@@ -59,11 +59,11 @@ def build_parser():
     p.add_argument("--length", type=T.positive_int, default=256, help="bytes to generate per sample")
     p.add_argument("--num-samples", type=T.positive_int, default=1, help="samples, one after the other")
     p.add_argument("--temperature", type=T.non_negative_float, default=1.0, help="sampling temperature; 0 is greedy")
-    p.add_argument("--top-k", type=T.positive_int, default=None, help="sample among the k likeliest tokens")
+    p.add_argument("--top-k", type=T.positive_int, default=None, help="sample among the k likeliest tokens (default: off)")
     p.add_argument("--top-p", type=T.fraction, default=None,
-                   help="nucleus sampling: among the likeliest tokens whose probabilities sum past p")
+                   help="nucleus sampling: among the likeliest tokens whose probabilities sum past p (default: off)")
     p.add_argument("--min-p", type=T.fraction, default=None,
-                   help="drop tokens less likely than min-p times the likeliest one")
+                   help="drop tokens less likely than min-p times the likeliest one (default: off)")
     p.add_argument("--seed", type=T.non_negative_int, default=None,
                    help="seed for repeatable samples (default: different samples each run)")
     p.add_argument("--device", default=None, help="cpu / cuda / cuda:N (default: cuda if available, else cpu)")
