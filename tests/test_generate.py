@@ -38,6 +38,15 @@ MODELS = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # models this small run fastest on one thread; more only contend for a busy CPU
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")

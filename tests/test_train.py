@@ -307,6 +307,15 @@ TINY_INPROC = ["--dim", "32", "--depth", "1", "--heads", "2", "--seq-len", "32",
 TEXT = b"ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun.\n" * 30
 
 
+@pytest.fixture
+def one_thread():
+    # models this small run fastest on one thread; more only contend for a busy CPU
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def call(main, argv):
     main([str(a) for a in argv])
 
@@ -377,7 +386,7 @@ def test_help_shows_defaults_and_mixer_names(capsys):
         assert "(default: None)" not in text and "(default: False)" not in text
 
 
-def test_resume_applies_or_refuses_changed_arguments(tmp_path, capsys):
+def test_resume_applies_or_refuses_changed_arguments(tmp_path, capsys, one_thread):
     data = tmp_path / "text.txt"
     data.write_bytes(TEXT)
     out = tmp_path / "run"
@@ -426,7 +435,7 @@ def test_resume_applies_or_refuses_changed_arguments(tmp_path, capsys):
     assert f"{ckpt} is not a readable checkpoint" in usage_error(capsys, enwik8.main, ["--out-dir", out, "--resume"])
 
 
-def test_copy_resume_refuses_another_model(tmp_path, capsys):
+def test_copy_resume_refuses_another_model(tmp_path, capsys, one_thread):
     out = tmp_path / "copy"
     call(copy_task.main, [*TINY_COPY, "--num-batches", "2", "--validate-every", "2", "--out-dir", out])
     assert torch.load(out / "checkpoint.pt", weights_only=True)["config"]["task"] == "copy"
@@ -437,7 +446,7 @@ def test_copy_resume_refuses_another_model(tmp_path, capsys):
     assert "resume: --target-acc 1.0 -> 0.5" in capsys.readouterr().out
 
 
-def test_closing_line_names_only_files_written(tmp_path, capsys, monkeypatch):
+def test_closing_line_names_only_files_written(tmp_path, capsys, monkeypatch, one_thread):
     monkeypatch.setattr(T, "plot_metrics", lambda *args, **kwargs: False)  # as without matplotlib
     data = tmp_path / "text.txt"
     data.write_bytes(TEXT)
