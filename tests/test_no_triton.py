@@ -5,6 +5,7 @@ All of it runs in one subprocess that blocks `import triton` before anything imp
 sys.modules stays out of this test process (where tests/ops import the real triton)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -81,7 +82,7 @@ def results():
 def test_trains_without_triton(results, name):
     r = results[name]
     assert "error" not in r, r.get("error")
-    assert r["loss"] == r["loss"] and abs(r["loss"]) < 1e4, f"{name}: loss {r['loss']}"
+    assert math.isfinite(r["loss"]), f"{name}: loss {r['loss']}"
     assert r["grads_finite"], f"{name}: missing or non-finite gradients"
 
 

@@ -24,6 +24,14 @@ from x_transformers.ops.common.interpreter_compat import patch  # noqa: E402
 patch()
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "slow: a long interpreter case whose kernels and code paths faster cases also run; .ci/run leaves these out "
+        "of its second tests/ops pass (the newest Triton of the tested range)",
+    )
+
+
 def rel_rms(a, b):
     """Relative RMS error of `a` against the reference `b`, in float64."""
     a, b = a.double(), b.double()
