@@ -58,7 +58,8 @@ def train_one(name, kwargs, args, train, val, device):
         max_seq_len=args.seq_len,
         attn_layers=Decoder(
             dim=args.dim, depth=args.depth, heads=args.heads, attn_dim_head=args.dim // args.heads,  # same width as the mixers
-            rotary_pos_emb=True, **kwargs,
+            # rotary for the softmax layers; a stack of mixers alone has none to rotate (and refuses the flag)
+            rotary_pos_emb="linear_attn" not in kwargs or "hybrid_pattern" in kwargs, **kwargs,
         ),
     )
     wrapper = AutoregressiveWrapper(model).to(device)
