@@ -492,7 +492,8 @@ class Attention(Module):
         if isinstance(dda, PerRowDataDependentAlibi):
             q, k = dda.to_forget_gates(x)  # (b, h, n, d) each
             if exists(mask):
-                k = k.masked_fill(~rearrange(mask, 'b n -> b 1 n 1'), 0.0)
+                # zero gate queries and keys at masked positions: whatever those hold stays out of every bias row
+                q, k = (t.masked_fill(~rearrange(mask, 'b n -> b 1 n 1'), 0.0) for t in (q, k))
             if exists(cached):
                 k = cat((cached, k), dim=-2)
 
@@ -676,6 +677,12 @@ class Attention(Module):
             if exists(self.to_value_residual_mix):
                 mix = rearrange(self.to_value_residual_mix(q_input), 'b n h -> b h n 1')
 
+                # grouped key / values: there is one mix per query head, but values per kv head. Query head h reads
+                # kv head h % kv_heads, so each kv head's values take the mean mix of the query heads reading them
+                # (broadcasting instead would turn the values into query heads, which no attention path expects)
+                if mix.shape[1] != v.shape[1]:
+                    mix = rearrange(mix, 'b (g h) n 1 -> b g h n 1', h=v.shape[1]).mean(dim=1)
+
                 # multi-latent values are recomputed for every cached position, so their mixes are kept too
                 if self.use_latent_kv:
                     if exists(cache):
@@ -777,9 +784,10 @@ class Attention(Module):
             key_keep = rearrange(input_mask, 'b j -> b 1 j 1')
             k, v = k.masked_fill(~key_keep, 0.0), v.masked_fill(~key_keep, 0.0)
 
-        # a masked query's logits feed selective attention's penalties on later queries: give it zero logits
+        # a masked query's logits feed selective attention's penalties on later queries, and CoPE turns them into
+        # gather indices (a NaN there is an out-of-range index, not just a NaN row): give it zero logits
 
-        if self.attend.selective and exists(position_mask):
+        if (self.attend.selective or exists(self.attend.cope)) and exists(position_mask):
             q = q.masked_fill(~rearrange(position_mask, 'b n -> b 1 n 1'), 0.0)
 
         # combine key padding, explicit attention mask and the attend-past window into one keep-mask

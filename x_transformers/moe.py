@@ -121,6 +121,9 @@ class MoE(Module):
         self.aux_loss_weight = aux_loss_weight
         self.router_z_loss_weight = router_z_loss_weight
         self.capacity_factor = capacity_factor
+        # with a capacity, whether a token is dropped depends on the other tokens of the call (their number and
+        # order): a decode step (one token per row) drops differently from the whole sequence, so no cached decoding
+        self.can_cache_kv = capacity_factor is None
 
         self.router = nn.Linear(dim, num_experts, bias=False)
         self.experts = Experts(dim, num_experts, mult, glu, swish, relu_squared, dropout, no_bias)

@@ -382,7 +382,10 @@ class RotaryEmbedding(Module):
     ):
         super().__init__()
         # NTK-aware rescale of the base, to stretch to longer contexts without fine-tuning (reddit user bloc97)
-        base *= base_rescale_factor ** (dim / (dim - 2))
+        if base_rescale_factor != 1.0:
+            if dim <= 2:
+                raise ValueError(f"rotary_base_rescale_factor needs a rotary dimension above 2, got {dim}")
+            base *= base_rescale_factor ** (dim / (dim - 2))
 
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))
         self.register_buffer("inv_freq", inv_freq)

@@ -212,8 +212,15 @@ def add_memory_tokens(x, memory_tokens, mask, mem_every, is_decoder):
     if exists(mem_every):
         assert mem_every > 0
         assert is_decoder, "interspersed memory tokens are only for Decoder"
-        x = pad_at_dim(x, (0, math.ceil(n / mem_every) * mem_every - n), dim=-2, value=0.0)
+        pad = math.ceil(n / mem_every) * mem_every - n
+        x = pad_at_dim(x, (0, pad), dim=-2, value=0.0)
         x = rearrange(x, "b (n m) d -> (b n) m d", m=mem_every)
+        if exists(mask):
+            # the mask follows the tokens: the end padding is masked, every group's memory tokens are not
+            mask = pad_at_dim(mask, (0, pad), dim=-1, value=False)
+            mask = rearrange(mask, "b (n m) -> (b n) m", m=mem_every)
+            mask = pad_at_dim(mask, (memory_tokens.shape[0], 0), dim=-1, value=True)
+            mask = rearrange(mask, "(b n) m -> b (n m)", b=b)
 
     mem = repeat(memory_tokens, "n d -> b n d", b=x.shape[0])
     x, packed_shape = pack((mem, x), "b * d")
@@ -428,6 +435,15 @@ class AttentionLayers(Module):
         if rotary_pos_emb and rotary_emb_dim < 32:
             logger.warning("when training a language model, the rotary embedding dimension should be at least 32")
         assert not (rotary_xpos and not causal), "rotary xpos only works with causal attention"
+        # xpos scales queries and keys by factors centred on the middle of the sequence, which cancel only in q . k:
+        # memory keys (no position) and l2-distance logits (|k|^2) would make every output depend on the sequence's
+        # total length, future tokens included
+        if rotary_xpos and attn_kwargs.get("num_mem_kv", 0) > 0:
+            raise ValueError("rotary_xpos cannot be combined with attn_num_mem_kv (memory keys carry no position for xpos)")
+        if rotary_xpos and attn_kwargs.get("l2_distance", False):
+            raise ValueError("rotary_xpos cannot be combined with attn_l2_distance (xpos scales only cancel in dot products)")
+        if rotary_xpos and attn_kwargs.get("use_cope", False):
+            raise ValueError("rotary_xpos cannot be combined with attn_use_cope (CoPE reads the xpos-scaled queries alone)")
         self.rotary_pos_emb = None
         if rotary_pos_emb:
             self.rotary_pos_emb = RotaryEmbedding(
@@ -654,6 +670,21 @@ class AttentionLayers(Module):
                 qkv_receive_diff_residuals=qkv_receive_diff_residuals,
             )
 
+        # attn_ keywords reach the cross-attention layers too, where features defined over one sequence cannot work
+        if "c" in layer_types:
+            cross_kwargs = {**attn_kwargs, **cross_attn_kwargs}
+            self_only = [
+                name
+                for name in ("data_dependent_alibi", "selective", "use_cope", "max_attend_past", "neutreno_value_residual")
+                if cross_kwargs.get(name)
+            ]
+            if self_only:
+                raise ValueError(
+                    f"{', '.join('attn_' + name for name in self_only)} act on self attention, and attn_ keywords reach "
+                    f"the cross-attention layers too, which cannot use them; turn them off there with "
+                    f"{', '.join(f'cross_attn_{name}=' + ('None' if name == 'max_attend_past' else 'False') for name in self_only)}"
+                )
+
         self.layer_types = layer_types
         self.layers_execute_order = default(layers_execute_order, tuple(range(len(layer_types))))
         bad_order = [i for i in self.layers_execute_order if not isinstance(i, int) or not 0 <= i < len(layer_types)]
@@ -781,7 +812,7 @@ class AttentionLayers(Module):
 
     def _mixing_modules(self):
         for module in self.modules():
-            if isinstance(module, Attention):
+            if isinstance(module, Attention) or type(module).__name__ == "MoE":
                 yield module
         for layer_type, (_, block, _) in zip(self.layer_types, self.layers):
             if layer_type == "l":
