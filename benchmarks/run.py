@@ -36,6 +36,8 @@ sys.path.insert(0, str(HERE))
 
 OPS = "sdpa,chunk_simple_gla,chunk_gla,chunk_delta_rule,chunk_gated_delta_rule,hgrn_scan"
 SEQLENS = "1024,2048,4096,8192,16384,32768"
+# fla's counterparts of the scalar-decay and gated delta-rule ops (each fla op adds about a minute of compilation)
+FLA_OPS = "chunk_simple_gla,chunk_gated_delta_rule"
 
 # (label, bench_train flags, whether the peer runs the same flags): the enwik8 model (dim 512, depth 6, 8 heads,
 # rotary), batch 16 x 1024 unless the flags say otherwise
@@ -105,7 +107,7 @@ def run_configs(script, configs, args, fixed: list[str]) -> list[dict]:
 def suite_ops(args) -> list[dict]:
     import bench_ops
 
-    argv = ["--seqlens", SEQLENS, "--warmup", "3", "--reps", "10", "--ops", OPS]
+    argv = ["--seqlens", SEQLENS, "--warmup", "3", "--reps", "10", "--ops", OPS, "--fla-ops", FLA_OPS]
     return bench_ops.main(argv + (["--smoke"] if args.smoke else []))
 
 
