@@ -103,3 +103,30 @@ def test_bad_config():
         MoE(DIM, num_experts=2, top_k=3)
     with pytest.raises(ValueError, match="capacity_factor"):
         MoE(DIM, num_experts=2, capacity_factor=0)
+
+
+def test_masked_tokens_take_no_capacity_and_stay_out():
+    # a masked token holding NaN neither reaches the others nor takes one of their expert slots
+    torch.manual_seed(0)
+    moe = MoE(DIM, num_experts=2, top_k=1, capacity_factor=1.0)
+    x = torch.randn(1, 6, DIM)
+    mask = torch.tensor([[True, True, True, False, False, False]])
+    garbage = x.clone()
+    garbage[~mask] = float("nan")
+    out, loss = moe(garbage, mask=mask)
+    assert torch.isfinite(out[mask]).all() and torch.isfinite(loss)
+    # capacity is sized by all 6 tokens (3 slots per expert): the 3 real ones all find one
+    assert (out[mask].abs().sum(-1) > 0).all()
+    clean, _ = moe(x, mask=mask)
+    torch.testing.assert_close(out[mask], clean[mask])
+
+
+def test_compiled_moe_matches_eager():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    moe = MoE(DIM, num_experts=4, top_k=2, relu_squared=True)
+    x = torch.randn(2, 5, DIM)
+    ref, _ = moe(x)
+    out, _ = torch.compile(moe, backend="aot_eager", dynamic=False)(x)
+    torch.testing.assert_close(out, ref)
+    assert not MoE(DIM, num_experts=2, capacity_factor=1.0).can_cache_kv

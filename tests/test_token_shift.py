@@ -50,3 +50,31 @@ def test_fold_axially_runs_fn_on_interleaved_subsequences(seq_len):
         torch.testing.assert_close(out[:, p], x[:, p % 3 :: 3][:, : p // 3 + 1].sum(dim=1))
     plain = FoldAxially(1, torch.nn.Identity())
     assert plain(x) is x
+
+
+def test_shift_tail_continues_the_sequence():
+    # a decode step given the tail of the inputs before it shifts in what the whole sequence would
+    from x_transformers.token_shift import shift_tail
+
+    fn = ShiftTokens((0, 1, 2), torch.nn.Identity())
+    x = torch.randn(2, 7, 6)
+    mask = torch.tensor([[False, False, True, True, True, True, True], [True] * 7])
+    whole = fn(x, shift_mask=mask)
+    tail = shift_tail(x[:, :4], 2, mask=mask[:, :4])
+    assert tail.shape == (2, 2, 6)
+    steps = []
+    for t in range(4, 7):
+        steps.append(fn(x[:, t : t + 1], shift_mask=mask[:, : t + 1], shift_tail=tail))
+        tail = shift_tail(x[:, t : t + 1], 2, mask=mask[:, : t + 1], prev_tail=tail)
+    torch.testing.assert_close(torch.cat(steps, dim=1), whole[:, 4:])
+    # the first tokens' tail is padded with zeros; masked inputs enter it as zeros
+    assert (shift_tail(x[:, :1], 2)[:, 0] == 0).all()
+    assert (shift_tail(x[:, :2], 2, mask=mask[:, :2])[0] == 0).all()
+
+
+def test_shift_mask_covers_blocks_without_a_mask_kwarg():
+    record = Record()
+    x = torch.ones(1, 3, 2)
+    out = ShiftTokens((0, 1), record)(x, shift_mask=torch.tensor([[False, True, True]]))
+    assert out[0, :, 1].tolist() == [0.0, 0.0, 1.0]
+    assert "shift_mask" not in record.seen[1]

@@ -485,7 +485,7 @@ class Attend(Module):
             attn = attn * pre_to_post_scale
 
         # grouped kv heads broadcast over query heads viewed as (groups, kv_heads), without copies
-        out = (attn.reshape(b, h // kv_heads, kv_heads, i, j) @ v[:, None]).reshape(b, h, i, -1)
+        out = (attn.reshape(b, h // kv_heads, kv_heads, i, j) @ v[:, None]).reshape(b, h, i, v.shape[-1])
         return out, row_is_masked, intermediates
 
     def attn_weights(self, q, k, mask, attn_bias, prev_attn):
