@@ -25,6 +25,10 @@ from x_transformers.mixers import MIXERS
 METRICS = ["step", "train_loss", "token_acc", "seq_acc", "tokens_per_s", "lr"]
 START = 1  # decoder start token; 0 is left for padding, symbols are 2 .. num_tokens-1
 
+# on one GPU: a model this small waits on kernel launches, which a CUDA graph of the step removes with one capture,
+# without compiling, whose cost a run this short would not win back
+AUTO_STEP_MODES = ("graph", "eager")
+
 # flags a resumed run may take anew: they change neither the model nor the batches drawn
 CHANGEABLE = {"num_batches", "lr", "clip", "validate_every", "log_every", "val_size", "generate_every", "target_acc"}
 
@@ -58,7 +62,7 @@ def build_parser():
     p.add_argument("--resume", action="store_true", help="continue the run in OUT/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run even though OUT already holds one (its outputs are removed)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training step's model")
+    T.add_step_args(p, auto=AUTO_STEP_MODES)
     p.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 fully_shard instead of DDP")
     p.add_argument("--fsdp-keep-params", action="store_true",
                    help="with --fsdp: keep each layer's gathered weights from forward to backward (one all-gather per "
@@ -131,10 +135,14 @@ def main(argv=None):
     logger.info(f"copy task: {args.seq_len} symbols from {args.num_symbols}; model {n_params / 1e6:.2f}M parameters, "
                 f"device {device}, autocast {dtype}, world {dist_info.world_size}")
 
-    # generation and validation run on the plain module (DDP hooks are for training only)
+    modes = T.step_modes(args.step_mode, device, dist_info, auto=AUTO_STEP_MODES)
+    logger.info(f"training step: {' -> '.join(modes)} (--step-mode {args.step_mode})")
+
+    # generation and validation run on the plain module (DDP hooks and compilation are for training only)
     try:
-        model, optimizer, plain, train_model, start, metrics, save = T.prepare_run(
-            model, args, out, generators, METRICS, dist_info, device, state=run.state, extra=dict(config=config)
+        model, optimizer, plain, train_step, start, metrics, save = T.prepare_run(
+            model, args, out, generators, METRICS, dist_info, device, loss_fn=copy_loss, dtype=dtype, modes=modes,
+            state=run.state, extra=dict(config=config),
         )
     except T.UsageError as error:
         run.error(str(error))
@@ -151,20 +159,12 @@ def main(argv=None):
     with T.StopOnSignal() as stop:
         for step in bar:
             model.train()
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(args.grad_accum):
-                src, tgt, mask = make_batch(args, args.batch_size, data_gen, device)
-                with T.gradient_sync(model, micro == args.grad_accum - 1):
-                    with T.autocast(device, dtype):
-                        loss = train_model(src, tgt, mask=mask)
-                    (loss / args.grad_accum).backward()
-                loss_sum += loss.detach()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            # drawn on the host: the training step moves them to the device without waiting for it
+            batches = [make_batch(args, args.batch_size, data_gen, torch.device("cpu")) for _ in range(args.grad_accum)]
+            loss = train_step(batches)
 
             done = step + 1
-            losses.add(done, loss_sum / args.grad_accum)
+            losses.add(done, loss, warmup=train_step.warmup)
             last = done == args.num_batches
             evaluate = done % args.validate_every == 0 or last
             # all ranks log at the same steps (a collective); a single process also at once when interrupted
@@ -201,9 +201,15 @@ def main(argv=None):
             losses.resume()
     bar.close()
     if losses.train_time > 0:
-        logger.info(f"average {losses.tokens_per_s:,.0f} tokens/s over {losses.train_tokens:,} training tokens")
+        untimed = f", the first {losses.warmup_steps} (compilation, warm-up) untimed" if losses.warmup_steps else ""
+        logger.info(f"average {losses.tokens_per_s:,.0f} tokens/s over {losses.train_tokens:,} training tokens "
+                    f"(step mode {train_step.mode}{untimed})")
     logger.info(f"outputs in {out}: {T.written_outputs(out)}")
     T.finish(dist_info)
+
+
+def copy_loss(module, src, tgt, mask):
+    return module(src, tgt, mask=mask)
 
 
 @torch.no_grad()

@@ -1,12 +1,16 @@
 """Byte-level language model on enwik8 (or the bundled Shakespeare corpus), the classic x-transformers toy run.
 
-    python train_enwik8.py                                   # classic setup, GPU if present
+    python train_enwik8.py                                   # classic setup, GPU if present (compiled there)
     python train_enwik8.py --num-batches 60 --batch-size 4 --grad-accum 1 --seq-len 128 --out-dir out
     python train_enwik8.py --out-dir out --resume            # continue from out/checkpoint.pt
     python generate.py --checkpoint out/checkpoint.pt --prompt "ROMEO:"   # sample from the checkpoint
     torchrun --nproc_per_node 2 train_enwik8.py [--fsdp]     # multi-GPU (or 2 CPU ranks over gloo)
 
 --data reads plain text and .gz, .bz2, .xz or .zst files (.zst needs: pip install zstandard).
+
+On a GPU the step is compiled (--step-mode auto), falling back to a CUDA graph of the eager step and then to eager
+with a warning if one fails; Adam is fused and autocast bf16. The progress bar shows tokens/s and the model FLOP
+utilization (MFU); the last lines give their averages.
 
 The checkpoint describes its run: model configuration, data file and checksum, arguments. --resume continues that
 run with its own arguments: flags left out keep the stored values; --num-batches, --lr, --clip and the
@@ -43,8 +47,9 @@ def build_parser():
     p.add_argument("--val-bytes", type=T.positive_int, default=int(5e6), help="validation split size")
     p.add_argument("--num-batches", type=T.positive_int, default=int(1e5),
                    help="optimizer steps in all (a resumed run trains up to this step)")
-    p.add_argument("--batch-size", type=T.positive_int, default=4, help="sequences per micro-batch (per rank)")
-    p.add_argument("--grad-accum", type=T.positive_int, default=4, help="micro-batches per optimizer step")
+    # 16 sequences of 1024 bytes per step, as in the classic run; in one micro-batch, which a GPU runs fastest
+    p.add_argument("--batch-size", type=T.positive_int, default=16, help="sequences per micro-batch (per rank)")
+    p.add_argument("--grad-accum", type=T.positive_int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--seq-len", type=T.positive_int, default=1024, help="training window in bytes (max_seq_len)")
     p.add_argument("--lr", type=T.positive_float, default=1e-4, help="Adam learning rate")
     p.add_argument("--clip", type=T.positive_float, default=0.5, help="gradient norm clip")
@@ -60,7 +65,8 @@ def build_parser():
                    help="steps between validations, loss plots and checkpoints")
     p.add_argument("--log-every", type=T.positive_int, default=10,
                    help="steps between reads of the training loss (each read waits for the GPU)")
-    p.add_argument("--val-batches", type=T.positive_int, default=1, help="micro-batches averaged per validation")
+    p.add_argument("--val-batches", type=T.positive_int, default=1,
+                   help="batches averaged per validation, each of --batch-size x --grad-accum sequences")
     p.add_argument("--generate-every", type=T.positive_int, default=500, help="steps between printed samples")
     p.add_argument("--generate-length", type=T.positive_int, default=512, help="bytes per printed sample")
     p.add_argument("--prime-length", type=T.positive_int, default=128,
@@ -69,7 +75,7 @@ def build_parser():
     p.add_argument("--resume", action="store_true", help="continue the run in OUT/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run even though OUT already holds one (its outputs are removed)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training step's model")
+    T.add_step_args(p, peak_tflops=True)
     p.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 fully_shard instead of DDP")
     p.add_argument("--fsdp-keep-params", action="store_true",
                    help="with --fsdp: keep each layer's gathered weights from forward to backward (one all-gather per "
@@ -165,12 +171,18 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(f"model: {n_params / 1e6:.2f}M parameters, device {device}, autocast {dtype}, "
                 f"world {dist_info.world_size}")
+    modes = T.step_modes(args.step_mode, device, dist_info)
+    flops_per_token = T.flops_per_token(model, args.seq_len)
+    peak = T.peak_flops(device, dtype, args.peak_tflops)
+    logger.info(f"training step: {' -> '.join(modes)} (--step-mode {args.step_mode}); "
+                f"{flops_per_token / 1e6:,.1f} MFLOPs per token"
+                + (f", peak {peak / 1e12:,.4g} TFLOP/s per device" if peak else ", no MFU (no peak FLOP/s known)"))
 
-    # generation and validation run on the plain module (DDP hooks are for training only)
+    # generation and validation run on the plain module (DDP hooks and compilation are for training only)
     try:
-        model, optimizer, plain, train_model, start, metrics, save = T.prepare_run(
-            model, args, out, generators, METRICS, dist_info, device, state=run.state,
-            extra=dict(config=config, data=data_info),
+        model, optimizer, plain, train_step, start, metrics, save = T.prepare_run(
+            model, args, out, generators, METRICS, dist_info, device, loss_fn=lm_loss, dtype=dtype, modes=modes,
+            state=run.state, extra=dict(config=config, data=data_info),
         )
     except T.UsageError as error:
         run.error(str(error))
@@ -179,29 +191,22 @@ def main(argv=None):
                     "(give a larger --num-batches to continue)")
 
     tokens_per_step = args.batch_size * args.grad_accum * args.seq_len * dist_info.world_size
+    peak_all = peak * dist_info.world_size if peak else None
     bar = tqdm(range(start, args.num_batches), initial=start, total=args.num_batches, disable=not dist_info.is_main,
                desc="training", dynamic_ncols=True, mininterval=0.5)
     # losses stay on the GPU and are read every --log-every steps (no host sync per step); tokens/s on the bar and
-    # in the final log count training steps only, averaged since this run started
+    # in the final log count training steps only, averaged since this run started, without the first steps'
+    # compilation or graph capture
     losses = T.StepLosses(dist_info, device, tokens_per_step)
     with T.StopOnSignal() as stop:
         for step in bar:
             model.train()
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(args.grad_accum):
-                x = T.random_crops(train_data, args.batch_size, args.seq_len + 1, data_gen).to(device)
-                # gradients are reduced across ranks only on the last micro-batch of the step
-                with T.gradient_sync(model, micro == args.grad_accum - 1):
-                    with T.autocast(device, dtype):
-                        loss = train_model(x)
-                    (loss / args.grad_accum).backward()
-                loss_sum += loss.detach()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            batches = [(T.random_crops(train_data, args.batch_size, args.seq_len + 1, data_gen),)
+                       for _ in range(args.grad_accum)]
+            loss = train_step(batches)
 
             done = step + 1
-            losses.add(done, loss_sum / args.grad_accum)
+            losses.add(done, loss, warmup=train_step.warmup)
             last = done == args.num_batches
             validating = done % args.validate_every == 0 or last
             sampling = done % args.generate_every == 0 or last
@@ -213,13 +218,14 @@ def main(argv=None):
             *earlier, (_, train_loss, tokens_per_s) = losses.flush()
             for s, loss_s, tps in earlier:
                 metrics.log(step=s, train_loss=loss_s, tokens_per_s=tps, lr=lr)
-            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{losses.tokens_per_s:,.0f}")
+            bar.set_postfix(throughput(losses.tokens_per_s, flops_per_token, peak_all, loss=f"{train_loss:.3f}"))
             row = dict(step=done, train_loss=train_loss, tokens_per_s=tokens_per_s, lr=lr)
             if validating:
                 val_loss = validate(plain, val_data, val_gen, args, device, dtype, dist_info)
                 row.update(val_loss=val_loss, val_bpc=T.bits_per_byte(val_loss))
+                rate = f", {tokens_per_s:,.0f} tokens/s" if tokens_per_s else ""
                 logger.info(f"step {done}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
-                            f"val bpc {T.bits_per_byte(val_loss):.3f}, {tokens_per_s:,.0f} tokens/s")
+                            f"val bpc {T.bits_per_byte(val_loss):.3f}{rate}")
             metrics.log(**row)
 
             if sampling:
@@ -238,18 +244,37 @@ def main(argv=None):
             losses.resume()
     bar.close()
     if losses.train_time > 0:
-        logger.info(f"average {losses.tokens_per_s:,.0f} tokens/s over {losses.train_tokens:,} training tokens")
+        mfu = T.model_flops_utilization(losses.tokens_per_s, flops_per_token, peak_all)
+        untimed = f", the first {losses.warmup_steps} (compilation, warm-up) untimed" if losses.warmup_steps else ""
+        logger.info(f"average {losses.tokens_per_s:,.0f} tokens/s" + (f", MFU {mfu:.1%}" if mfu is not None else "")
+                    + f" over {losses.train_tokens:,} training tokens (step mode {train_step.mode}{untimed})")
     if device.type == "cuda":
         logger.info(f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GB per rank (rank 0)")
     logger.info(f"outputs in {out}: {T.written_outputs(out)}")
     T.finish(dist_info)
 
 
+def lm_loss(module, x):
+    return module(x)
+
+
+def throughput(tokens_per_s, flops_per_token, peak, **postfix) -> dict:
+    """The progress bar's fields: tokens/s and MFU once a timed step has been read (no MFU without a peak)."""
+    if tokens_per_s > 0:
+        postfix["tok_s"] = f"{tokens_per_s:,.0f}"
+        mfu = T.model_flops_utilization(tokens_per_s, flops_per_token, peak)
+        if mfu is not None:
+            postfix["mfu"] = f"{mfu:.1%}"
+    return postfix
+
+
 @torch.no_grad()
 def validate(model, val_data, val_gen, args, device, dtype, dist_info) -> float:
     model.eval()
     losses = []
-    for _ in range(args.val_batches):
+    # batches of one step's sequences (in micro-batches): a resumed run that trades --batch-size for --grad-accum at
+    # the same product validates on the same sequences
+    for _ in range(args.val_batches * args.grad_accum):
         x = T.random_crops(val_data, args.batch_size, args.seq_len + 1, val_gen).to(device)
         with T.autocast(device, dtype):
             losses.append(model(x).item())

@@ -7,6 +7,7 @@ import gzip
 import importlib.util
 import lzma
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -491,3 +492,275 @@ def test_every_format_reads_the_same_bytes(tmp_path, monkeypatch):
     compare = load_script(ROOT / "benchmarks" / "compare_mixers.py")
     train, val = compare.load_bytes(tmp_path / "a.txt.xz")
     assert torch.equal(torch.cat((train, val)), T.bytes_tensor(raw).long())
+
+
+# the training step: modes, fallback, resume across modes, batch shape, MFU
+
+
+def test_step_mode_choice_and_flags(tmp_path, capsys):
+    cpu, cuda, one, two = torch.device("cpu"), torch.device("cuda"), T.Dist(), T.Dist(0, 2, 0)
+    assert T.step_modes("auto", cpu, one) == ["eager"]  # compiling on a CPU costs more than a short run gains
+    assert T.step_modes("auto", cuda, one) == ["compile", "graph", "eager"]
+    assert T.step_modes("auto", cuda, two) == ["eager"]
+    assert T.step_modes("auto", cuda, one, auto=copy_task.AUTO_STEP_MODES) == ["graph", "eager"]
+    assert T.step_modes("compile", cpu, one) == ["compile"]  # explicit: no fallback
+    assert T.step_modes("eager", cuda, one) == ["eager"]
+
+    args = enwik8.parse_args([])
+    assert (args.step_mode, args.compile, args.batch_size, args.grad_accum) == ("auto", False, 16, 1)
+    args = enwik8.parse_args(["--compile"])  # the older spelling
+    T.check_step_mode(args)
+    assert args.step_mode == "compile"
+
+    out = ["--out-dir", tmp_path / "out"]
+    message = usage_error(capsys, enwik8.main, [*TINY_INPROC, "--compile", "--step-mode", "eager", *out])
+    assert "--compile is --step-mode compile, and --step-mode eager was given too" in message
+    message = usage_error(capsys, enwik8.main, [*TINY_INPROC, "--step-mode", "graph", *out])
+    assert "--step-mode graph captures the step as a CUDA graph and needs a CUDA device" in message
+    message = usage_error(capsys, copy_task.main, [*TINY_COPY, "--step-mode", "graph", *out])
+    assert "needs a CUDA device" in message
+    assert not (tmp_path / "out").exists()
+
+
+class _FailsInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("simulated inductor failure in the backward graph")
+
+
+def test_train_step_falls_back_with_the_same_step(monkeypatch, caplog_loguru):
+    """A compiled first step that fails inside backward - after its forward drew dropout masks and some gradients
+    were written - falls back to eager on the same micro-batches: one warning, and exactly the weights, losses and
+    RNG stream of a run that was eager from the start."""
+    from x_transformers import AutoregressiveWrapper, Decoder, TransformerWrapper
+
+    def build():
+        torch.manual_seed(0)
+        net = TransformerWrapper(num_tokens=64, max_seq_len=16,
+                                 attn_layers=Decoder(dim=16, depth=1, heads=2, ff_dropout=0.2, rotary_pos_emb=True))
+        return AutoregressiveWrapper(net)
+
+    def fake_compile(model, **kwargs):
+        def compiled(x):
+            for p in model.parameters():
+                p.grad = torch.full_like(p, 7.0)
+            return _FailsInBackward.apply(model(x))
+        return compiled
+
+    batches = [[(torch.randint(0, 64, (2, 17)),), (torch.randint(0, 64, (2, 17)),)] for _ in range(3)]
+    cpu = torch.device("cpu")
+    results = []
+    for modes in (["compile", "eager"], ["eager"]):
+        model = build()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        torch.manual_seed(1)
+        with monkeypatch.context() as patch:
+            patch.setattr(torch, "compile", fake_compile)
+            step = T.TrainStep(model, optimizer, lambda module, x: module(x), modes, cpu, torch.float32, clip=0.5)
+            step_losses = [step(b) for b in batches]
+        assert step.mode == "eager" and step.warmup is False
+        results.append((model.state_dict(), step_losses, torch.rand(3)))
+    (fell_back, losses_a, rng_a), (eager, losses_b, rng_b) = results
+    assert all(torch.equal(fell_back[k], eager[k]) for k in eager)
+    assert losses_a == losses_b and torch.equal(rng_a, rng_b)
+    warnings = [line for line in caplog_loguru if "WARNING" in line]
+    assert len(warnings) == 1, warnings
+    assert "step mode compile failed on its first step (RuntimeError: simulated inductor failure in the backward " \
+           "graph); falling back to eager" in warnings[0]
+
+    # an explicit mode has nothing to fall back to: its failure is the run's
+    model = build()
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "compile", fake_compile)
+        step = T.TrainStep(model, torch.optim.Adam(model.parameters()), lambda m, x: m(x), ["compile"], cpu,
+                           torch.float32)
+        with pytest.raises(RuntimeError, match="simulated inductor failure"):
+            step(batches[0])
+
+
+@pytest.fixture
+def caplog_loguru():
+    from loguru import logger
+
+    lines = []
+    handler = logger.add(lambda message: lines.append(message.rstrip("\n")), format="{level} | {message}")
+    yield lines
+    logger.remove(handler)
+
+
+def test_auto_falls_back_from_a_failing_compile_in_the_script(tmp_path, capsys, monkeypatch, one_thread):
+    """Through train_enwik8.main: `auto` made to try compile on the CPU, with torch.compile failing as inductor does
+    on its first call; the run logs one warning, trains eagerly from the same step, and writes exactly the losses
+    and weights of an eager run."""
+    data = tmp_path / "text.txt"
+    data.write_bytes(TEXT)
+    real = T.step_modes
+    monkeypatch.setattr(T, "step_modes", lambda requested, *a, **k: ["compile", "eager"] if requested == "auto"
+                        else real(requested, *a, **k))
+
+    def failing_compile(model, **kwargs):
+        def compiled(*args, **kw):
+            raise RuntimeError("simulated: C++ compile failed")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    argv = [*TINY_INPROC, "--grad-accum", "2", "--data", data, "--num-batches", "4", "--generate-every", "100"]
+    call(enwik8.main, [*argv, "--out-dir", tmp_path / "auto"])
+    log = capsys.readouterr().out
+    assert "training step: compile -> eager (--step-mode auto)" in log
+    assert log.count("step mode compile failed") == 1
+    assert "RuntimeError: simulated: C++ compile failed); falling back to eager" in log
+    assert "(step mode eager, the first 1 (compilation, warm-up) untimed)" in log
+    call(enwik8.main, [*argv, "--step-mode", "eager", "--out-dir", tmp_path / "eager"])
+    assert "training step: eager (--step-mode eager)" in capsys.readouterr().out
+    assert losses(read_metrics(tmp_path / "auto")) == losses(read_metrics(tmp_path / "eager"))
+    auto = torch.load(tmp_path / "auto" / "checkpoint.pt", weights_only=True)["model"]
+    eager = torch.load(tmp_path / "eager" / "checkpoint.pt", weights_only=True)["model"]
+    assert auto.keys() == eager.keys() and all(torch.equal(auto[k], eager[k]) for k in auto)
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="inductor's CPU backend needs a C++ compiler")
+def test_compiled_run_resumes_eager(tmp_path, capsys, one_thread):
+    """A real torch.compile run on the CPU (the one slow compile of this file, about a minute on a busy CPU): its
+    checkpoint holds the plain module's keys (no `_orig_mod.`) and resumes eagerly, with the losses of an eager run
+    throughout."""
+    data = tmp_path / "text.txt"
+    data.write_bytes(TEXT)
+    argv = [*TINY_INPROC, "--data", data, "--generate-every", "100"]
+    out = tmp_path / "compiled"
+    call(enwik8.main, [*argv, "--step-mode", "compile", "--num-batches", "2", "--out-dir", out])
+    log = capsys.readouterr().out
+    assert "training step: compile (--step-mode compile)" in log and "falling back" not in log
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert not any("_orig_mod" in key for key in state["model"]) and state["args"]["step_mode"] == "compile"
+    call(enwik8.main, ["--out-dir", out, "--resume", "--num-batches", "4", "--step-mode", "eager"])
+    assert "at step 2" in capsys.readouterr().out
+    call(enwik8.main, [*argv, "--num-batches", "4", "--out-dir", tmp_path / "eager"])
+    resumed, eager = losses(read_metrics(out)), losses(read_metrics(tmp_path / "eager"))
+    assert resumed.keys() == eager.keys() == {1, 2, 3, 4}
+    for step in eager:
+        assert resumed[step] == pytest.approx(eager[step], rel=1e-4), step
+
+
+def test_resume_may_trade_batch_size_for_grad_accum(tmp_path, capsys, one_thread):
+    """4 x 2 sequences per step and 8 x 1 are the same 8 sequences in the same order: a resumed run may switch
+    between them (e.g. an old 4 x 4 default run to the 16 x 1 one) and trains on as if it had not; a shape that
+    changes the sequences per step is refused. --peak-tflops puts MFU in the closing line; on the CPU there is none
+    by default."""
+    data = tmp_path / "text.txt"
+    data.write_bytes(TEXT)
+    argv = [*TINY_INPROC, "--data", data, "--generate-every", "100", "--validate-every", "2"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    call(enwik8.main, [*argv, "--grad-accum", "2", "--num-batches", "4", "--out-dir", full])
+    log = capsys.readouterr().out
+    closing = [line for line in log.splitlines() if "| average " in line]
+    assert len(closing) == 1 and "tokens/s over" in closing[0] and "MFU" not in closing[0]
+    call(enwik8.main, [*argv, "--grad-accum", "2", "--num-batches", "2", "--out-dir", part])
+    message = usage_error(capsys, enwik8.main, ["--out-dir", part, "--resume", "--batch-size", "8"])
+    assert "--batch-size 4 (given 8)" in message
+    call(enwik8.main, ["--out-dir", part, "--resume", "--num-batches", "4", "--batch-size", "8", "--grad-accum", "1",
+                       "--peak-tflops", "1"])
+    log = capsys.readouterr().out
+    assert "resume: --batch-size 4 -> 8, --grad-accum 2 -> 1 (given on the command line; the same 8 sequences per " \
+           "step, in the same order)" in log
+    assert "MFU" in [line for line in log.splitlines() if "| average " in line][0]
+    a, b = read_metrics(full), read_metrics(part)
+    for row_a, row_b in zip(a, b, strict=True):
+        assert float(row_b["train_loss"]) == pytest.approx(float(row_a["train_loss"]), rel=1e-5)
+        if row_a["val_loss"]:
+            assert float(row_b["val_loss"]) == pytest.approx(float(row_a["val_loss"]), rel=1e-5)
+    state = torch.load(part / "checkpoint.pt", weights_only=True)
+    assert (state["args"]["batch_size"], state["args"]["grad_accum"]) == (8, 1)
+
+
+def test_flops_per_token_by_hand():
+    """The MFU numerator against a hand count of the tiny model (dim 32, 1 layer, 2 heads of 64, 256 tokens, rotary,
+    windows of 32), and the formula of the classic model (6 N + 12 depth dim T)."""
+    config = dict(model="decoder", num_tokens=256, max_seq_len=32, decoder=dict(dim=32, depth=1, heads=2,
+                                                                                  rotary_pos_emb=True))
+    model = T.build_model(config)
+    # parameters that multiply: attention q, k, v (32 -> 2 x 64) and out (128 -> 32); feedforward 32 -> 128 -> 32 with
+    # biases; logits 32 -> 256; three norm scales of 32. The token embedding (256 x 32) is a lookup.
+    n = 4 * 32 * 128 + (32 * 128 + 128 + 128 * 32 + 32) + 32 * 256 + 3 * 32
+    attention = 6 * 32 * 2 * (64 + 64)  # T x heads x (dim_head + value_dim_head), forward and backward
+    assert n == 33_024 and T.flops_per_token(model, 32) == 6 * n + attention == 247_296
+    # tied logits multiply with the embedding's weight: the same count
+    tied = T.build_model({**config, "wrapper": dict(tie_embedding=True)})
+    assert T.flops_per_token(tied, 32) == 247_296
+
+    with torch.device("meta"):
+        classic = T.build_model(enwik8.model_config(enwik8.parse_args([])))
+    n = sum(p.numel() for p in classic.parameters()) - 256 * 512
+    assert T.flops_per_token(classic, 1024) == 6 * n + 12 * 6 * 512 * 1024
+
+    assert T.peak_tflops_for("NVIDIA H100 80GB HBM3") == 989e12 and T.peak_tflops_for("NVIDIA H200") == 989e12
+    assert T.peak_tflops_for("NVIDIA A100-SXM4-80GB") == 312e12 and T.peak_tflops_for("NVIDIA H100 PCIe") == 756e12
+    assert T.peak_tflops_for("NVIDIA GeForce RTX 4090") is None
+    assert T.peak_flops(torch.device("cpu"), torch.bfloat16) is None
+    assert T.peak_flops(torch.device("cpu"), torch.float32, tflops=2.0) == 2e12
+    assert T.model_flops_utilization(1e6, 1e8, 1e15) == pytest.approx(0.1)
+    assert T.model_flops_utilization(1e6, 1e8, None) is None
+
+
+def test_build_model_takes_wrapper_keywords():
+    """A checkpoint configuration's optional "wrapper" (TransformerWrapper keywords, as x_transformers.hf's import
+    writes it) reaches the model, is checked like the rest, and reads the same in both places."""
+    from x_transformers.x_transformers import TiedEmbeddingLogits
+
+    config = dict(model="decoder", num_tokens=256, max_seq_len=32, decoder=dict(dim=32, depth=1, heads=2),
+                  wrapper=dict(tie_embedding=True, emb_dropout=0.1), task="bytes")
+    model = T.build_model(config)
+    assert isinstance(model.net.to_logits, TiedEmbeddingLogits) and "net.to_logits.weight" not in model.state_dict()
+    T.check_model_config(config)
+    with pytest.raises(T.UsageError, match="no_such_keyword"):
+        T.check_model_config({**config, "wrapper": dict(no_such_keyword=1)})
+    # the training script writes no "wrapper": its flags are Decoder keywords
+    assert "wrapper" not in enwik8.model_config(enwik8.parse_args([]))
+
+    pytest.importorskip("transformers")
+    from x_transformers import hf
+
+    wrapper, decoder, _ = hf._checkpoint_spec({"config": config})
+    net = hf.build_transformer_wrapper(wrapper, decoder)
+    assert {k: v.shape for k, v in net.state_dict().items()} == {
+        k.removeprefix("net."): v.shape for k, v in model.state_dict().items()}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and the GPU defaults need a GPU")
+def test_gpu_step_modes_agree_and_resume_across(tmp_path, capsys):
+    """On a GPU (fp32, so the modes can agree closely): the CUDA-graph step and the compiled step give the eager
+    step's losses, a graph run's checkpoint resumes eagerly, `auto` tries compile first, and the copy task's graph
+    step trains too."""
+    data = tmp_path / "text.txt"
+    data.write_bytes(TEXT)
+    gpu = [*[a if a != "cpu" else "cuda" for a in TINY_INPROC], "--dtype", "fp32", "--grad-accum", "2",
+           "--data", data, "--generate-every", "100", "--validate-every", "3", "--log-every", "3"]
+    runs = {}
+    for mode in ("eager", "graph", "compile"):
+        call(enwik8.main, [*gpu, "--num-batches", "6", "--step-mode", mode, "--out-dir", tmp_path / mode])
+        log = capsys.readouterr().out
+        assert "falling back" not in log and f"step mode {mode}" in log
+        runs[mode] = losses(read_metrics(tmp_path / mode))
+    for mode in ("graph", "compile"):
+        for step, loss in runs["eager"].items():
+            assert runs[mode][step] == pytest.approx(loss, rel=1e-3), (mode, step)
+
+    out = tmp_path / "graph_then_eager"
+    call(enwik8.main, [*gpu, "--num-batches", "5", "--step-mode", "graph", "--out-dir", out])
+    call(enwik8.main, ["--out-dir", out, "--resume", "--num-batches", "6", "--step-mode", "eager"])
+    for step, loss in runs["eager"].items():
+        assert losses(read_metrics(out))[step] == pytest.approx(loss, rel=1e-3), step
+
+    call(enwik8.main, [*gpu, "--num-batches", "2", "--out-dir", tmp_path / "auto"])
+    assert "training step: compile -> graph -> eager (--step-mode auto)" in capsys.readouterr().out
+
+    copy = [*[a if a != "cpu" else "cuda" for a in TINY_COPY], "--num-batches", "6", "--validate-every", "3"]
+    for mode in ("eager", "graph"):
+        call(copy_task.main, [*copy, "--dtype", "fp32", "--step-mode", mode, "--out-dir", tmp_path / f"copy_{mode}"])
+    graph, eager = losses(read_metrics(tmp_path / "copy_graph")), losses(read_metrics(tmp_path / "copy_eager"))
+    for step, loss in eager.items():
+        assert graph[step] == pytest.approx(loss, rel=1e-3), step

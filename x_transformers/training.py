@@ -3,8 +3,9 @@
 Device and precision choice, torchrun process groups (DDP or FSDP2), byte corpora in plain or compressed files,
 command-line checks that turn bad input into one-line usage errors, self-describing checkpoints (model
 configuration, data checksum, arguments, and every RNG needed for an exact resume) written atomically, the rules
-for resuming a run with other arguments, a metrics CSV with its matplotlib plot, and a Ctrl-C handler that lets the
-current step finish so the checkpoint is always consistent.
+for resuming a run with other arguments, the training step (eager, compiled, or one CUDA graph, with a logged
+fallback), tokens/s and model FLOP utilization, a metrics CSV with its matplotlib plot, and a Ctrl-C handler that lets
+the current step finish so the checkpoint is always consistent.
 """
 
 from __future__ import annotations
@@ -54,10 +55,12 @@ def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def autocast(device: torch.device, dtype: torch.dtype):
+def autocast(device: torch.device, dtype: torch.dtype, cache: bool = True):
+    """`cache=False` for a region captured as a CUDA graph: autocast's cache of cast weights would keep tensors from
+    the capture alive outside it."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
 
 
 # distributed (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)
@@ -260,33 +263,45 @@ class StepLosses:
 
         losses = StepLosses(dist_info, device, tokens_per_step)
         losses.add(step, loss_sum / grad_accum)       # no sync
+        losses.add(step, loss, warmup=True)           # a step of one-off work (compilation, graph capture): untimed
         for step, loss, tokens_per_s in losses.flush(): ...   # every log step: rows for the steps since the last
-        losses.pause() / losses.resume()              # keep validation and checkpoints out of the tokens/s clock
+        losses.resume()                               # keep validation and checkpoints out of the tokens/s clock
+
+    Warm-up steps come first: each waits for the device once, and the clock starts after the last of them.
     """
 
     def __init__(self, dist_info: Dist, device: torch.device, tokens_per_step: int):
         self.dist_info, self.device, self.tokens_per_step = dist_info, device, tokens_per_step
-        self.pending: list[tuple[int, torch.Tensor]] = []
-        self.train_time, self.train_tokens = 0.0, 0
+        self.pending: list[tuple[int, torch.Tensor, bool]] = []
+        self.train_time, self.train_tokens, self.warmup_steps = 0.0, 0, 0
         self.mark = time.perf_counter()
 
-    def add(self, step: int, loss: torch.Tensor):
-        self.pending.append((step, loss.detach().float().reshape(())))
+    def add(self, step: int, loss: torch.Tensor, warmup: bool = False):
+        self.pending.append((step, loss.detach().float().reshape(()), not warmup))
+        if warmup:
+            # the step's one-off work is done when its kernels are: wait for them, then start the clock
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.warmup_steps += 1
+            self.mark = time.perf_counter()
 
-    def flush(self) -> list[tuple[int, float, float]]:
-        """(step, loss averaged over ranks, tokens/s averaged over the flushed steps) for each pending step. Every
-        rank must call it at the same steps (a collective under torchrun)."""
+    def flush(self) -> list[tuple[int, float, float | None]]:
+        """(step, loss averaged over ranks, tokens/s averaged over the flushed timed steps, or None for a warm-up
+        step) for each pending step. Every rank must call it at the same steps (a collective under torchrun)."""
         if not self.pending:
             return []
-        values = torch.stack([loss for _, loss in self.pending]).double()
+        values = torch.stack([loss for _, loss, _ in self.pending]).double()
         if self.dist_info.enabled:
             dist.all_reduce(values)
             values /= self.dist_info.world_size
         values = values.tolist()  # the one host sync
         elapsed = time.perf_counter() - self.mark
-        tokens = self.tokens_per_step * len(self.pending)
-        self.train_time, self.train_tokens = self.train_time + elapsed, self.train_tokens + tokens
-        rows = [(step, value, tokens / elapsed) for (step, _), value in zip(self.pending, values)]
+        timed = sum(1 for *_, is_timed in self.pending if is_timed)
+        tokens = self.tokens_per_step * timed
+        if timed:
+            self.train_time, self.train_tokens = self.train_time + elapsed, self.train_tokens + tokens
+        rows = [(step, value, tokens / elapsed if is_timed else None)
+                for (step, _, is_timed), value in zip(self.pending, values)]
         self.pending = []
         self.mark = time.perf_counter()
         return rows
@@ -298,6 +313,281 @@ class StepLosses:
     @property
     def tokens_per_s(self) -> float:
         return self.train_tokens / self.train_time if self.train_time > 0 else 0.0
+
+
+# the training step: eager, compiled, or one CUDA graph
+
+STEP_MODES = ("auto", "eager", "compile", "graph")
+# what `auto` tries on a GPU, fastest first (H100, enwik8 model, 16 x 1024: compiled 1.64M tokens/s, the eager step
+# captured as a CUDA graph 1.40M, eager 0.70M); each one falls back to the next if its first step raises
+AUTO_STEP_MODES = ("compile", "graph", "eager")
+# eager steps before a CUDA graph is captured: kernels chosen, workspaces and optimizer state allocated
+GRAPH_WARMUP_STEPS = 3
+
+
+def step_modes(requested: str, device: torch.device, dist_info: Dist, auto=AUTO_STEP_MODES) -> list[str]:
+    """The step modes to try, in order (see `TrainStep`). An explicit mode is the only one: if it fails, the run
+    fails. `auto` is `auto` on a GPU in one process; eager on the CPU, where compiling costs minutes that a short run
+    does not win back, and under torchrun, where a compiled first step that fails inside backward leaves DDP's
+    gradient reducer waiting for the rest of its reduction (it cannot be retried eagerly) and a graph would have to
+    capture the collectives (give --step-mode compile to compile there)."""
+    if requested not in STEP_MODES:
+        raise UsageError(f"--step-mode {requested!r}: expected one of {', '.join(STEP_MODES)}")
+    if requested != "auto":
+        return [requested]
+    if device.type == "cuda" and not dist_info.enabled:
+        return list(auto)
+    return ["eager"]
+
+
+def check_step_mode(args):
+    """--compile is the older spelling of --step-mode compile; --step-mode graph needs CUDA and one process. Sets
+    `args.step_mode` from --compile; a UsageError for a combination that cannot run."""
+    mode = getattr(args, "step_mode", None)
+    if mode is None:
+        return
+    if getattr(args, "compile", False):
+        if mode not in ("auto", "compile"):
+            raise UsageError(f"--compile is --step-mode compile, and --step-mode {mode} was given too: give one of them")
+        args.step_mode = mode = "compile"
+    if mode == "graph":
+        if pick_device(getattr(args, "device", None)).type != "cuda":
+            raise UsageError("--step-mode graph captures the step as a CUDA graph and needs a CUDA device; on the CPU "
+                             "use auto, eager or compile")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UsageError("--step-mode graph runs in one process (the graph would have to capture the gradient "
+                             "all-reduce); under torchrun use auto, eager or compile")
+
+
+def add_step_args(p: argparse.ArgumentParser, auto=AUTO_STEP_MODES, peak_tflops: bool = False):
+    """The flags of how the training step runs (`auto`: the script's chain on one GPU) and, with `peak_tflops`, of the
+    MFU shown beside tokens/s."""
+    chain = ", falling back to ".join(auto)
+    p.add_argument("--step-mode", default="auto", choices=STEP_MODES,
+                   help="how the training step runs: eager; compile (torch.compile the model); graph (the whole "
+                        "step, micro-batches, clipping and Adam, captured as one CUDA graph after a few eager steps); "
+                        f"auto: on one GPU {chain} (with a warning) where one fails on its first step; eager on the "
+                        "CPU and under torchrun")
+    p.add_argument("--compile", action="store_true", help="same as --step-mode compile")
+    if peak_tflops:
+        p.add_argument("--peak-tflops", type=positive_float, default=None,
+                       help="the device's peak FLOP/s (in TFLOP/s) for the MFU on the progress bar (default: from "
+                            "the GPU's name under bf16: H100 and H200 989, A100 312; no MFU on the CPU or another "
+                            "GPU)")
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch on `device` without the host waiting for the GPU. A plain `.to("cuda")` from pageable memory
+    synchronizes the stream (PyTorch copies through `memcpy_and_sync`), which would stop the host from queueing the
+    next step once per micro-batch; from pinned memory the copy is asynchronous, and the caching host allocator keeps
+    the pinned block until the copy is done."""
+    if device.type != "cuda" or tensor.device.type == "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def set_optimizer_options(optimizer: torch.optim.Optimizer, **options):
+    """Set per-group options such as `fused` or `capturable` on an optimizer, e.g. again after `load_state_dict`,
+    which takes every group option from the checkpoint (a run saved on the CPU would resume on a GPU unfused).
+    Fused and capturable Adam keep each parameter's step count on its device: moved there."""
+    for group in optimizer.param_groups:
+        group.update(options)
+        if not (group.get("fused") or group.get("capturable")):
+            continue
+        for param in group["params"]:
+            step = optimizer.state.get(param, {}).get("step")
+            if torch.is_tensor(step):
+                optimizer.state[param]["step"] = step.to(dtype=torch.float32, device=param.device)
+
+
+class TrainStep:
+    """One optimizer step: each micro-batch through `loss_fn(module, *tensors)` under autocast and backward
+    (gradients reduced across ranks on the last micro-batch only), the gradient norm clipped to `clip`, the optimizer
+    step, the gradients dropped. `step(micro_batches)` takes a list of tuples of tensors (on the host or the device)
+    and returns the mean loss as a device tensor (no host sync). The same arithmetic runs one of three ways:
+
+    - eager: the module as is;
+    - compile: `torch.compile(model)` for forward and backward (clipping and the fused Adam step stay eager);
+    - graph: `GRAPH_WARMUP_STEPS` eager steps (real steps of the run, on a side stream), then the whole step - every
+      micro-batch, the clip and the optimizer step - captured once as a CUDA graph and replayed with each step's
+      batches copied into its inputs. One process on CUDA, batches of a fixed shape, a capturable optimizer
+      (`Adam(..., fused=True, capturable=True)`) whose learning rate does not change while it runs.
+
+    `modes` is the chain to try, in order (`step_modes`). While the first step of a mode has not succeeded (its
+    compilation or capture) and another mode follows, a failure is logged as one warning naming the reason and the
+    next mode takes over the same step: gradients are dropped and the RNG state restored, so the run trains the
+    same batches as if it had started in that mode. After that, errors are errors.
+
+    `warmup` says whether the last step did one-off work (compilation, graph warm-up or capture, CUDA's lazy
+    initialization on a first eager GPU step), which tokens/s leaves out (`StepLosses.add(..., warmup=True)`).
+    The weights are the model's own: validation and sampling use the plain module between steps, and a compiled
+    run's state dict has the plain module's keys."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, modes, device: torch.device,
+                 dtype: torch.dtype, clip: float | None = None):
+        if not modes:
+            raise ValueError("TrainStep needs at least one step mode")
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.modes, self.device, self.dtype, self.clip = list(modes), device, dtype, clip
+        self.module, self.graph, self.steps, self.settled, self.warmup = None, None, 0, False, False
+
+    @property
+    def mode(self) -> str:
+        return self.modes[0]
+
+    def __call__(self, micro_batches) -> torch.Tensor:
+        fell_back = False
+        while True:
+            retry = len(self.modes) > 1 and not self.settled
+            rng = self._rng_state() if retry else None
+            try:
+                loss = self._graph_step(micro_batches) if self.mode == "graph" else self._eager_step(micro_batches)
+            except Exception as error:  # compilation and capture raise many kinds
+                if not retry:
+                    raise
+                self._fall_back(error, rng)
+                fell_back = True
+                continue
+            # the failed attempt's time is one-off work too
+            self.warmup = self.warmup or fell_back
+            return loss
+
+    def _fall_back(self, error: Exception, rng):
+        failed = self.modes.pop(0)
+        reason = f"{type(error).__name__}: {one_line(error)}"
+        logger.warning(f"step mode {failed} failed on its first step ({reason[:300]}); falling back to {self.mode}")
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state(rng[1], self.device)
+        self.module, self.graph, self.steps = None, None, 0
+
+    def _rng_state(self):
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return torch.get_rng_state(), cuda
+
+    def _on_device(self, micro_batches):
+        return [tuple(to_device(t, self.device) for t in micro) for micro in micro_batches]
+
+    def _body(self, micro_batches, cache: bool = True) -> torch.Tensor:
+        """Forward and backward of every micro-batch, clip, optimizer step; the mean loss (a device tensor)."""
+        total, count = None, len(micro_batches)
+        for i, micro in enumerate(micro_batches):
+            with gradient_sync(self.model, i == count - 1):
+                with autocast(self.device, self.dtype, cache=cache):
+                    loss = self.loss_fn(self.module, *micro)
+                (loss / count).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        if self.clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.optimizer.step()
+        return total / count
+
+    def _eager_step(self, micro_batches) -> torch.Tensor:
+        if self.module is None:
+            self.module = torch.compile(self.model) if self.mode == "compile" else self.model
+        loss = self._body(self._on_device(micro_batches))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.warmup = self.steps == 0 and (self.mode == "compile" or self.device.type == "cuda")
+        self.steps += 1
+        self.settled = True
+        return loss
+
+    def _graph_step(self, micro_batches) -> torch.Tensor:
+        self.module = self.model
+        if self.graph is None and self.steps < GRAPH_WARMUP_STEPS:
+            # on a side stream, as for the capture: what these steps set up (cuBLAS workspaces, autograd's streams) is
+            # then what the graph replays with
+            main = torch.cuda.current_stream(self.device)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                loss = self._body(self._on_device(micro_batches))
+                self.optimizer.zero_grad(set_to_none=True)
+            main.wait_stream(side)
+            self.steps += 1
+            self.warmup = True
+            return loss.clone()
+        if self.graph is None:
+            self._capture(micro_batches)
+            self.warmup = True
+        else:
+            self.warmup = False
+        shapes = [tuple(t.shape for t in micro) for micro in micro_batches]
+        if shapes != [tuple(t.shape for t in micro) for micro in self.static]:
+            raise ValueError(f"the CUDA graph was captured for micro-batches of shapes "
+                             f"{[tuple(t.shape for t in micro) for micro in self.static]}, got {shapes}")
+        for static, micro in zip(self.static, micro_batches):
+            for s, t in zip(static, micro):
+                s.copy_(t.pin_memory() if t.device.type == "cpu" else t, non_blocking=True)
+        self.graph.replay()
+        self.steps += 1
+        self.settled = True
+        return self.static_loss.clone()
+
+    def _capture(self, micro_batches):
+        self.static = [tuple(torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in micro)
+                       for micro in micro_batches]
+        # the captured backward allocates the gradients from the graph's pool, and each replay writes them afresh
+        self.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.static_loss = self._body(self.static, cache=False)
+        self.graph = graph
+
+
+# model FLOP utilization
+
+# dense bf16 tensor-core peaks (TFLOP/s) by GPU name, the first match wins; MFU is shown only where one matches (or
+# --peak-tflops is given)
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, tflops: float | None = None) -> float | None:
+    """Peak FLOP/s of one device for MFU: `tflops` when given, else the table's bf16 figure for the GPU's name when
+    the run trains under bf16 autocast; None on the CPU, an unknown GPU or an fp32 run (no figure to divide by)."""
+    if tflops is not None:
+        return tflops * 1e12
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return None
+    return peak_tflops_for(torch.cuda.get_device_name(device))
+
+
+def peak_tflops_for(name: str) -> float | None:
+    for pattern, tflops in PEAK_TFLOPS:
+        if pattern.lower() in name.lower():
+            return tflops * 1e12
+    return None
+
+
+def flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token of a language model on windows of `seq_len` tokens, counted as for PaLM's MFU:
+
+        6 N + 6 T sum over attention layers of heads (dim_head + value_dim_head)
+            = 6 N + 12 depth dim T        for the classic decoder (dim = heads x dim_head)
+
+    N is the parameters that multiply: all of them but the embedding tables, which are looked up (a token embedding
+    tied to the logits multiplies, and counts); each does a multiply-add (2 FLOPs) per token forward and twice that
+    backward, hence 6. The second term is attention's scores (q k) and weighted values, 2 T (heads dim_head +
+    heads value_dim_head) per token and layer forward, three times that in training, over all T positions: a causal
+    layer computes half of them, but PaLM's convention counts them all, so MFU figures compare across reports.
+    Recurrent mixers count through their projections' parameters only."""
+    from x_transformers.attention import Attention
+    from x_transformers.x_transformers import TiedEmbeddingLogits
+
+    n = sum(p.numel() for p in model.parameters())
+    n -= sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding))
+    n += sum(m.token_emb.emb.weight.numel() for m in model.modules()
+             if isinstance(getattr(m, "to_logits", None), TiedEmbeddingLogits))
+    attention = sum(m.heads * (m.dim_head + m.value_dim_head) for m in model.modules() if isinstance(m, Attention))
+    return 6 * n + 6 * seq_len * attention
+
+
+def model_flops_utilization(tokens_per_s: float, flops_per_token: float, peak: float | None) -> float | None:
+    """Achieved model FLOP/s over `peak` (the FLOP/s of every device the tokens ran on); None without a peak."""
+    if not peak or tokens_per_s <= 0:
+        return None
+    return tokens_per_s * flops_per_token / peak
 
 
 def any_rank(flag: bool, dist_info: Dist, device: torch.device) -> bool:
@@ -628,17 +918,20 @@ def resume(path, model, optimizer, generators: dict, dist_info: Dist) -> int:
 def build_model(config: dict) -> nn.Module:
     """The model a checkpoint's `config` describes, so that it can be rebuilt without the training script:
 
-        {"model": "decoder", "num_tokens": 256, "max_seq_len": 1024, "decoder": {Decoder keywords}, ...}
-            -> AutoregressiveWrapper(TransformerWrapper(..., attn_layers=Decoder(...)))
+        {"model": "decoder", "num_tokens": 256, "max_seq_len": 1024, "decoder": {Decoder keywords},
+         "wrapper": {other TransformerWrapper keywords} (optional), ...}
+            -> AutoregressiveWrapper(TransformerWrapper(num_tokens, max_seq_len, **wrapper, attn_layers=Decoder(...)))
         {"model": "xtransformer", "kwargs": {XTransformer keywords}, ...}  -> XTransformer(...)
 
-    Other keys (e.g. "task") describe what the tokens mean, for generate.py."""
+    Other keys (e.g. "task") describe what the tokens mean, for generate.py. train_enwik8.py writes no "wrapper" (its
+    flags are Decoder keywords); x_transformers.hf's import writes one for a model with wrapper keywords (tied
+    embeddings, say), read the same way there."""
     from x_transformers import AutoregressiveWrapper, Decoder, TransformerWrapper, XTransformer
 
     kind = config.get("model") if isinstance(config, dict) else None
     if kind == "decoder":
         net = TransformerWrapper(num_tokens=config["num_tokens"], max_seq_len=config["max_seq_len"],
-                                 attn_layers=Decoder(**config["decoder"]))
+                                 attn_layers=Decoder(**config["decoder"]), **config.get("wrapper", {}))
         return AutoregressiveWrapper(net)
     if kind == "xtransformer":
         return XTransformer(**config["kwargs"])
@@ -750,7 +1043,8 @@ def parse_json_config(text: str, what: str) -> dict:
 # resuming with other arguments
 
 # flags about this invocation rather than the run: never taken from the checkpoint, free to differ from it
-PER_INVOCATION = frozenset({"resume", "overwrite", "out_dir", "device", "dtype", "compile", "fsdp", "fsdp_keep_params"})
+PER_INVOCATION = frozenset({"resume", "overwrite", "out_dir", "device", "dtype", "compile", "step_mode", "peak_tflops",
+                            "fsdp", "fsdp_keep_params"})
 
 
 def _show(value) -> str:
@@ -805,23 +1099,45 @@ class RunArgs:
                        "(or here with --overwrite)")
 
 
-def reconcile_args(args, given: set, stored: dict, changeable, checked_elsewhere=()) -> tuple[list, list]:
+# flags that may change together on --resume as long as their product stays: batches of 4 with 4 accumulation steps
+# and batches of 16 without are the same 16 sequences per step, drawn in the same order (the crops' start offsets
+# come one after the other from one generator, however many a call draws), with the same mean loss
+RESHAPEABLE = (("batch_size", "grad_accum"),)
+
+
+def reconcile_args(args, given: set, stored: dict, changeable, checked_elsewhere=(),
+                   reshapeable=RESHAPEABLE) -> tuple[list, list]:
     """Fill `args` from a resumed run's stored arguments. A flag the user left out takes the stored value; one given
     with another value is applied with a note if it is `changeable` (learning rate, step count, cadences) and is a
-    conflict otherwise (model shape, data, batch shape, seed: the run would not be the same run). Returns
-    (notes, conflicts)."""
+    conflict otherwise (model shape, data, batch shape, seed: the run would not be the same run). A group of
+    `reshapeable` flags (micro-batch size and accumulation steps) may change together when their product is
+    unchanged: the steps see the same sequences. Returns (notes, conflicts)."""
     notes, conflicts = [], []
+    grouped = {name for group in reshapeable for name in group}
     for name, old in stored.items():
         if name in PER_INVOCATION or name in checked_elsewhere or not hasattr(args, name):
             continue
         new = getattr(args, name)
         if name not in given:
             setattr(args, name, old)
-        elif new != old:
+        elif new != old and name not in grouped:
             if name in changeable:
                 notes.append(f"resume: {flag_name(name)} {_show(old)} -> {_show(new)} (given on the command line)")
             else:
                 conflicts.append(f"{flag_name(name)} {_show(old)} (given {_show(new)})")
+    for group in reshapeable:
+        if not all(name in stored and hasattr(args, name) for name in group):
+            continue
+        changed = [name for name in group if getattr(args, name) != stored[name]]
+        if not changed:
+            continue
+        if math.prod(getattr(args, name) for name in group) == math.prod(stored[name] for name in group):
+            moves = ", ".join(f"{flag_name(name)} {stored[name]} -> {getattr(args, name)}" for name in changed)
+            notes.append(f"resume: {moves} (given on the command line; the same "
+                         f"{math.prod(stored[name] for name in group)} sequences per step, in the same order)")
+        else:
+            conflicts += [f"{flag_name(name)} {_show(stored[name])} (given {_show(getattr(args, name))})"
+                          for name in changed]
     return notes, conflicts
 
 
@@ -835,6 +1151,7 @@ def parse_run_args(parser: argparse.ArgumentParser, argv, changeable, checked_el
     given = explicit_args(parser, argv)
     try:
         check_device(getattr(args, "device", None))
+        check_step_mode(args)
         if getattr(args, "config", None) is not None:
             # stored as the JSON itself: the run stays described if the file changes or goes
             args.config = json.dumps(parse_json_config(args.config, config_keywords), sort_keys=True)
@@ -903,37 +1220,38 @@ def written_outputs(out: Path) -> str:
 
 
 def prepare_run(model, args, out: Path, generators: dict, metric_columns: list[str], dist_info: Dist, device,
-                state: dict | None = None, extra: dict | None = None):
-    """The setup both training scripts share: wrap the model (DDP / FSDP2), Adam, optional torch.compile, resume from
-    `out/checkpoint.pt` (`state`: that checkpoint already loaded, as `parse_run_args` does), and the metrics CSV.
-    `extra` goes into every checkpoint (model configuration, data checksum). Returns
-    (model, optimizer, plain, train_model, start, metrics, save): `plain` is the unwrapped module for validation and
-    generation, `save(step)` writes the checkpoint atomically. A checkpoint whose weights do not fit raises a
-    CheckpointError naming it."""
+                loss_fn, dtype: torch.dtype, modes=("eager",), state: dict | None = None, extra: dict | None = None):
+    """The setup both training scripts share: wrap the model (DDP / FSDP2), Adam, resume from `out/checkpoint.pt`
+    (`state`: that checkpoint already loaded, as `parse_run_args` does), the training step (`TrainStep` with
+    `loss_fn`, the step `modes` to try and `args.clip`), and the metrics CSV. `extra` goes into every checkpoint
+    (model configuration, data checksum). Returns (model, optimizer, plain, train_step, start, metrics, save): `plain`
+    is the unwrapped module for validation and generation, `save(step)` writes the checkpoint atomically. A
+    checkpoint whose weights do not fit raises a CheckpointError naming it."""
     model = wrap_model(model, dist_info, device, fsdp=args.fsdp,
                        reshard_after_forward=not getattr(args, "fsdp_keep_params", False))
-    # fused Adam on CUDA: one kernel for all parameters (also sharded DTensors) instead of a dozen foreach launches
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda")
+    # fused Adam on CUDA: one kernel for all parameters (also sharded DTensors) instead of a dozen foreach launches;
+    # capturable when a CUDA graph may capture its step (fused Adam keeps its step counts on the GPU anyway)
+    options = dict(fused=device.type == "cuda", capturable="graph" in modes)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, **options)
     plain = unwrap(model)
-    train_model = torch.compile(model) if args.compile else model
 
     ckpt_path = out / "checkpoint.pt"
     start = 0
     if args.resume:
         state = load_checkpoint(ckpt_path) if state is None else state
         start = restore(state, model, optimizer, generators, dist_info, source=str(ckpt_path))
-        # the optimizer state carries the learning rate it was saved with; the run's --lr (the stored one, or a new
-        # one given on the command line) is the one to train with
-        for group in optimizer.param_groups:
-            group["lr"] = args.lr
+        # the optimizer state carries the options and the learning rate it was saved with; this process's options
+        # and the run's --lr (the stored one, or a new one given on the command line) are the ones to train with
+        set_optimizer_options(optimizer, lr=args.lr, **options)
         logger.info(f"resumed from {ckpt_path} at step {start}")
+    train_step = TrainStep(model, optimizer, loss_fn, modes, device, dtype, clip=args.clip)
     metrics = Metrics(out / "metrics.csv", metric_columns, resume_step=start if args.resume else None,
                       enabled=dist_info.is_main)
 
     def save(step):
         checkpoint(ckpt_path, model, optimizer, step, vars(args), generators, dist_info, extra=extra)
 
-    return model, optimizer, plain, train_model, start, metrics, save
+    return model, optimizer, plain, train_step, start, metrics, save
 
 
 # metrics
