@@ -94,9 +94,15 @@ def mixed_decay_inputs():
     return [q, k, v, g, h0]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
-@pytest.mark.parametrize("span", [None, -1.0], ids=["default", "pairwise_only"])
+@pytest.mark.parametrize("span, fused, dtype", [
+    # slow: the pair-wise path alone (the default cases run it too, on their strong chunks), and fp32 unfused, the
+    # same run as fp32 fused (fp32 never fuses: see chunk_gla_bwd)
+    pytest.param(span, fused, dtype, id=f"{span_id}-{fused_id}-{dtype_id}",
+                 marks=[pytest.mark.slow] if span is not None or (dtype == torch.float32 and not fused) else [])
+    for span_id, span in (("default", None), ("pairwise_only", -1.0))
+    for fused_id, fused in (("fused", True), ("unfused", False))
+    for dtype_id, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+])
 def test_intra_paths_on_mild_and_strong_chunks(span, fused, dtype, check, monkeypatch):
     """The tensor-core path (chunks of mild decay: inside the output and dq / dk / dg kernels, or in the backward
     intra kernel for fp32 or with the fusion off) and the pair-wise path (strong decay) in one call, and the pair-wise

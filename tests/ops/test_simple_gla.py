@@ -191,6 +191,7 @@ def test_kernels_compile_for_hopper(kernel_check):
     kernel_check.hopper_compile("simple_gla")
 
 
+@pytest.mark.slow  # the kernels of the tests above, through the benchmark script
 def test_bench_ops_smoke():
     """benchmarks/bench_ops.py runs end to end (tiny shapes; on CPU through the interpreter)."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
