@@ -1,7 +1,8 @@
 """Linear-attention / RNN kernels.
 
 Each family lives in its own folder beside its plain-PyTorch reference. The public functions dispatch to Triton for
-CUDA tensors (and for any tensors under `TRITON_INTERPRET=1`), and to a chunked PyTorch path otherwise.
+CUDA tensors (and for any tensors under `TRITON_INTERPRET=1`), and to a chunked PyTorch path otherwise. Triton is
+imported on the first kernel launch (`common/utils.py: use_triton`), so CPU-only installs need not have it.
 """
 
 from x_transformers.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
