@@ -474,6 +474,16 @@ def test_mixer_stacks_keep_shared_attention_flags():
     assert model(tokens()).shape == (2, 9, NUM_TOKENS)
 
 
+def test_zero_init_branch_output_reaches_mixers_and_experts():
+    for name in ("gla", "mamba2", "rwkv6"):
+        layers = Decoder(dim=DIM, depth=1, heads=HEADS, linear_attn=name, zero_init_branch_output=True,
+                         ff_num_experts=2, ff_num_shared_experts=1)
+        x = torch.randn(1, 5, DIM)
+        torch.testing.assert_close(layers(x), layers.final_norm(x))
+    with pytest.raises(ValueError, match="expansion_factor"):
+        Decoder(dim=DIM, depth=1, heads=HEADS, linear_attn="mingru", zero_init_branch_output=True)
+
+
 def test_capacity_limited_experts_refuse_the_cache():
     assert lm(ff_num_experts=2).can_cache_kv
     assert not lm(ff_num_experts=2, ff_capacity_factor=1.0).can_cache_kv

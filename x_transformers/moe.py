@@ -109,6 +109,7 @@ class MoE(Module):
         relu_squared=False,
         dropout=0.0,
         no_bias=False,
+        zero_init_output=False,
         **ff_kwargs,
     ):
         super().__init__()
@@ -127,10 +128,15 @@ class MoE(Module):
 
         self.router = nn.Linear(dim, num_experts, bias=False)
         self.experts = Experts(dim, num_experts, mult, glu, swish, relu_squared, dropout, no_bias)
+        # zero-init output: every expert's last layer, as FeedForward zeroes its own
+        if zero_init_output:
+            nn.init.zeros_(self.experts.w_out)
+            if exists(self.experts.b_out):
+                nn.init.zeros_(self.experts.b_out)
         # shared experts see every token (DeepSeekMoE, arXiv:2401.06066)
         self.shared_experts = (
             FeedForward(dim, mult=mult * num_shared_experts, glu=glu, swish=swish, relu_squared=relu_squared,
-                        dropout=dropout, no_bias=no_bias, **ff_kwargs)
+                        dropout=dropout, no_bias=no_bias, zero_init_output=zero_init_output, **ff_kwargs)
             if num_shared_experts > 0
             else None
         )

@@ -760,6 +760,8 @@ class AttentionLayers(Module):
                 layer = Attention(dim, heads=heads, **{**attn_kwargs, **cross_attn_kwargs})
             elif layer_type == "l":
                 layer = make_mixer(linear_attn, **{"dim": dim, "heads": heads, "causal": causal, **mixer_kwargs})
+                if zero_init_branch_output:
+                    layer.zero_init_output()
             elif layer_type == "f":
                 layer = moe_cls(dim, **ff_kwargs) if exists(moe_cls) else FeedForward(dim, **ff_kwargs)
                 layer = Scale(0.5, layer) if macaron else layer

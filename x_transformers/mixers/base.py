@@ -237,6 +237,24 @@ class Mixer(Module):
     def mix(self, x: Tensor, mask: Tensor | None, state: tuple | None, want_state: bool):
         raise NotImplementedError
 
+    def zero_init_output(self):
+        """Zero the final projection back to `dim`, so the block starts as the identity in the residual stream
+        (`zero_init_branch_output` of the layer stack)."""
+        for name in ("out.to_out", "to_out", "out_proj"):
+            try:
+                layer = self.get_submodule(name)
+            except AttributeError:
+                continue
+            if isinstance(layer, nn.Linear):
+                nn.init.zeros_(layer.weight)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
+                return
+        raise ValueError(
+            f"linear_attn={self.name!r} has no output projection to zero (zero_init_branch_output); "
+            "for mingru give it one with linear_attn_expansion_factor != 1"
+        )
+
     def forward(self, x: Tensor, mask: Tensor | None = None, cache=None, return_intermediates: bool = False, **kwargs):
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(
