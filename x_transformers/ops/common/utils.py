@@ -32,8 +32,9 @@ def triton_version_tested(version: str) -> bool:
     return TRITON_TESTED[0] <= Version(version).release[:2] < TRITON_TESTED[1]
 
 
-@functools.lru_cache(maxsize=None)
-def _check_triton_version():
+def check_triton_version():
+    """One warning where the installed Triton lies outside the tested range (refusing would be worse: later releases
+    usually work)."""
     import triton
 
     if not triton_version_tested(triton.__version__):
@@ -42,19 +43,26 @@ def _check_triton_version():
             f"x_transformers.ops kernels are tested on Triton {lo[0]}.{lo[1]} up to (not including) {hi[0]}.{hi[1]}, "
             f"found {triton.__version__}: if they fail, {TRITON_INSTALL}",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
+
+
+_triton_checked = False
 
 
 def require_triton(why: str):
-    """Called before a Triton kernel launches: a clear error where triton is missing, the interpreter fixes under
-    TRITON_INTERPRET=1, and one warning for a Triton release outside the tested range."""
-    if not triton_available():
-        raise ModuleNotFoundError(
-            f"x_transformers.ops: {why}, and triton is not installed: {TRITON_INSTALL} "
-            "(or pip install 'x-transformers-hybrid[triton]'). Without it, CPU tensors take the PyTorch path."
-        )
-    _check_triton_version()
+    """Called before a Triton kernel launches: a clear error where triton is missing, one warning for a Triton release
+    outside the tested range, and the interpreter fixes under TRITON_INTERPRET=1. After the first call the checks are
+    one flag test: cheap on every launch, and nothing for torch.compile to trace."""
+    global _triton_checked
+    if not _triton_checked:
+        if not triton_available():
+            raise ModuleNotFoundError(
+                f"x_transformers.ops: {why}, and triton is not installed: {TRITON_INSTALL} "
+                "(or pip install 'x-transformers-hybrid[triton]'). Without it, CPU tensors take the PyTorch path."
+            )
+        check_triton_version()
+        _triton_checked = True
     if interpreting():
         from x_transformers.ops.common.interpreter_compat import patch
 
