@@ -327,8 +327,8 @@ GRAPH_WARMUP_STEPS = 3
 
 def step_modes(requested: str, device: torch.device, dist_info: Dist, auto=AUTO_STEP_MODES) -> list[str]:
     """The step modes to try, in order (see `TrainStep`). An explicit mode is the only one: if it fails, the run
-    fails. `auto` is `auto` on a GPU in one process; eager on the CPU, where compiling costs minutes that a short run
-    does not win back, and under torchrun, where a compiled first step that fails inside backward leaves DDP's
+    fails. `auto` is `auto` on a GPU in one process; eager on the CPU, where compiling takes longer than a short run
+    gains back, and under torchrun, where a compiled first step that fails inside backward leaves DDP's
     gradient reducer waiting for the rest of its reduction (it cannot be retried eagerly) and a graph would have to
     capture the collectives (give --step-mode compile to compile there)."""
     if requested not in STEP_MODES:
@@ -430,6 +430,7 @@ class TrainStep:
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.modes, self.device, self.dtype, self.clip = list(modes), device, dtype, clip
         self.module, self.graph, self.steps, self.settled, self.warmup = None, None, 0, False, False
+        self.side, self.static, self.static_loss = None, None, None
 
     @property
     def mode(self) -> str:
@@ -460,7 +461,7 @@ class TrainStep:
         torch.set_rng_state(rng[0])
         if rng[1] is not None:
             torch.cuda.set_rng_state(rng[1], self.device)
-        self.module, self.graph, self.steps = None, None, 0
+        self.module, self.graph, self.static, self.static_loss, self.steps = None, None, None, None, 0
 
     def _rng_state(self):
         cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
@@ -499,7 +500,10 @@ class TrainStep:
             # on a side stream, as for the capture: what these steps set up (cuBLAS workspaces, autograd's streams) is
             # then what the graph replays with
             main = torch.cuda.current_stream(self.device)
-            side = torch.cuda.Stream(self.device)
+            # one side stream for all of them: the caching allocator keeps each stream's freed blocks for that stream
+            if self.side is None:
+                self.side = torch.cuda.Stream(self.device)
+            side = self.side
             side.wait_stream(main)
             with torch.cuda.stream(side):
                 loss = self._body(self._on_device(micro_batches))
