@@ -1,4 +1,5 @@
-"""Chunked (gated) delta rule in Triton: forward and backward kernels, autograd glue, public entry point.
+"""Chunked (gated) delta rule in Triton: forward and backward kernels, autograd glue, and the entry point that
+`chunk_delta_rule` (the package's public function) calls for CUDA tensors or under TRITON_INTERPRET=1.
 
 Per chunk of BT steps (64; 32 for fp32 or K > 128), with G the cumulative log-gate inside the chunk and S0 the state
 entering it:
