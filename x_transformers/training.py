@@ -362,12 +362,12 @@ def check_step_mode(args):
 def add_step_args(p: argparse.ArgumentParser, auto=AUTO_STEP_MODES, peak_tflops: bool = False):
     """The flags of how the training step runs (`auto`: the script's chain on one GPU) and, with `peak_tflops`, of the
     MFU shown beside tokens/s."""
-    chain = ", falling back to ".join(auto)
+    chain = f"{auto[0]}, falling back to {' and then '.join(auto[1:])}" if len(auto) > 1 else auto[0]
     p.add_argument("--step-mode", default="auto", choices=STEP_MODES,
                    help="how the training step runs: eager; compile (torch.compile the model); graph (the whole "
                         "step, micro-batches, clipping and Adam, captured as one CUDA graph after a few eager steps); "
-                        f"auto: on one GPU {chain} (with a warning) where one fails on its first step; eager on the "
-                        "CPU and under torchrun")
+                        f"auto: on one GPU {chain} (with a warning) where a mode fails on its first step; eager on "
+                        "the CPU and under torchrun")
     p.add_argument("--compile", action="store_true", help="same as --step-mode compile")
     if peak_tflops:
         p.add_argument("--peak-tflops", type=positive_float, default=None,
@@ -534,9 +534,21 @@ class TrainStep:
                        for micro in micro_batches]
         # the captured backward allocates the gradients from the graph's pool, and each replay writes them afresh
         self.optimizer.zero_grad(set_to_none=True)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.static_loss = self._body(self.static, cache=False)
+        main = torch.cuda.current_stream(self.device)
+        graph, failure = torch.cuda.CUDAGraph(), None
+        try:
+            with torch.cuda.graph(graph):
+                try:
+                    self.static_loss = self._body(self.static, cache=False)
+                except Exception as error:
+                    # reported below rather than the capture's own "invalidated" error when the capture ends
+                    failure = error
+        except Exception as error:
+            # a capture that fails to end leaves its side stream current: back to the stream the loop runs on
+            torch.cuda.set_stream(main)
+            raise (failure or error) from None
+        if failure is not None:
+            raise failure
         self.graph = graph
 
 
