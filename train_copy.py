@@ -9,8 +9,10 @@ Small enough to reach 100% copy accuracy on a laptop CPU within the default run 
 
 --resume continues the run stored in OUT/checkpoint.pt with its own arguments: flags left out keep the stored
 values; --num-batches, --lr, --clip, --target-acc and the validation, logging and printing flags may be given anew
-(each change is logged); a flag that would change the model or the batches is refused, naming it. A new run refuses
-to replace a checkpoint unless --overwrite.
+(each change is logged), and --batch-size with --grad-accum at the same product; a flag that would change the model
+or the sequences per step is refused, naming it. A new run refuses to replace a checkpoint unless --overwrite.
+
+On one GPU the step is captured as a CUDA graph (--step-mode auto), falling back to eager with a warning if that fails.
 """
 
 import argparse

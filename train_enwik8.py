@@ -14,8 +14,9 @@ utilization (MFU); the last lines give their averages.
 
 The checkpoint describes its run: model configuration, data file and checksum, arguments. --resume continues that
 run with its own arguments: flags left out keep the stored values; --num-batches, --lr, --clip and the
-validation, logging and sampling flags may be given anew (each change is logged); a flag that would change the
-model, the data or the batches is refused, naming it. A new run refuses to replace a checkpoint unless --overwrite.
+validation, logging and sampling flags may be given anew (each change is logged), and --batch-size with --grad-accum
+at the same product (the same sequences per step); a flag that would change the model, the data or the sequences per
+step is refused, naming it. A new run refuses to replace a checkpoint unless --overwrite.
 """
 
 import argparse
