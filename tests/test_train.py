@@ -623,7 +623,8 @@ def test_auto_falls_back_from_a_failing_compile_in_the_script(tmp_path, capsys, 
     assert auto.keys() == eager.keys() and all(torch.equal(auto[k], eager[k]) for k in auto)
 
 
-@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="inductor's CPU backend needs a C++ compiler")
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
+                    reason="inductor's CPU backend needs a C++ compiler")
 def test_compiled_run_resumes_eager(tmp_path, capsys, one_thread):
     """A real torch.compile run on the CPU (the one slow compile of this file, about a minute on a busy CPU): its
     checkpoint holds the plain module's keys (no `_orig_mod.`) and resumes eagerly, with the losses of an eager run

@@ -348,7 +348,8 @@ def check_step_mode(args):
         return
     if getattr(args, "compile", False):
         if mode not in ("auto", "compile"):
-            raise UsageError(f"--compile is --step-mode compile, and --step-mode {mode} was given too: give one of them")
+            raise UsageError(f"--compile is --step-mode compile, and --step-mode {mode} was given too: "
+                             "give one of them")
         args.step_mode = mode = "compile"
     if mode == "graph":
         if pick_device(getattr(args, "device", None)).type != "cuda":
