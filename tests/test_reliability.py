@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import pickle
 
 import pytest
@@ -365,6 +366,21 @@ def test_compile_moe_and_hybrid():
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
         out.square().mean().backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.skipif(
+    os.environ.get("XT_SLOW_TESTS") != "1", reason="inductor compiles of every mixer take minutes: XT_SLOW_TESTS=1"
+)
+@pytest.mark.parametrize("name", ALL_MIXERS)
+def test_compile_every_mixer_with_inductor(name):
+    torch._dynamo.reset()
+    model = lm(depth=1, linear_attn=name).train()
+    x = tokens(2, 19)
+    ref = model(x)
+    out = torch.compile(model, dynamic=False)(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    out.square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 @pytest.mark.parametrize("name", ALL_MIXERS)
