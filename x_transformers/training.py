@@ -327,7 +327,7 @@ GRAPH_WARMUP_STEPS = 3
 
 def step_modes(requested: str, device: torch.device, dist_info: Dist, auto=AUTO_STEP_MODES) -> list[str]:
     """The step modes to try, in order (see `TrainStep`). An explicit mode is the only one: if it fails, the run
-    fails. `auto` is `auto` on a GPU in one process; eager on the CPU, where compiling takes longer than a short run
+    fails. `auto` is the chain `auto` on a GPU in one process; eager on the CPU, where compiling takes longer than a short run
     gains back, and under torchrun, where a compiled first step that fails inside backward leaves DDP's
     gradient reducer waiting for the rest of its reduction (it cannot be retried eagerly) and a graph would have to
     capture the collectives (give --step-mode compile to compile there)."""
