@@ -13,7 +13,8 @@ set -uo pipefail
 OUT=${OUT:-out/multi_gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-COMMON=(--num-batches 200 --validate-every 50 --generate-every 1000 --seed 0)
+# eager on every run: the 1-GPU and 2-GPU rows compare the same step (auto would compile only the single process)
+COMMON=(--num-batches 200 --validate-every 50 --generate-every 1000 --seed 0 --step-mode eager)
 
 train() {  # train NAME NPROC LIMIT ARGS...: one torchrun, its log kept, its summary lines shown
     local name=$1 nproc=$2 limit=$3
