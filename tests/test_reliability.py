@@ -165,6 +165,19 @@ def test_attention_dtypes(name):
             torch.testing.assert_close(out.float(), ref, rtol=1e-4, atol=1e-4)
 
 
+def test_laser_values_near_the_soft_clamp_in_fp16():
+    # e^15 overflows fp16: the values are shifted by their maximum before the exp
+    torch.manual_seed(0)
+    attn = Attention(DIM, dim_head=8, heads=HEADS, kv_heads=1, causal=True, laser=True).eval()
+    with torch.no_grad():
+        attn.to_v.weight.mul_(100.0)
+    x = torch.randn(2, 9, DIM)
+    ref = attn(x)
+    out = copy.deepcopy(attn).half()(x.half())
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+
+
 def test_half_precision_rwkv6_and_dynamic_position_bias_models():
     for layers in (dict(linear_attn="rwkv6"), dict(dynamic_pos_bias=True), dict(ff_num_experts=2)):
         for dtype in (*HALF, torch.float64):
@@ -291,6 +304,7 @@ def test_per_layer_tuples_reach_every_layer_and_must_match_the_depth():
     layers = Decoder(dim=DIM, depth=2, heads=HEADS, shift_tokens=(1, 0, 2, 3))
     shifts = [getattr(block, "shifts", None) for _, block, _ in layers.layers]
     assert shifts == [(0, 1), None, (0, 1, 2), (0, 1, 2, 3)]
+    assert Decoder(dim=DIM, depth=2, heads=HEADS, layer_dropout=(0.1, 0.0, 0.2, 0.3)).layer_dropouts == (0.1, 0.0, 0.2, 0.3)
     for name, value in (("shift_tokens", (1, 0, 2)), ("shift_tokens", (1, 0, 2, 0, 1)), ("layer_dropout", (0.1,))):
         with pytest.raises(ValueError, match=name):
             Decoder(dim=DIM, depth=2, heads=HEADS, **{name: value})

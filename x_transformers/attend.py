@@ -557,4 +557,5 @@ class Attend(Module):
     @staticmethod
     def _mix_heads(conv: nn.Conv2d, t: Tensor) -> Tensor:
         # a 1x1 conv over the heads axis is a matmul with its (heads_out, heads_in) kernel
-        return torch.einsum("b h i j, g h -> b g i j", t, rearrange(conv.weight, "g h 1 1 -> g h"))
+        # (in the logits' dtype: fp16 laser attention runs in fp32 with the model's fp16 weights)
+        return torch.einsum("b h i j, g h -> b g i j", t, rearrange(conv.weight, "g h 1 1 -> g h").to(t.dtype))

@@ -839,13 +839,22 @@ class Attention(Module):
 
         # laser - attention over exponentiated (soft-clamped) values
 
+        # exp of values near the soft-clamp (e^15 by default) overflows fp16, and their spread (up to e^30) underflows
+        # it: in fp16 this attention runs in fp32 (bf16 has fp32's range)
+
+        laser_dtype = None
         if self.laser:
+            if v.dtype == torch.float16:
+                laser_dtype = v.dtype
+                q, k, v = q.float(), k.float(), v.float()
             v = softclamp(v, self.laser_softclamp_value).exp()
 
         out, intermediates = self.attend(q, k, v, mask=keep_mask, attn_bias=attn_bias, prev_attn=prev_attn)
 
         if self.laser:
             out = log(out)
+            if exists(laser_dtype):
+                out = out.to(laser_dtype)
 
         # the values, before the residual mix, for value residual learning in later layers
 

@@ -195,7 +195,8 @@ class CoPE(Module):
     def forward(self, query, attn_logits):
         if exists(self.talking_heads):
             i, j = attn_logits.shape[-2:]
-            attn_logits = self.talking_heads(attn_logits)
+            weight = self.talking_heads.weight.to(attn_logits.dtype)
+            attn_logits = F.conv2d(attn_logits, weight)
             future = _relative_distance(i, j, device=attn_logits.device) > 0
             attn_logits = attn_logits.masked_fill(future, -torch.finfo(attn_logits.dtype).max)
 
@@ -204,7 +205,7 @@ class CoPE(Module):
         pos = gates.flip(-1).cumsum(dim=-1).flip(-1)
         pos = pos.clamp(max=self.max_pos - 1)
 
-        logits_int = torch.einsum("b h n d, p d -> b h n p", query, self.pos_emb)
+        logits_int = torch.einsum("b h n d, p d -> b h n p", query, self.pos_emb.to(query.dtype))
 
         if self.soft_onehot:
             # a softmax over the integer positions by distance, instead of linear interpolation
