@@ -117,7 +117,8 @@ def environment(device, xt) -> dict:
         except PackageNotFoundError:
             pass
     return dict(
-        x_transformers=str(Path(xt.__file__).parent),
+        # where the measured package was imported from, relative to this repository when inside it
+        x_transformers=os.path.relpath(Path(xt.__file__).parent, HERE.parent.parent),
         x_transformers_version=xt_version,
         torch=torch.__version__,
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
