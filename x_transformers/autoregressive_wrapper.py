@@ -180,7 +180,8 @@ def _resolve_filter(filter_logits_fn):
 
 def check_generate_args(seq_len, temperature=1.0):
     """Clear errors for a bad number of new tokens or temperature (0 new tokens is fine: an empty result)."""
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) and not (torch.is_tensor(seq_len) and seq_len.ndim == 0 and not seq_len.is_floating_point()):
+    integer_tensor = torch.is_tensor(seq_len) and seq_len.ndim == 0 and not seq_len.is_floating_point()
+    if isinstance(seq_len, bool) or not (isinstance(seq_len, int) or integer_tensor):
         raise TypeError(f"seq_len (the number of tokens to generate) must be an int, got {seq_len!r}")
     if int(seq_len) < 0:
         raise ValueError(f"seq_len (the number of tokens to generate) must be >= 0, got {int(seq_len)}")

@@ -620,9 +620,14 @@ class AttentionLayers(Module):
         num_self_attn_blocks = sum(1 for t in layer_types if t == "a")
         if exists(softmax_attn_layers):
             softmax_attn_layers = tuple(cast_tuple(softmax_attn_layers))
-            bad = [i for i in softmax_attn_layers if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < num_self_attn_blocks]
+            bad = [
+                i for i in softmax_attn_layers
+                if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < num_self_attn_blocks
+            ]
             if "l" in layer_types:
-                raise ValueError("`softmax_attn_layers` places mixers by index; with 'l' entries in `custom_layers` the layers are placed already")
+                raise ValueError(
+                    "`softmax_attn_layers` places mixers by index; with 'l' entries in `custom_layers` they are placed"
+                )
             if bad:
                 raise ValueError(
                     f"`softmax_attn_layers` indexes the {num_self_attn_blocks} self-attention blocks (0 to "
@@ -631,7 +636,7 @@ class AttentionLayers(Module):
             if len(set(softmax_attn_layers)) != len(softmax_attn_layers):
                 raise ValueError(f"`softmax_attn_layers` lists a block twice: {softmax_attn_layers}")
         if exists(hybrid_pattern) and "l" in layer_types:
-            raise ValueError("`hybrid_pattern` places mixers by pattern; with 'l' entries in `custom_layers` the layers are placed already")
+            raise ValueError("`hybrid_pattern` places mixers by pattern; with 'l' entries in `custom_layers` they are placed")
         # explicit 'l' entries in `custom_layers` place the mixers themselves; otherwise 'a' blocks are converted
         if exists(linear_attn) and "a" in layer_types and "l" not in layer_types:
             new_types, attn_index = [], 0
@@ -675,21 +680,24 @@ class AttentionLayers(Module):
             cross_kwargs = {**attn_kwargs, **cross_attn_kwargs}
             self_only = [
                 name
-                for name in ("data_dependent_alibi", "selective", "use_cope", "max_attend_past", "neutreno_value_residual")
+                for name in ("data_dependent_alibi", "selective", "use_cope", "max_attend_past",
+                             "neutreno_value_residual")
                 if cross_kwargs.get(name)
             ]
             if self_only:
                 raise ValueError(
                     f"{', '.join('attn_' + name for name in self_only)} act on self attention, and attn_ keywords reach "
                     f"the cross-attention layers too, which cannot use them; turn them off there with "
-                    f"{', '.join(f'cross_attn_{name}=' + ('None' if name == 'max_attend_past' else 'False') for name in self_only)}"
+                    + ", ".join(f"cross_attn_{name}={'None' if name == 'max_attend_past' else 'False'}" for name in self_only)
                 )
 
         self.layer_types = layer_types
         self.layers_execute_order = default(layers_execute_order, tuple(range(len(layer_types))))
         bad_order = [i for i in self.layers_execute_order if not isinstance(i, int) or not 0 <= i < len(layer_types)]
         if bad_order:
-            raise ValueError(f"`layers_execute_order` indexes the {len(layer_types)} layers (0 to {len(layer_types) - 1}), got {bad_order}")
+            raise ValueError(
+                f"`layers_execute_order` indexes the {len(layer_types)} layers (0 to {len(layer_types) - 1}), got {bad_order}"
+            )
 
         self.num_attn_layers = sum(1 for t in layer_types if t == "a")
 
@@ -922,7 +930,8 @@ class AttentionLayers(Module):
                 raise ValueError("pass either `cache` or `recurrent_states` (the cache holds the mixers' states already)")
             if not self.causal:
                 raise ValueError("`recurrent_states` continue causal mixers; they do not apply to an Encoder")
-            num_mixer_calls = sum(1 for i in default(layers_execute_order, self.layers_execute_order) if self.layer_types[i] == "l")
+            order = default(layers_execute_order, self.layers_execute_order)
+            num_mixer_calls = sum(1 for i in order if self.layer_types[i] == "l")
             if len(recurrent_states) != num_mixer_calls:
                 raise ValueError(f"`recurrent_states` needs one state per mixer call ({num_mixer_calls}), got {len(recurrent_states)}")
         iter_recurrent_states = iter(recurrent_states if exists(recurrent_states) else ())
