@@ -214,7 +214,15 @@ class Mixer(Module):
 
     `mix(x, mask, state, want_state)` gets the input `(b, n, dim)`, the mask aligned with it (or None), the state
     tuple of the previous call (or None) and returns `(out, new_state_tuple_or_None)`.
+
+    Inputs that come from elsewhere in the stack are named in `stack_inputs` (e.g. RWKV-7's `value_first`, the first
+    mixer layer's values): the layer stack passes them as keyword arguments, `mix` takes them as keyword
+    arguments, and may return a third element, a dict of outputs for the stack (e.g. `{"values": v}`), which land on
+    the returned `Intermediates`.
     """
+
+    # keyword inputs this mixer takes from the layer stack, beyond x / mask / cache
+    stack_inputs: tuple[str, ...] = ()
 
     name = "mixer"
     bidirectional = False
@@ -256,6 +264,9 @@ class Mixer(Module):
         )
 
     def forward(self, x: Tensor, mask: Tensor | None = None, cache=None, return_intermediates: bool = False, **kwargs):
+        unknown = sorted(set(kwargs) - set(self.stack_inputs))
+        if unknown:
+            raise TypeError(f"linear_attn='{self.name}' got unexpected inputs {unknown}; it takes {list(self.stack_inputs)}")
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(
                 f"linear_attn='{self.name}' expects x of shape (batch, seq, {self.dim}), got {tuple(x.shape)}"
@@ -272,14 +283,18 @@ class Mixer(Module):
             raise TypeError(f"linear_attn='{self.name}' expects a floating point x, got {x.dtype}")
         x = autocast_input(x) if self.cast_input else x
         if x.shape[0] == 0:
-            out, new_state = self.mix_empty_batch(x, mask, state, return_intermediates)
+            result = self.mix_empty_batch(x, mask, state, return_intermediates, **kwargs)
         else:
-            out, new_state = self.mix(x, mask, state, want_state=return_intermediates)
+            result = self.mix(x, mask, state, want_state=return_intermediates, **kwargs)
+        out, new_state, outputs = (*result, {}) if len(result) == 2 else result
         if not return_intermediates:
             return out
-        return out, Intermediates(recurrent_state=new_state, layer_type="l")
+        inter = Intermediates(recurrent_state=new_state, layer_type="l")
+        for name, value in outputs.items():
+            setattr(inter, name, value)
+        return out, inter
 
-    def mix_empty_batch(self, x: Tensor, mask: Tensor | None, state: tuple | None, want_state: bool):
+    def mix_empty_batch(self, x: Tensor, mask: Tensor | None, state: tuple | None, want_state: bool, **kwargs):
         """`mix` of a batch of size 0: one zero row is run and cut off again, so that every kernel sees a real
         batch and the outputs, states (and gradients) keep their shapes and dtypes."""
 
@@ -290,10 +305,12 @@ class Mixer(Module):
 
         mask = one_more(mask, True)
         state = tuple(one_more(t, 0) for t in state) if exists(state) else None
-        out, new_state = self.mix(one_more(x, 0), mask, state, want_state)
+        kwargs = {name: one_more(t, 0) for name, t in kwargs.items()}
+        out, new_state, *outputs = self.mix(one_more(x, 0), mask, state, want_state, **kwargs)
         if exists(new_state):
             new_state = tuple(t[:0] if torch.is_tensor(t) else t for t in new_state)
-        return out[:0], new_state
+        outputs = {name: t[:0] if torch.is_tensor(t) else t for name, t in (outputs[0] if outputs else {}).items()}
+        return out[:0], new_state, outputs
 
 
 def pick_state(state: tuple | None, index: int):
