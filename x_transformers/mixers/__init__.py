@@ -24,6 +24,7 @@ MIXERS = {
     "rwkv6": ("x_transformers.mixers.rwkv6", "RWKV6"),
     "based": ("x_transformers.mixers.based", "Based"),
     "gateloop": ("x_transformers.mixers.gateloop", "GateLoop"),
+    "gtu": ("x_transformers.mixers.gtu", "GTU"),
 }
 
 
