@@ -18,6 +18,7 @@ MIXERS = {
     "hgrn2": ("x_transformers.mixers.hgrn2", "HGRN2"),
     "deltanet": ("x_transformers.mixers.deltanet", "DeltaNet"),
     "gated_deltanet": ("x_transformers.mixers.gated_deltanet", "GatedDeltaNet"),
+    "kda": ("x_transformers.mixers.kda", "KDA"),
     "mamba2": ("x_transformers.mixers.mamba2", "Mamba2"),
     "mingru": ("x_transformers.mixers.mingru", "MinGRU"),
     "hgrn": ("x_transformers.mixers.hgrn", "HGRN"),
