@@ -244,6 +244,10 @@ def test_learned_lower_bound_with_layer_bounds(name, kwargs):
     mixer(x, lower_bound=bounds(1)).square().sum().backward()
     assert bounds.logits.grad is not None and bounds.logits.grad.abs().sum() > 0
 
+    # an empty batch: the layer's bound keeps its shape (it has no batch dim)
+    out, inter = mixer(x[:0], lower_bound=lb, return_intermediates=True)
+    assert out.shape == (0, 21, DIM) and all(t.shape[0] == 0 for t in inter.recurrent_state)
+
 
 def hgrn_reference(mixer, x, lb):
     f = lb + (1 - lb) * torch.sigmoid(mixer.to_f(x))

@@ -41,7 +41,22 @@ def learned_forget_gate(name: str, f_logit: Tensor, lower_bound: Tensor | None, 
     return log_f, (1 - lb) * torch.sigmoid(-f_logit)
 
 
-class HGRN(Mixer):
+class LayerBoundInput:
+    """For a mixer whose `lower_bound` input is the layer's (gate width,), with no batch dim: the base runs an empty
+    batch as one zero row and adds that row to every stack input as to a batch-first one, so the bound goes round
+    that step and reaches `mix` through `empty_batch_bound`."""
+
+    empty_batch_bound = None
+
+    def mix_empty_batch(self, x, mask, state, want_state, lower_bound=None):
+        self.empty_batch_bound = lower_bound
+        try:
+            return super().mix_empty_batch(x, mask, state, want_state)
+        finally:
+            self.empty_batch_bound = None
+
+
+class HGRN(LayerBoundInput, Mixer):
     name = "hgrn"
 
     def __init__(self, dim, heads=1, causal=True, expand_ratio=1.0, lower_bound=0.0):
@@ -64,6 +79,7 @@ class HGRN(Mixer):
         f_logit = upcast(self.to_f(x))
         lb = self.lower_bound
         if self.learned_bound:
+            lower_bound = lower_bound if lower_bound is not None else self.empty_batch_bound
             log_f, one_minus_f = learned_forget_gate(self.name, f_logit, lower_bound, (self.gate_width,))
         elif lb == 0.0:
             log_f, one_minus_f = F.logsigmoid(f_logit), torch.sigmoid(-f_logit)

@@ -22,13 +22,13 @@ from torch import nn
 from x_transformers.mixers.base import (
     HeadOutput, Mixer, fused_linear, masked_fill_zero, pick_state, run_kernel, upcast,
 )
-from x_transformers.mixers.hgrn import check_lower_bound, learned_forget_gate
+from x_transformers.mixers.hgrn import LayerBoundInput, check_lower_bound, learned_forget_gate
 from x_transformers.ops import chunk_gla, chunk_simple_gla, fused_recurrent_gla, fused_recurrent_simple_gla
 
 DECAYS = ("vector", "scalar")
 
 
-class HGRN2(Mixer):
+class HGRN2(LayerBoundInput, Mixer):
     name = "hgrn2"
 
     def __init__(self, dim, heads, causal=True, expand_k=1.0, lower_bound=0.0, decay="vector", output_norm=True,
@@ -57,6 +57,7 @@ class HGRN2(Mixer):
         for saturated gates."""
         lb = self.lower_bound
         if self.learned_bound:
+            lower_bound = lower_bound if lower_bound is not None else self.empty_batch_bound
             log_f, one_minus_f = learned_forget_gate(self.name, upcast(f_logit), lower_bound, f_logit.shape[2:])
             return log_f, one_minus_f.to(f_logit.dtype)
         if lb == 0.0:
