@@ -3,8 +3,8 @@
     S_t = (Diag(exp(gk_t)) + b_t a_t^T) S_{t-1} + k_t^T v_t,      o_t = scale q_t S_t
 
 with the `[K, V]` state of the other families (the transpose of the `[V, K]` form
-S_t = S_{t-1} (Diag(w_t) + a_t b_t^T) + v_t k_t^T). gk is the log decay, <= 0. The gated delta rule is the special
-case a = -beta k, b = k, v -> beta v, gk = g.
+S_t = S_{t-1} (Diag(w_t) + a_t b_t^T) + v_t k_t^T). gk is the log decay, <= 0; `a_t S_{t-1}` reads the state before
+this step's decay. The gated delta rule is the special case a = -beta exp(g) k, b = k, v -> beta v, gk = g.
 
 Triton for CUDA tensors or under TRITON_INTERPRET=1 (the modules `chunk.py`, `fused_recurrent.py`, loaded on the
 first such call), the torch paths otherwise."""
