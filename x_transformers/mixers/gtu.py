@@ -12,6 +12,8 @@ length), so cached decoding is refused: `can_cache_kv = False` tells the layer s
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -78,7 +80,8 @@ class GTU(Mixer):
         pos = torch.arange(n, device=device, dtype=dtype)
         if not self.causal:
             pos = torch.cat((pos, pos[1:].flip(0).neg()))
-        decay = torch.tensor(self.decay, device=device, dtype=dtype) ** pos.abs()
+        # decay^|r| as an exp of a product: no host scalar copied to the device (a CUDA graph could not capture one)
+        decay = torch.exp(pos.abs() * math.log(self.decay))
         return self.rpe(pos) * decay[:, None]
 
     def toeplitz(self, v):

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -28,14 +30,14 @@ def check_lower_bound(name: str, lower_bound) -> bool:
 def learned_forget_gate(name: str, f_logit: Tensor, lower_bound: Tensor | None, gate_shape: tuple[int, ...]):
     """(log f, 1 - f), both in f_logit's dtype (pass it upcast), of `f = lb + (1 - lb) sigmoid(f_logit)` with the
     layer's bound `lower_bound` (gate width,), laid out as the trailing `gate_shape` of f_logit."""
-    width = f_logit.new_empty(gate_shape).numel()
+    width = math.prod(gate_shape)
     if lower_bound is None:
         raise ValueError(f"linear_attn='{name}' with lower_bound='learned' needs the layer's `lower_bound` ({width},)")
     if not torch.is_tensor(lower_bound) or lower_bound.shape != (width,):
         shape = tuple(lower_bound.shape) if torch.is_tensor(lower_bound) else type(lower_bound).__name__
         raise ValueError(f"linear_attn='{name}' lower_bound must be a tensor of shape ({width},), got {shape}")
     lb = lower_bound.to(f_logit.dtype).reshape(gate_shape)
-    f = torch.lerp(f_logit.sigmoid(), torch.ones_like(lb), lb)
+    f = lb + (1 - lb) * f_logit.sigmoid()
     # the first layer's bound is 0: kept off log(0) for a saturated logit
     log_f = f.clamp_min(torch.finfo(f.dtype).tiny).log()
     return log_f, (1 - lb) * torch.sigmoid(-f_logit)
