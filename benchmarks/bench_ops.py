@@ -28,10 +28,12 @@ OPS = (
     "chunk_gla",
     "chunk_delta_rule",
     "chunk_gated_delta_rule",
+    "chunk_kda",
     "hgrn_scan",
     "fused_recurrent_simple_gla",
     "fused_recurrent_gla",
     "fused_recurrent_delta_rule",
+    "fused_recurrent_kda",
 )
 
 
@@ -113,6 +115,11 @@ def make_case(op, B, T, H, D, dtype, device, impl):
     # delta rule: keys L2-normalised so the state stays bounded
     kn = F.normalize(k.detach().float(), dim=-1).to(dtype).requires_grad_()
     beta = torch.rand(B, T, H, generator=gen, device=device).to(dtype).requires_grad_()
+    if family == "kda":
+        # per-channel log decay of GLA's magnitude; same argument order (q, k, v, g, beta) in fla and here
+        g = (gate(B, T, H, D).detach() / 16).requires_grad_()
+        fn = _resolve(impl, op) if impl == "fla" else getattr(importlib.import_module("x_transformers.ops.kda"), op)
+        return (lambda: fn(q, kn, v, g, beta, **kw)[0]), [q, kn, v, g, beta]
     if family == "gated_delta_rule":
         g = gate(B, T, H)
         if impl == "fla":
