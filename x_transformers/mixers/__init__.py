@@ -25,6 +25,9 @@ MIXERS = {
     "rwkv6": ("x_transformers.mixers.rwkv6", "RWKV6"),
     "based": ("x_transformers.mixers.based", "Based"),
     "gateloop": ("x_transformers.mixers.gateloop", "GateLoop"),
+    "rwkv7": ("x_transformers.mixers.rwkv7", "RWKV7"),
+    "gated_deltaproduct": ("x_transformers.mixers.gated_deltaproduct", "GatedDeltaProduct"),
+    "comba": ("x_transformers.mixers.comba", "Comba"),
     "gtu": ("x_transformers.mixers.gtu", "GTU"),
 }
 
