@@ -24,6 +24,8 @@ import torch
 
 OPS = (
     "sdpa",
+    "flash_attention",
+    "forgetting_attention",
     "chunk_simple_gla",
     "chunk_gla",
     "chunk_delta_rule",
@@ -87,6 +89,24 @@ def make_case(op, B, T, H, D, dtype, device, impl):
     if op == "sdpa":
         q, k, v = rand(B, H, T, D), rand(B, H, T, D), rand(B, H, T, D)
         return (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)), [q, k, v]
+
+    if op in ("flash_attention", "forgetting_attention"):
+        # causal softmax attention, plain and with the Forgetting Transformer's per-head log forget gate
+        q, k, v = rand(B, T, H, D), rand(B, T, H, D), rand(B, T, H, D)
+        args = (q, k, v) if op == "flash_attention" else (q, k, v, gate(B, T, H))
+        if impl == "fla":
+            if op == "flash_attention":
+                from fla.ops.attn import parallel_attn as fn
+            else:
+                from fla.ops.forgetting_attn import parallel_forgetting_attn as fn
+        else:
+            from x_transformers.ops.attention import flash_attention as fn
+
+        def call():
+            out = fn(*args)
+            return out[0] if isinstance(out, tuple) else out  # fla's parallel_attn may return (o, lse)
+
+        return call, list(args)
 
     if op == "hgrn_scan":
         x, g = rand(B, T, H * D), gate(B, T, H * D).detach().to(dtype).requires_grad_()
