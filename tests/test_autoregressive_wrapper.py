@@ -581,9 +581,10 @@ def test_prepend_embeds_train_and_generate():
 
 
 def _mixer_names():
-    from x_transformers.mixers import MIXERS
+    # the mixers with a decoding state (gtu has none, and generates without a cache)
+    from x_transformers.mixers import MIXERS, mixer_class
 
-    return sorted(MIXERS)
+    return [name for name in sorted(MIXERS) if mixer_class(name).can_cache_kv]
 
 
 @pytest.mark.parametrize("name", _mixer_names())

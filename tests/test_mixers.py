@@ -5,11 +5,13 @@ import pytest
 import torch
 
 from x_transformers.attend import Intermediates
-from x_transformers.mixers import MIXERS, make_mixer
+from x_transformers.mixers import MIXERS, make_mixer, mixer_class
 
 DIM, HEADS = 32, 2
 CAUSAL_MIXERS = sorted(MIXERS)
-BIDIRECTIONAL = ["linear", "based"]
+# mixers with a decoding cache; the others (gtu) refuse one and set can_cache_kv = False for the layer stack
+DECODING_MIXERS = [name for name in CAUSAL_MIXERS if getattr(mixer_class(name), "can_cache_kv", True)]
+BIDIRECTIONAL = ["linear", "based", "gtu"]
 
 
 def build(name, causal=True, **kwargs):
@@ -21,7 +23,7 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp(min=1e-8)).item()
 
 
-@pytest.mark.parametrize("name", CAUSAL_MIXERS)
+@pytest.mark.parametrize("name", DECODING_MIXERS)
 def test_cached_decoding_matches_parallel(name):
     mixer = build(name)
     x = torch.randn(2, 21, DIM)
@@ -38,7 +40,7 @@ def test_cached_decoding_matches_parallel(name):
     assert rel_err(stepped, full) < 1e-4
 
 
-@pytest.mark.parametrize("name", CAUSAL_MIXERS)
+@pytest.mark.parametrize("name", DECODING_MIXERS)
 def test_left_padding_equals_unpadded(name):
     mixer = build(name)
     x = torch.randn(1, 19, DIM)
@@ -90,6 +92,14 @@ def test_bidirectional(name):
     z = x.clone()
     z[:, -4:] = torch.randn_like(z[:, -4:])
     assert torch.allclose(mixer(x, mask=mask)[:, :16], mixer(z, mask=mask)[:, :16], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(set(CAUSAL_MIXERS) - set(DECODING_MIXERS)))
+def test_mixers_without_cache_refuse_decoding(name):
+    mixer = build(name)
+    _, inter = mixer(torch.randn(1, 4, DIM), return_intermediates=True)
+    with pytest.raises(ValueError, match=f"linear_attn='{name}' has no decoding cache"):
+        mixer(torch.randn(1, 1, DIM), cache=inter)
 
 
 def test_errors_name_the_problem():

@@ -242,6 +242,7 @@ class Attend(Module):
             raise ValueError("talking heads need `heads`")
 
         # attention function - what turns logits into weights
+        self.has_custom_attn_fn = exists(custom_attn_fn)
         if exists(custom_attn_fn):
             self.attn_fn = custom_attn_fn
         elif sigmoid:
@@ -327,12 +328,12 @@ class Attend(Module):
             mask = causal_keep if not exists(mask) else (mask & causal_keep)
         return mask
 
-    def flash_attn(self, q, k, v, mask=None, attn_bias=None):
+    def flash_attn(self, q, k, v, mask=None, attn_bias=None, causal=None):
         batch, heads, i, d = q.shape
         j = k.shape[-2]
 
         kv_heads = k.shape[1]
-        causal = self.causal and i > 1
+        causal = default(causal, self.causal) and i > 1
         scale = default(self.scale, d**-0.5)
 
         # l2 distance as a dot product: [2q, |q|^2, -1] . [k, -1, |k|^2] = -||q - k||^2
@@ -399,11 +400,13 @@ class Attend(Module):
         flash_allowed = torch.nn.attention.SDPBackend.FLASH_ATTENTION in self.sdpa_backends
         return flash_allowed and q.dtype in (torch.float16, torch.bfloat16)
 
-    def forward(self, q, k, v, mask=None, attn_bias=None, prev_attn=None):
+    def forward(self, q, k, v, mask=None, attn_bias=None, prev_attn=None, causal=None):
         """
         q: (b, h, i, d); k, v: (b, kv_heads, j, d) or (b, j, d) for a single kv head
         mask: bool, True = attend; (b, j) key padding or broadcastable to (b, h, i, j)
         attn_bias: additive, broadcastable to (b, h, i, j); prev_attn: logits of the previous layer
+        causal: overrides the module's causality for this call (False where `mask` states it already: queries
+        anywhere among the keys, as with a static decoding cache)
         returns out (b, h, i, d_v) and Intermediates
         """
         if q.ndim != 4:
@@ -445,12 +448,12 @@ class Attend(Module):
             raise ValueError("residual attention (prev_attn) needs the math path, it is not compatible with flash")
 
         if self.flash or self.use_sdpa(prev_attn):
-            out, row_is_masked, intermediates = self.flash_attn(q, k, v, mask=mask, attn_bias=attn_bias)
+            out, row_is_masked, intermediates = self.flash_attn(q, k, v, mask=mask, attn_bias=attn_bias, causal=causal)
             # the maps of the explicit path, formed only if read (flash returns none, as upstream)
             if not self.flash:
-                intermediates.attn_maps_fn = partial(self.attn_maps, q, k, mask, attn_bias)
+                intermediates.attn_maps_fn = partial(self.attn_maps, q, k, mask, attn_bias, causal)
         else:
-            out, row_is_masked, intermediates = self.math_attn(q, k, v, mask, attn_bias, prev_attn)
+            out, row_is_masked, intermediates = self.math_attn(q, k, v, mask, attn_bias, prev_attn, causal)
 
         if self.laser:
             out = out.clamp(min=1e-20).log()
@@ -465,16 +468,18 @@ class Attend(Module):
         """Whether a call without flash can take the SDPA path: no feature acts on the logits."""
         return not self.logit_features and not exists(prev_attn)
 
-    def attn_maps(self, q, k, mask, attn_bias) -> tuple[Tensor, Tensor, Tensor]:
+    def attn_maps(self, q, k, mask, attn_bias, causal=None) -> tuple[Tensor, Tensor, Tensor]:
         """qk_similarities, pre_softmax_attn and post_softmax_attn of the explicit path, for the SDPA path's
         lazy maps."""
-        return self.attn_weights(q, k, mask, attn_bias, None)[2].to_tuple()
+        return self.attn_weights(q, k, mask, attn_bias, None, causal)[2].to_tuple()
 
-    def math_attn(self, q, k, v, mask, attn_bias, prev_attn):
+    def math_attn(self, q, k, v, mask, attn_bias, prev_attn, causal=None):
         b, h, i, _ = q.shape
         kv_heads, j = k.shape[-3:-1]
 
-        attn, row_is_masked, intermediates, pre_to_post_scale = self.attn_weights(q, k, mask, attn_bias, prev_attn)
+        attn, row_is_masked, intermediates, pre_to_post_scale = self.attn_weights(
+            q, k, mask, attn_bias, prev_attn, causal
+        )
 
         attn = self.attn_dropout(attn)
 
@@ -488,12 +493,12 @@ class Attend(Module):
         out = (attn.reshape(b, h // kv_heads, kv_heads, i, j) @ v[:, None]).reshape(b, h, i, v.shape[-1])
         return out, row_is_masked, intermediates
 
-    def attn_weights(self, q, k, mask, attn_bias, prev_attn):
+    def attn_weights(self, q, k, mask, attn_bias, prev_attn, causal=None):
         """The explicit path up to the softmax: weights (b, h, i, j), fully masked rows, the maps, and the
         pre-softmax talking heads' scale for the weights (or None)."""
         (b, h, i, d), (kv_heads, j), device = q.shape, k.shape[-3:-1], q.device
         scale = default(self.scale, d**-0.5)
-        causal = self.causal and i > 1
+        causal = default(causal, self.causal) and i > 1
 
         # grouped kv heads broadcast over query heads viewed as (groups, kv_heads), without copies
         q_grouped = q.reshape(b, h // kv_heads, kv_heads, i, d)

@@ -23,6 +23,7 @@ from torch.nn import Module, ModuleList
 from torch.utils._pytree import tree_flatten
 
 from x_transformers.attend import Attend, Intermediates
+from x_transformers.cache import KeyValueBuffer
 from x_transformers.norms import MultiheadRMSNorm
 from x_transformers.positional import CoPE, DataDependentAlibi, PerRowDataDependentAlibi, RotaryTable
 from x_transformers.token_shift import FoldAxially
@@ -477,6 +478,44 @@ class Attention(Module):
 
     # data-dependent alibi
 
+    def rotate_qk(self, q: Tensor, k: Tensor, rotary_pos_emb, context_rotary_pos_emb=None) -> tuple[Tensor, Tensor]:
+        """Rotary on the last `rotate_num_heads` heads of q and k (b, h, n, d); keys may use the context's own
+        positions (2104.09864)."""
+        rotate_num_heads, h = self.rotate_num_heads, q.shape[1]
+        partial_rotate = rotate_num_heads < h
+
+        q_rotary = k_rotary = RotaryTable.cast(rotary_pos_emb)
+        if exists(context_rotary_pos_emb):
+            k_rotary = RotaryTable.cast(context_rotary_pos_emb)
+
+        if partial_rotate:
+            q_rest, q = q[:, :-rotate_num_heads], q[:, -rotate_num_heads:]
+            k_rest, k = k[:, :-rotate_num_heads], k[:, -rotate_num_heads:]
+
+        q = q_rotary.rotate(q)
+        k = k_rotary.rotate(k, keys=True)
+
+        if partial_rotate:
+            q = cat((q_rest, q), dim=1)
+            k = cat((k_rest, k), dim=1)
+        return q, k
+
+    def static_decode_refusal(self) -> str | None:
+        """None if this layer decodes with a static cache, else the flag that prevents it: the features below read
+        their own history in a form the buffers do not keep (they decode with the plain, concatenating cache)."""
+        flags = dict(
+            attn_data_dependent_alibi=exists(self.data_dependent_alibi),
+            attn_use_cope=exists(self.attend.cope),
+            attn_use_latent_q=self.use_latent_q,
+            attn_use_latent_kv=self.use_latent_kv,
+            attn_hybrid_module=exists(self.hybrid_module),
+            attn_selective=self.attend.selective,
+            # the static buffer's unwritten positions are masked: only the built-in weightings are known to give a
+            # masked logit exactly zero weight
+            attn_custom_attn_fn=self.attend.has_custom_attn_fn,
+        )
+        return next((f'`{name}` decodes with the plain cache only' for name, on in flags.items() if on), None)
+
     def data_dependent_alibi_bias(self, x: Tensor, cached: Tensor | None, mask: Tensor | None = None):
         """Forgetting-gate bias for the new queries against every key, and the state that extends it next call.
 
@@ -543,8 +582,13 @@ class Attention(Module):
         return_intermediates=False,
         cache: Intermediates | None = None,
         value_residual=None,
+        static_kv: KeyValueBuffer | None = None,
     ):
+        """`static_kv`: this layer's entry of a `StaticCache` (x_transformers/cache.py) - the call's keys and values are
+        written there at their positions and, after the prefill, the queries attend over the whole buffer."""
         has_context = exists(context)
+        if exists(static_kv) and (has_context or exists(mem) or exists(cache)):
+            raise ValueError('a static cache serves self attention without memories or another cache')
         h, num_mem_kv = self.heads, self.num_mem_kv
 
         # hyper-connections may hand queries, keys and values different residual mixes, stacked as (3, b, n, d)
@@ -593,7 +637,7 @@ class Attention(Module):
             rotary_pos_emb = RotaryTable.cast(rotary_pos_emb)
             joint_rotary = (
                 is_self_qkv
-                and not (self.use_latent_q or self.use_latent_kv or self.qk_norm or exists(cache))
+                and not (self.use_latent_q or self.use_latent_kv or self.qk_norm or exists(cache) or exists(static_kv))
                 and self.rotate_num_heads == h
                 and not isinstance(rotary_pos_emb.xpos_scale, Tensor)
             )
@@ -697,9 +741,23 @@ class Attention(Module):
             q = l2norm(q, groups=self.qk_norm_groups) * self.qk_norm_q_scale
             k = l2norm(k, groups=self.qk_norm_groups) * self.qk_norm_k_scale
 
+        # static cache - keys are rotated once, at their own positions, and written in place; the prefill attends over
+        # its own keys like a forward without cache, later calls over the whole buffer under a position mask
+
+        static_buffer = False
+        if exists(static_kv):
+            if exists(rotary_pos_emb):
+                q, k = self.rotate_qk(q, k, rotary_pos_emb, None)
+            cached_kv = ()
+            if static_kv.cache.fresh:
+                static_kv.write(k, v)
+            else:
+                k, v = static_kv.write(k, v)
+                static_buffer = True
+
         # kv cache - append this call's keys and values to the cached ones (memories stay in front, uncached)
 
-        if not self.use_latent_kv:
+        elif not self.use_latent_kv:
             if exists(cache):
                 ck, cv = cache.cached_kv[:2]
                 k = cat((k[..., :mem_len, :], ck, k[..., mem_len:, :]), dim=-2)
@@ -711,24 +769,8 @@ class Attention(Module):
 
         # rotary - on the last rotate_num_heads heads; keys may use the context's own positions (2104.09864)
 
-        if exists(rotary_pos_emb) and rotated_qkv is None:
-            rotate_num_heads = self.rotate_num_heads
-            partial_rotate = rotate_num_heads < h
-
-            q_rotary = k_rotary = RotaryTable.cast(rotary_pos_emb)
-            if has_context and exists(context_rotary_pos_emb):
-                k_rotary = RotaryTable.cast(context_rotary_pos_emb)
-
-            if partial_rotate:
-                q_rest, q = q[:, :-rotate_num_heads], q[:, -rotate_num_heads:]
-                k_rest, k = k[:, :-rotate_num_heads], k[:, -rotate_num_heads:]
-
-            q = q_rotary.rotate(q)
-            k = k_rotary.rotate(k, keys=True)
-
-            if partial_rotate:
-                q = cat((q_rest, q), dim=1)
-                k = cat((k_rest, k), dim=1)
+        if exists(rotary_pos_emb) and rotated_qkv is None and not exists(static_kv):
+            q, k = self.rotate_qk(q, k, rotary_pos_emb, context_rotary_pos_emb if has_context else None)
 
         # key padding mask - over memories, cached keys and new keys
 
@@ -805,7 +847,13 @@ class Attention(Module):
                 attn_mask = pad_at_dim(attn_mask, (num_mem_kv, 0), value=True)
             keep_mask = attn_mask if not exists(keep_mask) else (keep_mask & attn_mask)
 
-        if exists(self.max_attend_past):
+        if static_buffer:
+            # written keys of the row, up to each query's position (and within the attend-past window)
+            static_keep = static_kv.cache.keep_mask(n, self.max_attend_past)
+            static_keep = pad_at_dim(static_keep, (num_mem_kv, 0), value=True)
+            keep_mask = static_keep if not exists(keep_mask) else (keep_mask & static_keep)
+
+        elif exists(self.max_attend_past):
             dist = torch.arange(j - i, j, device=device)[:, None] - torch.arange(j, device=device)  # (i, j)
             past_mask = pad_at_dim(dist <= self.max_attend_past, (num_mem_kv, 0), value=True)[None, None]
             keep_mask = past_mask if not exists(keep_mask) else (keep_mask & past_mask)
@@ -816,7 +864,10 @@ class Attention(Module):
             if exists(attn_bias):
                 raise ValueError('give either rel_pos or attn_bias, not both')
 
-            if exists(pos):
+            if static_buffer:
+                static_cache = static_kv.cache
+                attn_bias = rel_pos.forward_positions(static_cache.positions(n), static_cache.key_pos)
+            elif exists(pos):
                 if not hasattr(rel_pos, 'forward_custom_pos'):
                     raise ValueError('custom positions (pos=) are only supported with alibi')
                 attn_bias = rel_pos.forward_custom_pos(pos)
@@ -849,7 +900,9 @@ class Attention(Module):
                 q, k, v = q.float(), k.float(), v.float()
             v = softclamp(v, self.laser_softclamp_value).exp()
 
-        out, intermediates = self.attend(q, k, v, mask=keep_mask, attn_bias=attn_bias, prev_attn=prev_attn)
+        out, intermediates = self.attend(
+            q, k, v, mask=keep_mask, attn_bias=attn_bias, prev_attn=prev_attn, causal=False if static_buffer else None
+        )
 
         if self.laser:
             out = log(out)

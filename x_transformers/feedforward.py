@@ -83,3 +83,7 @@ class FeedForward(Module):
 
     def forward(self, x):
         return self.ff(x)
+
+    def static_decode_refusal(self):
+        # position-wise: a token's output reads that token only
+        return None

@@ -173,6 +173,11 @@ class MoE(Module):
             out = out + self.shared_experts(tokens)
         return out.reshape(shape), aux_loss
 
+    def static_decode_refusal(self):
+        if not self.can_cache_kv:
+            return "`ff_capacity_factor`: with a capacity, dropping a token depends on the other tokens of the call"
+        return None
+
     def dispatch_sorted(self, tokens, top_ids, weights):
         k = self.top_k
         flat_ids = top_ids.reshape(-1)

@@ -28,10 +28,14 @@ def _sequential(*modules):
     return nn.Sequential(*[m for m in modules if exists(m)])
 
 
+def _positions(i: int, j: int, device=None) -> tuple[Tensor, Tensor]:
+    """Query positions (i,) and key positions (j,), queries being the last i of j positions."""
+    return torch.arange(j - i, j, device=device), torch.arange(j, device=device)
+
+
 def _relative_distance(i: int, j: int, device=None) -> Tensor:
     """(i, j) key position minus query position, queries being the last i of j positions."""
-    q_pos = torch.arange(j - i, j, device=device)
-    k_pos = torch.arange(j, device=device)
+    q_pos, k_pos = _positions(i, j, device)
     return k_pos[None, :] - q_pos[:, None]
 
 
@@ -165,7 +169,12 @@ class RelativePositionBias(Module):
         return next(self.parameters()).device
 
     def forward(self, i, j):
-        rel_pos = _relative_distance(i, j, device=self.device)
+        return self.forward_positions(*_positions(i, j, self.device))
+
+    def forward_positions(self, pos_i: Tensor, pos_j: Tensor) -> Tensor:
+        """(h, i, j) bias of queries at positions pos_i (i,) over keys at pos_j (j,) - for a static decoding cache,
+        where the keys are a whole buffer and the queries sit anywhere in it."""
+        rel_pos = pos_j[None, :] - pos_i[:, None]
         bucket = self._relative_position_bucket(
             rel_pos, causal=self.causal, num_buckets=self.num_buckets, max_distance=self.max_distance
         )
@@ -239,12 +248,13 @@ class DynamicPositionBias(Module):
     def device(self):
         return next(self.parameters()).device
 
-    def forward(self, i, j):
+    def distance_table(self, j: int) -> Tensor:
+        """(2j - 1, h): the bias of every query-minus-key distance in [-(j-1), j-1]."""
         dtype = self.mlp[-1].weight.dtype
         device = self.mlp[-1].weight.device
 
-        # run the MLP once per distinct distance (query minus key, in [-(j-1), j-1]), then gather. Distances and the
-        # first projection in fp32 at least (bf16 holds integers exactly only up to 256), the rest in the MLP's dtype
+        # the MLP runs once per distinct distance, then is gathered. Distances and the first projection in fp32 at
+        # least (bf16 holds integers exactly only up to 256), the rest in the MLP's dtype
         acc = torch.promote_types(dtype, torch.float32)
         pos = torch.arange(-j + 1, j, device=device, dtype=acc)[:, None]
         if self.log_distance:
@@ -254,9 +264,18 @@ class DynamicPositionBias(Module):
         pos = F.linear(pos, first.weight.to(acc), first.bias.to(acc)).to(dtype)
         for layer in (*rest, *self.mlp[1:]):
             pos = layer(pos)
+        return pos
 
-        indices = -_relative_distance(i, j, device=device) + (j - 1)
-        return rearrange(pos[indices], "i j h -> h i j")
+    def forward(self, i, j):
+        indices = -_relative_distance(i, j, device=self.device) + (j - 1)
+        return rearrange(self.distance_table(j)[indices], "i j h -> h i j")
+
+    def forward_positions(self, pos_i: Tensor, pos_j: Tensor) -> Tensor:
+        """(h, i, j) bias of queries at positions pos_i (i,) over keys at pos_j (j,), all within 0..j-1 (a static
+        decoding cache's buffer): the table has a fixed shape whatever pos_i holds."""
+        j = pos_j.shape[-1]
+        indices = (pos_i[:, None] - pos_j[None, :]).clamp(-(j - 1), j - 1) + (j - 1)
+        return rearrange(self.distance_table(j)[indices], "i j h -> h i j")
 
 
 class AlibiPositionalBias(Module):
@@ -306,6 +325,9 @@ class AlibiPositionalBias(Module):
         # cheap to build, and building it fresh keeps forward free of module state (torch.compile friendly)
         bias = -_relative_distance(i, j, device=self.device).abs()
         return self._pad_heads(bias * self.slopes)
+
+    def forward_positions(self, pos_i: Tensor, pos_j: Tensor) -> Tensor:
+        return self.forward_custom_pos(pos_i, pos_j)
 
 
 class DataDependentAlibi(Module):

@@ -13,6 +13,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn import Module
 
+from x_transformers.cache import static_cache_refusal
 from x_transformers.utils import default, exists
 
 
@@ -133,6 +134,9 @@ class Scale(Module):
     def forward(self, x, **kwargs):
         return _scale_first(self.fn(x, **kwargs), self.value)
 
+    def static_decode_refusal(self):
+        return static_cache_refusal(self.fn)
+
 
 class LayerScale(Module):
     """Learned per-feature scale on a block's output, arXiv 2103.17239."""
@@ -145,6 +149,9 @@ class LayerScale(Module):
 
     def forward(self, x, **kwargs):
         return _scale_first(self.fn(x, **kwargs), self.gamma + float(self.unit_offset))
+
+    def static_decode_refusal(self):
+        return static_cache_refusal(self.fn)
 
 
 class AdaptiveLayerScale(Module):
@@ -162,3 +169,6 @@ class AdaptiveLayerScale(Module):
             condition = condition[:, None, :]
         gamma = self.to_gamma(condition).sigmoid()
         return _scale_first(self.fn(x, **kwargs), gamma)
+
+    def static_decode_refusal(self):
+        return static_cache_refusal(self.fn)

@@ -9,6 +9,7 @@ from torch import cat
 from torch.nn import Module
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from x_transformers.cache import static_cache_refusal
 from x_transformers.utils import exists, pad_at_dim
 
 
@@ -79,6 +80,10 @@ class ShiftTokens(Module):
         shifted = [last(shift(chunk, amount, mask=mask), n) for chunk, amount in zip(to_shift, self.shifts)]
         return self.fn(cat((*shifted, *(last(chunk, n) for chunk in rest)), dim=-1), **kwargs)
 
+    def static_decode_refusal(self):
+        # the tail the next token shifts in is kept by the layer stack, in the cache
+        return static_cache_refusal(self.fn)
+
 
 class FoldAxially(Module):
     """Run fn on `axial_dim` interleaved sub-sequences: positions p, p + axial_dim, p + 2 axial_dim, ... form one.
@@ -104,3 +109,8 @@ class FoldAxially(Module):
 
         out = rearrange(out, "(b axial) n ... -> b (n axial) ...", axial=axial_dim)
         return tree_unflatten((out[:, :seq_len], *rest), spec)
+
+    def static_decode_refusal(self):
+        if self.axial_dim == 1:
+            return static_cache_refusal(self.fn)
+        return "axial folding (`attn_axial_dim` / `axial_dim`) mixes positions far apart: no incremental decoding"

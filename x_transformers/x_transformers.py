@@ -51,6 +51,7 @@ from x_transformers.utils import (
 )
 from x_transformers.attend import Attend, Intermediates
 from x_transformers.attention import Attention
+from x_transformers.cache import StaticCache, module_refusal, static_cache_refusal
 from x_transformers.feedforward import FeedForward, GLU, ReluSquared
 from x_transformers.norms import (
     LayerNorm,
@@ -749,6 +750,9 @@ class AttentionLayers(Module):
         if exists(linear_attn):
             from x_transformers.mixers import make_mixer
 
+        # what each mixer takes from the stack (`Mixer.stack_inputs`), by layer index
+        mixer_stack_inputs = {}
+
         for ind, (layer_type, layer_shift_tokens) in enumerate(zip(self.layer_types, shift_tokens)):
             block_begin = divisible_by(ind, len_default_block)
             block_ind = ind // len_default_block
@@ -770,6 +774,7 @@ class AttentionLayers(Module):
                 layer = make_mixer(linear_attn, **{"dim": dim, "heads": heads, "causal": causal, **mixer_kwargs})
                 if zero_init_branch_output:
                     layer.zero_init_output()
+                mixer_stack_inputs[ind] = (tuple(layer.stack_inputs), getattr(layer, "gate_width", None))
             elif layer_type == "f":
                 layer = moe_cls(dim, **ff_kwargs) if exists(moe_cls) else FeedForward(dim, **ff_kwargs)
                 layer = Scale(0.5, layer) if macaron else layer
@@ -814,19 +819,66 @@ class AttentionLayers(Module):
 
             self.layers.append(ModuleList([norms, layer, residual]))
 
+        # layer-wise learned lower bounds of the forget gates (HGRN): one parameter for the whole stack, a cumulative
+        # softmax over the layers that take one
+        self.mixer_stack_inputs = {ind: names for ind, (names, _) in mixer_stack_inputs.items()}
+        bounded = [(ind, width) for ind, (names, width) in mixer_stack_inputs.items() if "lower_bound" in names]
+        self.mixer_lower_bounds = None
+        self.lower_bound_index = {ind: k for k, (ind, _) in enumerate(bounded)}
+        if bounded:
+            from x_transformers.mixers.lower_bounds import LayerLowerBounds
+
+            widths = {width for _, width in bounded}
+            if len(widths) != 1:
+                raise ValueError(f"learned lower bounds need one gate width across the layers, got {sorted(widths)}")
+            self.mixer_lower_bounds = LayerLowerBounds(len(bounded), widths.pop())
+
         self.has_moe = exists(moe_cls)
         # a shifted token reads the previous tokens' inputs to its layer: a decode step gets them from the cache, where
         # each shifting layer keeps its last `amount` inputs (an entry of layer type 's' in attn_intermediates)
         self.layer_shifts = tuple(shift_tokens)
         self.can_cache_kv = all(getattr(module, "can_cache_kv", True) for module in self._mixing_modules())
 
+    def _mixer_stack_kwargs(self, layer_index: int, first_mixer_values) -> dict:
+        """The keyword inputs the mixer at `layer_index` takes from the stack: its learned lower bound, the first
+        value-residual mixer's values (None for that first one)."""
+        kwargs = {}
+        for name in self.mixer_stack_inputs.get(layer_index, ()):
+            if name == "lower_bound":
+                kwargs[name] = self.mixer_lower_bounds(self.lower_bound_index[layer_index])
+            elif name == "value_first":
+                kwargs[name] = first_mixer_values
+            else:
+                raise ValueError(f"layer {layer_index}: the layer stack has no input {name!r} for its mixer")
+        return kwargs
+
+    def static_decode_refusal(self) -> str | None:
+        """None if these layers decode with a `StaticCache`, else the flag or block that prevents it. Every block
+        declares its own support (x_transformers/cache.py); the layer stack adds what it owns itself."""
+        flags = dict(
+            causal=not self.causal,
+            rotary_xpos=exists(self.rotary_pos_emb) and exists(self.rotary_pos_emb.scale),
+            rel_pos_bias=exists(self.rel_pos) and not hasattr(self.rel_pos, "forward_positions"),
+        )
+        name = next((name for name, on in flags.items() if on), None)
+        if exists(name):
+            return f"`{name}` decodes with the plain cache only" if name != "causal" else "an Encoder does not decode"
+        for index, (layer_type, (_, block, _)) in enumerate(zip(self.layer_types, self.layers)):
+            # cross attention recomputes its keys and values from the context at every call
+            if layer_type == "c":
+                continue
+            reason = module_refusal(block, f"layer {index}")
+            if exists(reason):
+                return reason
+        return None
+
     def _mixing_modules(self):
+        # wrapped blocks too (token shift, layer scale): their own flags decide
+        from x_transformers.mixers import Mixer
+
         for module in self.modules():
-            if isinstance(module, Attention) or type(module).__name__ == "MoE":
+            if isinstance(module, (Attention, Mixer)) or type(module).__name__ == "MoE":
                 yield module
-        for layer_type, (_, block, _) in zip(self.layer_types, self.layers):
-            if layer_type == "l":
-                yield block
 
     def forward(
         self,
@@ -865,6 +917,28 @@ class AttentionLayers(Module):
             raise ValueError("`condition` must be passed in exactly when using adaptive layernorm / rmsnorm / layerscale")
 
         batch, seq_len = x.shape[:2]
+
+        # static cache (x_transformers/cache.py) - x holds only the new tokens, every layer call writes its entry
+        static = isinstance(cache, StaticCache)
+        static_positions = None
+        if static:
+            static_cache, cache = cache, None
+            refusal = self.static_decode_refusal()
+            if exists(refusal):
+                raise ValueError(f"this network cannot decode with a static cache: {refusal}")
+            given = dict(mask=mask, attn_mask=attn_mask, mems=mems, recurrent_states=recurrent_states, pos=pos,
+                         rotary_pos_emb=rotary_pos_emb, attn_bias=attn_bias)
+            clash = [name for name, value in given.items() if exists(value)]
+            if clash:
+                raise ValueError(f"{clash} cannot be combined with a static cache; use `seq_start_pos` for left padding")
+            if static_cache.batch != batch:
+                raise ValueError(f"the static cache holds {static_cache.batch} rows, the input has {batch}")
+            static_cache.check_room(seq_len)
+            if static_cache.fresh:
+                static_cache.reset(seq_start_pos)
+            static_positions = static_cache.positions(seq_len)
+            pos = static_positions
+
         _check_bool_mask("mask", mask, (batch, seq_len))
         _check_bool_mask("self_attn_kv_mask", self_attn_kv_mask, (batch, seq_len))
         if exists(context):
@@ -897,7 +971,8 @@ class AttentionLayers(Module):
         # left-padded sequences - keys before each row's start position are masked out
         left_pad_mask = None
         if exists(seq_start_pos):
-            left_pad_mask = arange(seq_len, device=x.device, dtype=torch.long) >= seq_start_pos[..., None]
+            positions = static_positions if static else arange(seq_len, device=x.device, dtype=torch.long)
+            left_pad_mask = positions >= seq_start_pos[..., None]
             self_attn_kv_mask = left_pad_mask if not exists(self_attn_kv_mask) else (self_attn_kv_mask & left_pad_mask)
 
         # token shifting moves features of padding (mask, or left padding) into no real token, in any kind of block
@@ -926,6 +1001,9 @@ class AttentionLayers(Module):
         # kv cache - only the newest `cache_age` tokens are run; keys / values of the rest come from the cache
         attn_cache = []
         if exists(recurrent_states):
+            stateless = [m.name for m in self._mixing_modules() if hasattr(m, "stack_inputs") and not m.can_cache_kv]
+            if stateless:
+                raise ValueError(f"`recurrent_states` cannot continue linear_attn={stateless[0]!r}: it keeps no state")
             if exists(cache):
                 raise ValueError("pass either `cache` or `recurrent_states` (the cache holds the mixers' states already)")
             if not self.causal:
@@ -959,6 +1037,8 @@ class AttentionLayers(Module):
             tuple(variable[i] for i in layers_execute_order)
             for variable in (self.layer_types, self.skip_combines, self.layers, self.layer_dropouts, self.layer_shifts)
         ]
+        layer_indices = tuple(layers_execute_order)
+        first_mixer_values = None
 
         # input re-injection (arXiv 1909.01377) or in-attention conditioning (arXiv 2105.04090)
         inp_inject = None
@@ -985,7 +1065,9 @@ class AttentionLayers(Module):
         first_self_attn_inter = None
         first_cross_attn_inter = None
 
-        for layer_type, skip_combine, (norms, block, residual_fn), layer_dropout, layer_shift in zip(*layer_variables):
+        for call_index, (layer_type, skip_combine, (norms, block, residual_fn), layer_dropout, layer_shift) in enumerate(
+            zip(*layer_variables)
+        ):
             # u-net skips - stash every hidden, combine with the mirrored one where this layer has a combiner
             skip_hiddens.append(x)
             if exists(skip_combine):
@@ -1032,8 +1114,12 @@ class AttentionLayers(Module):
 
             shift_kwargs = dict()
             if layer_shift > 0:
-                prev_tail = next(iter_shift_cache, None)
-                prev_tail = prev_tail.recurrent_state[0] if exists(prev_tail) else None
+                if static:
+                    shift_entry = static_cache.entry(call_index, "shift")
+                    prev_tail = None if static_cache.fresh else shift_entry.state[0]
+                else:
+                    prev_tail = next(iter_shift_cache, None)
+                    prev_tail = prev_tail.recurrent_state[0] if exists(prev_tail) else None
                 shift_kwargs = dict(shift_mask=shift_mask, shift_tail=prev_tail)
                 block_input = x
 
@@ -1053,10 +1139,11 @@ class AttentionLayers(Module):
                     context_mask=self_attn_kv_mask,
                     attn_mask=attn_mask,
                     rel_pos=self.rel_pos,
-                    pos=pos,
+                    pos=None if static else pos,
                     rotary_pos_emb=rotary_pos_emb,
                     prev_attn=prev_attn,
                     cache=next(iter_attn_cache, None),
+                    **(dict(static_kv=static_cache.entry(call_index, "kv")) if static else dict()),
                     mem=layer_mem,
                     mem_mask=layer_mem_mask,
                     attn_bias=attn_bias,
@@ -1079,7 +1166,16 @@ class AttentionLayers(Module):
                 layer_cache = next(iter_attn_cache, None)
                 if exists(layer_state):
                     layer_cache = Intermediates(recurrent_state=layer_state, layer_type="l")
-                out, inter = block(x, mask=mixer_mask, cache=layer_cache, return_intermediates=True)
+                if static:
+                    state_entry = static_cache.entry(call_index, "state")
+                    if not static_cache.fresh:
+                        layer_cache = Intermediates(recurrent_state=state_entry.state, layer_type="l")
+                stack_kwargs = self._mixer_stack_kwargs(layer_indices[call_index], first_mixer_values)
+                out, inter = block(x, mask=mixer_mask, cache=layer_cache, return_intermediates=True, **stack_kwargs)
+                if "value_first" in stack_kwargs and not exists(first_mixer_values):
+                    first_mixer_values = inter.values
+                if static:
+                    state_entry.store(inter.recurrent_state)
             elif self.has_moe:
                 out, aux_loss = block(x, mask=mask)
                 aux_losses.append(aux_loss)
@@ -1104,9 +1200,12 @@ class AttentionLayers(Module):
                 inter.layer_type = layer_type
                 intermediates.append(inter)
 
-            if layer_shift > 0 and return_hiddens and self.causal:
+            if layer_shift > 0 and (static or (return_hiddens and self.causal)):
                 tail = shift_tail(block_input, layer_shift, mask=shift_mask, prev_tail=shift_kwargs["shift_tail"])
-                intermediates.append(Intermediates(recurrent_state=(tail,), layer_type="s"))
+                if static:
+                    shift_entry.store((tail,))
+                else:
+                    intermediates.append(Intermediates(recurrent_state=(tail,), layer_type="s"))
 
             if layer_type == "a" and self.residual_attn:
                 prev_attn = inter.pre_softmax_attn
@@ -1134,6 +1233,9 @@ class AttentionLayers(Module):
             x = x + final_norm(outer_residual)
         else:
             x = final_norm(x)
+
+        if static:
+            static_cache.advance(seq_len)
 
         if not return_hiddens:
             return x
@@ -1429,6 +1531,21 @@ class TransformerWrapper(Module):
         if self.l2norm_embed and isinstance(self.pos_emb, AbsolutePositionalEmbedding):
             nn.init.normal_(self.pos_emb.emb.weight, std=1e-5)
 
+    def static_decode_refusal(self) -> str | None:
+        """None if this network decodes with a `StaticCache` (x_transformers/cache.py), else the flag that prevents
+        it."""
+        flags = dict(
+            num_memory_tokens=self.num_memory_tokens > 0,
+            recycling=self.recycling,
+            num_cls_tokens=exists(self.cls_token),
+            attn_pool=exists(self.attn_pool),
+            average_pool_embed=self.average_pool_embed,
+        )
+        name = next((name for name, on in flags.items() if on), None)
+        if exists(name):
+            return f"`{name}` decodes with the plain cache only"
+        return static_cache_refusal(self.attn_layers)
+
     def _check_input(self, x, mask, pos):
         if not isinstance(self.token_emb, (TokenEmbedding, nn.Embedding)):
             return
@@ -1480,9 +1597,22 @@ class TransformerWrapper(Module):
         return_hiddens = return_mems | return_attn | return_intermediates | return_attn_z_loss
         return_embeddings = return_embeddings | (not exists(self.to_logits))
 
+        # static cache - the new tokens sit at the cache's positions, rows starting where the prefill said
+        static = isinstance(cache, StaticCache)
+        if static:
+            refusal = self.static_decode_refusal()
+            if exists(refusal):
+                raise ValueError(f"this network cannot decode with a static cache: {refusal}")
+            if exists(pos) or exists(mask):
+                raise ValueError("`pos` / `mask` cannot be combined with a static cache; use `seq_start_pos` for left padding")
+            if cache.fresh:
+                cache.reset(seq_start_pos)
+            seq_start_pos = cache.start
+
         # token + absolute positional embedding (a float `pos` is taken as an external positional embedding)
         external_pos_emb = exists(pos) and pos.dtype != torch.long
-        pos_emb = pos if external_pos_emb else self.pos_emb(x, pos=pos, seq_start_pos=seq_start_pos)
+        emb_pos = cache.positions(n) if static else pos
+        pos_emb = pos if external_pos_emb else self.pos_emb(x, pos=emb_pos, seq_start_pos=seq_start_pos)
         x = self.token_emb(x, **token_emb_kwargs) + pos_emb
 
         # extra embeddings by name

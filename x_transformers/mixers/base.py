@@ -245,6 +245,17 @@ class Mixer(Module):
     def mix(self, x: Tensor, mask: Tensor | None, state: tuple | None, want_state: bool):
         raise NotImplementedError
 
+    # whether the mixer's state after a call lets the next call continue the sequence (an FFT convolution over the
+    # whole sequence, say, has no such state)
+    can_cache_kv = True
+
+    def static_decode_refusal(self):
+        if not self.causal:
+            return f"linear_attn='{self.name}' is bidirectional: no incremental decoding"
+        if not self.can_cache_kv:
+            return f"linear_attn='{self.name}' has no recurrent form: no incremental decoding"
+        return None
+
     def zero_init_output(self):
         """Zero the final projection back to `dim`, so the block starts as the identity in the residual stream
         (`zero_init_branch_output` of the layer stack)."""
@@ -305,7 +316,8 @@ class Mixer(Module):
 
         mask = one_more(mask, True)
         state = tuple(one_more(t, 0) for t in state) if exists(state) else None
-        kwargs = {name: one_more(t, 0) for name, t in kwargs.items()}
+        # only batch-first inputs (a first layer's values, say) get the extra row, not per-layer parameters
+        kwargs = {name: one_more(t, 0) if torch.is_tensor(t) and t.ndim >= 2 else t for name, t in kwargs.items()}
         out, new_state, *outputs = self.mix(one_more(x, 0), mask, state, want_state, **kwargs)
         if exists(new_state):
             new_state = tuple(t[:0] if torch.is_tensor(t) else t for t in new_state)
