@@ -455,7 +455,9 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 @cuda
 @pytest.mark.parametrize("mode", ["graph", "compile"])
-@pytest.mark.parametrize("name", ["layernorm_partial_rotary_gqa_qk_norm_glu", "hybrid_gated_deltanet"])
+@pytest.mark.parametrize(
+    "name", ["layernorm_partial_rotary_gqa_qk_norm_glu", "hybrid_gated_deltanet", "alibi_shift_tokens", "post_norm_laser_moe"]
+)
 def test_cuda_graph_matches_plain_path(mode, name):
     torch.manual_seed(8)
     model = build(max_seq_len=256, **CONFIGS[name]).cuda()
