@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from x_transformers.ops.common.utils import check_float, check_linear_attn_inputs, check_shape, default_scale, use_triton
+from x_transformers.ops.common.utils import (
+    check_float,
+    check_linear_attn_inputs,
+    check_shape,
+    default_scale,
+    use_triton,
+)
 from x_transformers.ops.kda.chunk_torch import chunk_kda_torch
 from x_transformers.ops.kda.naive import naive_kda
 
