@@ -31,10 +31,14 @@ OPS = (
     "chunk_delta_rule",
     "chunk_gated_delta_rule",
     "chunk_kda",
+    "chunk_dplr_delta_rule",
+    "chunk_rwkv7",
+    "chunk_gated_deltaproduct",
     "hgrn_scan",
     "fused_recurrent_simple_gla",
     "fused_recurrent_gla",
     "fused_recurrent_delta_rule",
+    "fused_recurrent_dplr_delta_rule",
     "fused_recurrent_kda",
 )
 
@@ -123,6 +127,43 @@ def make_case(op, B, T, H, D, dtype, device, impl):
     state = torch.randn(B, H, D, D, generator=gen, device=device) if decode else None
     kw = dict(initial_state=state, output_final_state=decode)
     family = op.replace("fused_recurrent_", "").replace("chunk_", "")
+
+    if family in ("dplr_delta_rule", "rwkv7"):
+        # RWKV-7's inputs: a = -kappa, b = kappa * lr with kappa L2-normalised, log decay in (-exp(-0.5), 0)
+        kappa = F.normalize(torch.randn(B, T, H, D, generator=gen, device=device), dim=-1)
+        lr = torch.rand(B, T, H, D, generator=gen, device=device)
+        a, b = (-kappa).to(dtype).requires_grad_(), (kappa * lr).to(dtype).requires_grad_()
+        gk = (-0.6065 * torch.rand(B, T, H, D, generator=gen, device=device)).to(dtype).requires_grad_()
+        ks = (k.detach() * D**-0.5).requires_grad_()
+        if impl == "fla" and family == "rwkv7":
+            from fla.ops.rwkv7 import chunk_rwkv7
+
+            return (lambda: chunk_rwkv7(q, gk, ks, v, a, b, scale=1.0, **kw)[0]), [q, ks, v, a, b, gk]
+        if impl == "fla":
+            import fla.ops.generalized_delta_rule as module
+        else:
+            import x_transformers.ops.dplr as module
+        fn = getattr(module, op.replace("rwkv7", "dplr_delta_rule"))
+        return (lambda: fn(q, ks, v, a, b, gk, scale=1.0, **kw)[0]), [q, ks, v, a, b, gk]
+    if family == "gated_deltaproduct":
+        # two Householder steps per token: keys, values and betas at 2T steps, one query and gate per token
+        k2 = F.normalize(torch.randn(B, 2 * T, H, D, generator=gen, device=device), dim=-1).to(dtype)
+        k2, v2 = k2.requires_grad_(), rand(B, 2 * T, H, D)
+        beta2 = torch.rand(B, 2 * T, H, generator=gen, device=device).to(dtype).requires_grad_()
+        g = gate(B, T, H)
+        if impl == "fla":
+            from fla.ops.gated_delta_product import chunk_gated_delta_product as fla_fn
+
+            return (lambda: fla_fn(q, k2, v2, g, beta2, num_householder=2, **kw)[0]), [q, k2, v2, g, beta2]
+        from x_transformers.ops import chunk_delta_rule
+
+        def deltaproduct():
+            # ours: the gated delta rule over the interleaved steps, as mixers/gated_deltaproduct.py runs it
+            q2 = F.pad(q[:, :, None], (0, 0, 0, 0, 1, 0)).flatten(1, 2)
+            g2 = F.pad(g[:, :, None], (0, 0, 0, 1)).flatten(1, 2)
+            return chunk_delta_rule(q2, k2, v2, beta2, g2, **kw)[0][:, 1::2]
+
+        return deltaproduct, [q, k2, v2, g, beta2]
 
     if family == "simple_gla":
         g = gate(B, T, H)
