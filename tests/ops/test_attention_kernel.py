@@ -242,6 +242,19 @@ def test_gpu_real_shapes(dtype, D, check):
     check(make_inputs(1, 2048, 4, D, decay=20.0), dtype=dtype, cu_seqlens=cu)
 
 
+@pytest.mark.slow  # the kernels of the tests above, through the benchmark script
+def test_bench_ops_smoke():
+    """benchmarks/bench_ops.py times both attention ops end to end (tiny shapes; on CPU through the interpreter)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    import bench_ops
+
+    rows = bench_ops.main(["--smoke", "--no-fla", "--ops", "flash_attention,forgetting_attention"])
+    assert len(rows) == 2
+    for row in rows:
+        assert "error" not in row, row
+        assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0
+
+
 HOPPER_SCRIPT = r"""
 import sys
 import torch

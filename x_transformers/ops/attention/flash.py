@@ -45,7 +45,7 @@ MAX_HEAD_DIM = 128
 
 
 @triton.jit
-def _query_block(NBH, H, BM: tl.constexpr, T, cu_seqlens, chunk_indices, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr):
+def _grid_block(NBH, H, BM: tl.constexpr, T, cu_seqlens, chunk_indices, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr):
     """(batch-head, head, block within its document, first token of the document, document length) of this program.
     The 1-D grid runs every head of one block before the next block; REVERSE starts with the last blocks, which under
     a causal mask carry the most work, so that the short ones fill in at the end."""
@@ -93,7 +93,7 @@ def attn_fwd_kernel(
     BD: tl.constexpr, CAUSAL: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """grid (query blocks * B * H,). o and lse (base 2) of one query block of one head."""
-    i_bh, i_h, i_t, bos, T = _query_block(NBH, H, BM, T, cu_seqlens, chunk_indices, IS_VARLEN, CAUSAL)
+    i_bh, i_h, i_t, bos, T = _grid_block(NBH, H, BM, T, cu_seqlens, chunk_indices, IS_VARLEN, CAUSAL)
     i_hk = i_h // (H // HK)
     i0 = i_t * BM
     o_m = i0 + tl.arange(0, BM)
@@ -178,7 +178,7 @@ def attn_bwd_dkdv_kernel(
     """grid (key blocks * B * HK,). dk, dv of one key block of one kv head, summed over the query heads that share
     it, and dc (one row per query head) of its keys. Causal grids run in order: the first key blocks carry the most
     work."""
-    i_bhk, i_hk, i_t, bos, T = _query_block(NBH, HK, BN, T, cu_seqlens, chunk_indices, IS_VARLEN, False)
+    i_bhk, i_hk, i_t, bos, T = _grid_block(NBH, HK, BN, T, cu_seqlens, chunk_indices, IS_VARLEN, False)
     j0 = i_t * BN
     o_n = j0 + tl.arange(0, BN)
     m_n = o_n < T
@@ -244,7 +244,7 @@ def attn_bwd_dq_kernel(
     BD: tl.constexpr, CAUSAL: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """grid (query blocks * B * H,). dq of one query block of one head, walking key blocks as the forward does."""
-    i_bh, i_h, i_t, bos, T = _query_block(NBH, H, BM, T, cu_seqlens, chunk_indices, IS_VARLEN, CAUSAL)
+    i_bh, i_h, i_t, bos, T = _grid_block(NBH, H, BM, T, cu_seqlens, chunk_indices, IS_VARLEN, CAUSAL)
     i_hk = i_h // (H // HK)
     i0 = i_t * BM
     o_m = i0 + tl.arange(0, BM)
