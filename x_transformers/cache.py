@@ -122,8 +122,11 @@ class StaticCache:
         self.fresh = True
         # bumped whenever a buffer is (re)allocated, so that a captured CUDA graph knows it is stale
         self.version = 0
+        # positions and masks of the current call, built once and shared by every layer
+        self.call_tensors: dict = {}
 
     def reset(self, seq_start_pos: Tensor | None = None):
+        self.call_tensors.clear()
         self.pos.zero_()
         if exists(seq_start_pos):
             self.start.copy_(seq_start_pos)
@@ -142,9 +145,14 @@ class StaticCache:
             self.entries[key] = ENTRY_KINDS[kind](self)
         return self.entries[key]
 
+    def _per_call(self, key, make):
+        if key not in self.call_tensors:
+            self.call_tensors[key] = make()
+        return self.call_tensors[key]
+
     def positions(self, n: int) -> Tensor:
         """Positions (n,) of the tokens of the current call."""
-        return self.pos + torch.arange(n, device=self.pos.device)
+        return self._per_call(("positions", n), lambda: self.pos + torch.arange(n, device=self.pos.device))
 
     def check_room(self, n: int):
         """Before a call of n tokens: the cache must be on the tokens' device and (when it can be read without a host
@@ -155,15 +163,19 @@ class StaticCache:
     def keep_mask(self, n: int, max_attend_past: int | None = None) -> Tensor:
         """(b, 1, n, max_len) bool: key j is visible to the call's query i when it is written (j <= position of i),
         in the row (j >= its start) and, with an attend-past window, near enough."""
-        query_pos = self.positions(n)[:, None]
-        keep = (self.key_pos <= query_pos) & (self.key_pos >= self.start[:, None, None])
-        if exists(max_attend_past):
-            keep = keep & (self.key_pos >= query_pos - max_attend_past)
-        return keep[:, None]
+        def make():
+            query_pos = self.positions(n)[:, None]
+            keep = (self.key_pos <= query_pos) & (self.key_pos >= self.start[:, None, None])
+            if exists(max_attend_past):
+                keep = keep & (self.key_pos >= query_pos - max_attend_past)
+            return keep[:, None]
+
+        return self._per_call(("keep", n, max_attend_past), make)
 
     def advance(self, n: int):
         self.pos.add_(n)
         self.fresh = False
+        self.call_tensors.clear()
 
 
 def static_cache_refusal(net) -> str | None:

@@ -183,7 +183,9 @@ class MoE(Module):
         flat_ids = top_ids.reshape(-1)
         order = flat_ids.argsort(stable=True)
         token_of = order // k
-        counts = torch.bincount(flat_ids, minlength=self.num_experts)
+        # a scatter, not torch.bincount, which reads the largest id on the host (a sync, and no CUDA graph)
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=flat_ids.device)
+        counts = counts.index_add_(0, flat_ids, torch.ones_like(flat_ids))
         expert_out = self.experts.forward_sorted(tokens[token_of], flat_ids[order], counts)
         expert_out = expert_out * weights.reshape(-1)[order, None].to(expert_out.dtype)
         return torch.zeros_like(tokens).index_add_(0, token_of, expert_out.to(tokens.dtype))

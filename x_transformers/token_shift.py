@@ -66,6 +66,8 @@ class ShiftTokens(Module):
     def forward(self, x, shift_mask=_MASK_FROM_KWARGS, shift_tail=None, **kwargs):
         mask = kwargs.get("mask", None) if shift_mask is _MASK_FROM_KWARGS else shift_mask
         n = x.shape[-2]
+        if exists(shift_tail) and not exists(mask) and min(self.shifts) >= 0:
+            return self.fn(self.shift_from_tail(x, shift_tail), **kwargs)
         if exists(mask):
             mask = last(mask, n, dim=-1)
         seq = x
@@ -79,6 +81,19 @@ class ShiftTokens(Module):
         to_shift, rest = chunks[:segments], chunks[segments:]
         shifted = [last(shift(chunk, amount, mask=mask), n) for chunk, amount in zip(to_shift, self.shifts)]
         return self.fn(cat((*shifted, *(last(chunk, n) for chunk in rest)), dim=-1), **kwargs)
+
+    def shift_from_tail(self, x, tail):
+        """The shifted input of tokens x (b, n, d) that follow `tail` (b, >= max shift, d), none of them padding:
+        every chunk is a slice of the joined sequence, so the whole shift is two copies (a decoding step's cost)."""
+        n, length = x.shape[-2], tail.shape[-2]
+        seq = cat((tail.to(x.dtype), x), dim=-2)
+        segments = len(self.shifts)
+        size = x.shape[-1] // segments
+        pieces = [seq[..., length - amount : length - amount + n, k * size : (k + 1) * size]
+                  for k, amount in enumerate(self.shifts)]
+        if segments * size < x.shape[-1]:
+            pieces.append(x[..., segments * size :])
+        return cat(pieces, dim=-1)
 
     def static_decode_refusal(self):
         # the tail the next token shifts in is kept by the layer stack, in the cache
