@@ -36,10 +36,11 @@ def reference(moe, x):
     dict(num_experts=3, top_k=2, num_shared_experts=1, no_bias=True),
     dict(num_experts=4, top_k=2, capacity_factor=100.0),
 ])
-def test_matches_per_token_reference(kwargs):
+@pytest.mark.parametrize("num_tokens", [3, 40])  # dropless buffers (a decoding step) and sorted groups
+def test_matches_per_token_reference(kwargs, num_tokens):
     torch.manual_seed(0)
     moe = MoE(DIM, **kwargs).eval()
-    x = torch.randn(2, 7, DIM)
+    x = torch.randn(2, num_tokens, DIM)
     out, aux = moe(x)
     assert torch.allclose(out, reference(moe, x), atol=1e-5)
     assert aux.ndim == 0 and torch.isfinite(aux)

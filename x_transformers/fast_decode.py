@@ -238,9 +238,14 @@ class FastDecoder:
             with torch.cuda.graph(graph), self._autocast():
                 self.step_fn()
         except Exception as error:  # noqa: BLE001 - e.g. a custom filter_logits_fn that syncs with the host
+            self.cache.pos.copy_(pos)
+            if self.step_fn is not self.decode_step:
+                # a compiled step may compile again inside the capture (a guard that failed): capture it uncompiled
+                logger.warning(f"the compiled decode step could not be captured, capturing it uncompiled: {error}")
+                self.mode, self.step_fn = "graph", self.decode_step
+                return self._capture_step()
             logger.warning(f"the decode step could not be captured in a CUDA graph, decoding eagerly: {error}")
             self.mode, self.step_fn = "eager", self.decode_step
-            self.cache.pos.copy_(pos)
             return None
         self.cache.pos.copy_(pos)
 

@@ -24,6 +24,10 @@ from x_transformers.feedforward import FeedForward
 from x_transformers.utils import exists
 
 
+# up to this many (token, expert) assignments a call runs on dropless fixed-size buffers instead of sorted groups
+DROPLESS_BUFFER_TOKENS = 64
+
+
 def grouped_mm_supported(x: Tensor, w: Tensor) -> bool:
     """Whether `torch._grouped_mm` takes these operands. Eager CPU runs it in fp32 too, but its meta function (what
     torch.compile traces) accepts bf16 only, so a compiled graph takes it for bf16 alone."""
@@ -166,6 +170,10 @@ class MoE(Module):
 
         if exists(self.capacity_factor):
             out = self.dispatch_with_capacity(tokens, top_ids, weights, valid)
+        elif num_tokens * k <= DROPLESS_BUFFER_TOKENS:
+            # a few tokens (a decoding step): buffers big enough that no token drops - the same result, one batched
+            # matmul and no host sync, so the step can be captured in a CUDA graph
+            out = self.dispatch_with_capacity(tokens, top_ids, weights, valid, capacity=num_tokens * k)
         else:
             out = self.dispatch_sorted(tokens, top_ids, weights)
 
@@ -190,9 +198,10 @@ class MoE(Module):
         expert_out = expert_out * weights.reshape(-1)[order, None].to(expert_out.dtype)
         return torch.zeros_like(tokens).index_add_(0, token_of, expert_out.to(tokens.dtype))
 
-    def dispatch_with_capacity(self, tokens, top_ids, weights, valid=None):
+    def dispatch_with_capacity(self, tokens, top_ids, weights, valid=None, capacity=None):
         num_tokens, k, num_experts = tokens.shape[0], self.top_k, self.num_experts
-        capacity = max(1, math.ceil(self.capacity_factor * num_tokens * k / num_experts))
+        if capacity is None:
+            capacity = max(1, math.ceil(self.capacity_factor * num_tokens * k / num_experts))
         # slot of each (token, choice) inside its expert, first choices first; masked tokens take no slot
         flat_ids = top_ids.t().reshape(-1)  # (k * T), choice-major
         # a comparison, not F.one_hot (which reads the largest id, a value torch.func.vmap cannot read)

@@ -44,7 +44,7 @@ def shift_tail(x, length, mask=None, prev_tail=None):
     the sequence start. `prev_tail` is the tail before `x`; `mask` (b, >= n) aligns on its last n columns."""
     if exists(mask):
         x = x.masked_fill(~last(mask, x.shape[-2], dim=-1)[..., None], 0.0)
-    if exists(prev_tail):
+    if exists(prev_tail) and x.shape[-2] < length:
         x = cat((prev_tail.to(x.dtype), x), dim=-2)
     x = pad_at_dim(x, (max(length - x.shape[-2], 0), 0), dim=-2, value=0.0)
     return last(x, length)
@@ -86,11 +86,22 @@ class ShiftTokens(Module):
         """The shifted input of tokens x (b, n, d) that follow `tail` (b, >= max shift, d), none of them padding:
         every chunk is a slice of the joined sequence, so the whole shift is two copies (a decoding step's cost)."""
         n, length = x.shape[-2], tail.shape[-2]
-        seq = cat((tail.to(x.dtype), x), dim=-2)
         segments = len(self.shifts)
         size = x.shape[-1] // segments
-        pieces = [seq[..., length - amount : length - amount + n, k * size : (k + 1) * size]
-                  for k, amount in enumerate(self.shifts)]
+        # a decoding step reads each shifted chunk straight from the tail (n <= every nonzero shift), else from
+        # the joined sequence
+        all_in_tail = all(amount == 0 or n <= amount for amount in self.shifts)
+        seq = None if all_in_tail else cat((tail.to(x.dtype), x), dim=-2)
+
+        def piece(amount, k):
+            features = slice(k * size, (k + 1) * size)
+            if amount == 0:
+                return x[..., features]
+            if exists(seq):
+                return seq[..., length - amount : length - amount + n, features]
+            return tail[..., length - amount : length - amount + n, features].to(x.dtype)
+
+        pieces = [piece(amount, k) for k, amount in enumerate(self.shifts)]
         if segments * size < x.shape[-1]:
             pieces.append(x[..., segments * size :])
         return cat(pieces, dim=-1)
