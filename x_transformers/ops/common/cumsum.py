@@ -9,6 +9,7 @@ import triton.language as tl
 from torch import Tensor
 
 from x_transformers.ops.common.chunk_index import prepare_chunk_indices
+from x_transformers.ops.common.utils import pow2_block
 
 
 @triton.jit
@@ -77,7 +78,7 @@ def reverse_cumsum(x: Tensor, cu_seqlens: Tensor | None = None, out_dtype: torch
     N = B if cu_seqlens is None else len(cu_seqlens) - 1
     if N * T * H == 0:
         return y.zero_()
-    BH = min(triton.next_power_of_2(H), 64)
+    BH = pow2_block(H, hi=64)
     reverse_cumsum_kernel[(N, triton.cdiv(H, BH))](
         x, y, cu_seqlens, T, H=H, BT=64, BH=BH, IS_VARLEN=cu_seqlens is not None
     )

@@ -107,6 +107,16 @@ def fill_sm_tiles(
     return SK, SV
 
 
+def pow2_block(n: int, lo: int = 1, hi: int | None = None) -> int:
+    """The block of a kernel over a dimension of size n: the smallest power of two >= n (Triton tiles are powers of
+    two, masked beyond n), at most `hi` (a wider dim takes several blocks) and at least `lo` (`min_dot_tile(dtype)`
+    for a `tl.dot` operand); `lo` wins where the two cross. Plain integer arithmetic, so it needs no triton import."""
+    block = 1 << max(n - 1, 0).bit_length()
+    if hi is not None:
+        block = min(block, hi)
+    return max(block, lo)
+
+
 def min_dot_tile(dtype: torch.dtype) -> int:
     """Narrowest side of a `tl.dot` tile for inputs of this dtype. Triton allows 16; fp16 / bf16 get 32 because
     Triton 3.6 miscompiles 16-wide half-precision tiles on Hopper (an H200 showed illegal memory accesses in

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from x_transformers.ops.common.utils import pow2_block
 from x_transformers.ops.conv.naive import last_inputs
 
 # (rows, channels, warps) per program; module-level so benchmarks/bench_conv.py can sweep them. The backward is two
@@ -180,8 +181,9 @@ def causal_conv1d_bwd_input_kernel(
 def _blocks(blocks, T, D):
     # short inputs (decoding) get fewer rows per program; narrow ones fewer channels
     BT, BD, num_warps = blocks
-    BT = min(BT, max(16, triton.next_power_of_2(T)))
-    BD = min(BD, max(16, triton.next_power_of_2(D)))
+    # at least 16 unless the configured block is narrower
+    BT = pow2_block(T, min(16, BT), BT)
+    BD = pow2_block(D, min(16, BD), BD)
     return BT, BD, num_warps
 
 

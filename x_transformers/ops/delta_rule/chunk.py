@@ -27,7 +27,7 @@ import triton.language as tl
 from x_transformers.ops.common.bounds import chunk_bounds, seq_chunk_bounds
 from x_transformers.ops.common.chunk_index import chunk_meta
 from x_transformers.ops.common.tiles import load_tile, store_tile
-from x_transformers.ops.common.utils import min_dot_tile, narrow_value_tiles, sm_count
+from x_transformers.ops.common.utils import min_dot_tile, narrow_value_tiles, pow2_block, sm_count
 from x_transformers.ops.delta_rule.fused_recurrent import fused_recurrent_delta_rule_triton
 
 # the triangular solve substitutes row by row inside WY_SUB x WY_SUB diagonal blocks (4 or 16) and merges the rest
@@ -358,8 +358,8 @@ def chunk_bwd_kernel(
 def _blocks(K, V, dtype):
     """Key block (all of K: half-precision keys arrive padded to MIN_HALF_K) and value tile, at least
     `min_dot_tile(dtype)` wide (masked beyond V)."""
-    BK = max(16, triton.next_power_of_2(K))
-    BV = min(32 if BK > 128 else 64, max(min_dot_tile(dtype), triton.next_power_of_2(V)))
+    BK = pow2_block(K, 16)
+    BV = pow2_block(V, min_dot_tile(dtype), 32 if BK > 128 else 64)
     return BK, BV
 
 

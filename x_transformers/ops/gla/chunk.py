@@ -19,7 +19,7 @@ import triton.language as tl
 
 from x_transformers.ops.common.bounds import chunk_bounds
 from x_transformers.ops.common.chunk_index import prepare_chunk_indices, prepare_chunk_offsets
-from x_transformers.ops.common.utils import fill_sm_tiles, interpreting, min_dot_tile, narrow_value_tiles
+from x_transformers.ops.common.utils import fill_sm_tiles, interpreting, min_dot_tile, narrow_value_tiles, pow2_block
 from x_transformers.ops.gla.chunk_intra import _chunk_span, chunk_gla_bwd_intra_kernel, chunk_gla_fwd_intra_kernel
 from x_transformers.ops.gla.chunk_state import chunk_gla_bwd_dh_kernel, chunk_gla_cumsum_kernel, chunk_gla_fwd_h_kernel
 
@@ -366,8 +366,7 @@ def chunk_gla_bwd_dqkg_kernel(
 
 def _blocks(K: int, V: int, cap: int, dtype: torch.dtype) -> tuple[int, int]:
     """K / V tile sizes: powers of two up to cap, at least `min_dot_tile(dtype)` (masked beyond K, V)."""
-    floor = min_dot_tile(dtype)
-    return tuple(max(floor, min(cap, triton.next_power_of_2(n))) for n in (K, V))
+    return pow2_block(K, min_dot_tile(dtype), cap), pow2_block(V, min_dot_tile(dtype), cap)
 
 
 def _half_tiles_unsafe(K: int, V: int, dtype: torch.dtype) -> bool:
