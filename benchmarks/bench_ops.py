@@ -34,12 +34,13 @@ OPS = (
     "chunk_dplr_delta_rule",
     "chunk_rwkv7",
     "chunk_gated_deltaproduct",
-    "hgrn_scan",
+    "chunk_hgrn",
     "fused_recurrent_simple_gla",
     "fused_recurrent_gla",
     "fused_recurrent_delta_rule",
     "fused_recurrent_dplr_delta_rule",
     "fused_recurrent_kda",
+    "fused_recurrent_hgrn",
 )
 
 
@@ -112,13 +113,14 @@ def make_case(op, B, T, H, D, dtype, device, impl):
 
         return call, list(args)
 
-    if op == "hgrn_scan":
+    if op in ("chunk_hgrn", "fused_recurrent_hgrn"):
+        # the elementwise scan over H * D channels; decoding: one token from a carried state
+        decode = op == "fused_recurrent_hgrn"
+        T = 1 if decode else T
         x, g = rand(B, T, H * D), gate(B, T, H * D).detach().to(dtype).requires_grad_()
-        if impl == "fla":
-            from fla.ops.hgrn import chunk_hgrn as fn
-        else:
-            from x_transformers.ops import hgrn_scan as fn
-        return (lambda: fn(x, g)[0]), [x, g]
+        state = torch.randn(B, H * D, generator=gen, device=device) if decode else None
+        fn = _resolve(impl, op)
+        return (lambda: fn(x, g, initial_state=state, output_final_state=decode)[0]), [x, g]
 
     decode = op.startswith("fused_recurrent")
     if decode:

@@ -29,9 +29,9 @@ import x_transformers.mixers as mixers_pkg
 from x_transformers.mixers import MIXERS, ShortConvolution, make_mixer
 
 KERNELS = ("chunk_delta_rule", "fused_recurrent_delta_rule", "chunk_simple_gla", "fused_recurrent_simple_gla",
-           "chunk_gla", "fused_recurrent_gla", "hgrn_scan", "causal_conv1d")
+           "chunk_gla", "fused_recurrent_gla", "chunk_hgrn", "fused_recurrent_hgrn", "causal_conv1d")
 # kernels whose output has the dtype of their first input (the others: of the values, their third)
-INPUT_FIRST = ("hgrn_scan", "causal_conv1d")
+INPUT_FIRST = ("chunk_hgrn", "fused_recurrent_hgrn", "causal_conv1d")
 MATMULS = {"mm", "addmm", "bmm", "matmul", "linear", "_efficient_attention_forward"}
 
 
@@ -142,7 +142,7 @@ def stub_kernel(fn):
             state_shape = (value.shape[0], args[1].shape[-1] - 1, value.shape[-1])
         elif not output_final_state:
             state_shape = None
-        elif fn.__name__ == "hgrn_scan":
+        elif fn.__name__ in ("chunk_hgrn", "fused_recurrent_hgrn"):
             state_shape = value[:, 0].shape
         else:
             state_shape = (value.shape[0], value.shape[2], args[1].shape[-1], value.shape[-1])

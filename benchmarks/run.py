@@ -34,7 +34,7 @@ RESULTS = HERE / "results"
 README = ROOT / "README.md"
 sys.path.insert(0, str(HERE))
 
-OPS = "sdpa,chunk_simple_gla,chunk_gla,chunk_delta_rule,chunk_gated_delta_rule,hgrn_scan"
+OPS = "sdpa,chunk_simple_gla,chunk_gla,chunk_delta_rule,chunk_gated_delta_rule,chunk_hgrn"
 SEQLENS = "1024,2048,4096,8192,16384,32768"
 # fla's counterparts of the scalar-decay and gated delta-rule ops (each fla op adds about a minute of compilation)
 FLA_OPS = "chunk_simple_gla,chunk_gated_delta_rule"

@@ -415,7 +415,7 @@ def test_kernel_cpu_paths_gradcheck_fp64():
     from x_transformers.ops.gla.chunk_torch import chunk_gla_torch
     from x_transformers.ops.gla.naive import naive_recurrent_gla
     from x_transformers.ops.hgrn.naive import naive_hgrn
-    from x_transformers.ops.hgrn.scan_torch import hgrn_scan_torch
+    from x_transformers.ops.hgrn.scan_torch import chunk_hgrn_torch
     from x_transformers.ops.simple_gla.chunk_torch import chunk_simple_gla_torch
     from x_transformers.ops.simple_gla.naive import naive_simple_gla
 
@@ -436,7 +436,7 @@ def test_kernel_cpu_paths_gradcheck_fp64():
         (lambda q, k, v, g, h: naive_recurrent_gla(q, k, v, g, 0.5, h, True), (q, k, v, g_channel, h0)),
         (lambda q, k, v, b, g, h: chunk_delta_rule_torch(q, k, v, b, g, 0.5, h, True, chunk_size=8), (q, k_unit, v, beta, g_scalar, h0)),
         (lambda q, k, v, b, g, h: naive_delta_rule(q, k, v, b, g, 0.5, h, True), (q, k_unit, v, beta, g_scalar, h0)),
-        (lambda x, g, h: hgrn_scan_torch(x, g, h, True), (rand(B, T, 5), -rand(B, T, 5).abs().detach().requires_grad_(), rand(B, 5))),
+        (lambda x, g, h: chunk_hgrn_torch(x, g, h, True), (rand(B, T, 5), -rand(B, T, 5).abs().detach().requires_grad_(), rand(B, 5))),
         (lambda x, g, h: naive_hgrn(x, g, h, True), (rand(B, T, 5), -rand(B, T, 5).abs().detach().requires_grad_(), rand(B, 5))),
     ]
     for fn, inputs in cases:

@@ -197,7 +197,7 @@ def test_bench_ops_smoke():
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
     import bench_ops
 
-    rows = bench_ops.main(["--smoke", "--no-fla", "--ops", "sdpa,chunk_simple_gla,hgrn_scan,fused_recurrent_simple_gla"])
+    rows = bench_ops.main(["--smoke", "--no-fla", "--ops", "sdpa,chunk_simple_gla,chunk_hgrn,fused_recurrent_simple_gla"])
     assert len(rows) == 4
     for row in rows:
         assert "error" not in row, row

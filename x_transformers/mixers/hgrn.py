@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from x_transformers.mixers.base import Mixer, masked_fill_zero, pick_state, rms_norm, upcast
-from x_transformers.ops import hgrn_scan
+from x_transformers.mixers.base import Mixer, masked_fill_zero, pick_state, rms_norm, run_kernel, upcast
+from x_transformers.ops import chunk_hgrn, fused_recurrent_hgrn
 
 
 def check_lower_bound(name: str, lower_bound) -> bool:
@@ -91,6 +91,8 @@ class HGRN(LayerBoundInput, Mixer):
         # SiLU in the activation dtype; the product with the fp32 gate is the scan's fp32 input
         inp = one_minus_f * F.silu(self.to_i(x))
         inp, log_f = masked_fill_zero(inp, mask), masked_fill_zero(log_f, mask)
-        h, s = hgrn_scan(inp, log_f, initial_state=pick_state(state, 0), output_final_state=want_state)
+        h, s = run_kernel(
+            chunk_hgrn, fused_recurrent_hgrn, inp, log_f, initial_state=pick_state(state, 0), want_state=want_state
+        )
         o = rms_norm(h.to(x.dtype), self.norm.weight, self.norm.eps) * F.silu(self.to_g(x))
         return self.to_out(o), (s,) if want_state else None

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from x_transformers.mixers.base import Mixer, masked_fill_zero, pick_state, upcast
-from x_transformers.ops import hgrn_scan
+from x_transformers.mixers.base import Mixer, masked_fill_zero, pick_state, run_kernel, upcast
+from x_transformers.ops import chunk_hgrn, fused_recurrent_hgrn
 
 
 def positive_activation(x):
@@ -34,5 +34,8 @@ class MinGRU(Mixer):
         log_decay = -F.softplus(gate)
         inp = gate.sigmoid() * positive_activation(hidden)
         inp, log_decay = masked_fill_zero(inp, mask), masked_fill_zero(log_decay, mask)
-        h, s = hgrn_scan(inp, log_decay, initial_state=pick_state(state, 0), output_final_state=want_state)
+        h, s = run_kernel(
+            chunk_hgrn, fused_recurrent_hgrn, inp, log_decay,
+            initial_state=pick_state(state, 0), want_state=want_state,
+        )
         return self.to_out(h.to(x.dtype)), (s,) if want_state else None

@@ -8,7 +8,7 @@ imported on the first kernel launch (`common/utils.py: use_triton`), so CPU-only
 from x_transformers.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
 from x_transformers.ops.gla import chunk_gla, fused_recurrent_gla
 from x_transformers.ops.delta_rule import chunk_delta_rule, fused_recurrent_delta_rule
-from x_transformers.ops.hgrn import hgrn_scan
+from x_transformers.ops.hgrn import chunk_hgrn, fused_recurrent_hgrn
 from x_transformers.ops.conv import causal_conv1d
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "fused_recurrent_gla",
     "chunk_delta_rule",
     "fused_recurrent_delta_rule",
-    "hgrn_scan",
+    "chunk_hgrn",
+    "fused_recurrent_hgrn",
     "causal_conv1d",
 ]

@@ -1,5 +1,8 @@
-"""Elementwise gated scan `h_t = exp(g_t) * h_{t-1} + x_t` (HGRN, minGRU): Triton (`scan.py`, loaded on the first
-such call) for CUDA tensors or under TRITON_INTERPRET=1, the chunked torch path otherwise."""
+"""Elementwise gated scan `h_t = exp(g_t) * h_{t-1} + x_t` (HGRN, minGRU).
+
+`chunk_hgrn` scans whole sequences in parallel, `fused_recurrent_hgrn` walks them token by token (decoding, a few
+tokens). Triton (`scan.py`, loaded on the first such call) for CUDA tensors or under TRITON_INTERPRET=1, the torch
+paths otherwise (`scan_torch.py`, `recurrent_torch.py`)."""
 
 from __future__ import annotations
 
@@ -9,19 +12,11 @@ from x_transformers.ops.common.utils import (
     check_cu_seqlens, check_float, check_shape, empty_input_result, num_seqs, use_triton,
 )
 from x_transformers.ops.hgrn.naive import naive_hgrn
-from x_transformers.ops.hgrn.scan_torch import hgrn_scan_torch
+from x_transformers.ops.hgrn.recurrent_torch import recurrent_hgrn_torch
+from x_transformers.ops.hgrn.scan_torch import chunk_hgrn_torch
 
 
-def hgrn_scan(
-    x: Tensor,
-    g: Tensor,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    cu_seqlens: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """Elementwise gated scan `h_t = exp(g_t) * h_{t-1} + x_t`. x, g: [B, T, D] (or [B, T, H, D], treated as
-    D' = H * D channels); initial_state / final state: [N, D] (or [N, H, D]) fp32. Returns (h in x's dtype, ht)."""
-    where = "hgrn_scan"
+def _run(where, x, g, initial_state, output_final_state, cu_seqlens, recurrent: bool):
     for name, t in (("x", x), ("g", g), ("initial_state", initial_state)):
         check_float(name, t, where)
     if x.ndim not in (3, 4):
@@ -38,12 +33,39 @@ def hgrn_scan(
     x3, g3 = x.reshape(B, T, -1), g.reshape(B, T, -1)
     h0 = initial_state.reshape(N, -1) if initial_state is not None else None
     if use_triton(x, g, initial_state):
-        from x_transformers.ops.hgrn.scan import hgrn_scan_triton
+        from x_transformers.ops.hgrn.scan import chunk_hgrn_triton
 
-        h, ht = hgrn_scan_triton(x3, g3, h0, output_final_state, cu_seqlens)
+        # the token-by-token entry keeps the one-program-per-sequence walk, never the chunk-parallel passes
+        h, ht = chunk_hgrn_triton(x3, g3, h0, output_final_state, cu_seqlens, chunked=False if recurrent else None)
     else:
-        h, ht = hgrn_scan_torch(x3, g3, h0, output_final_state, cu_seqlens)
+        torch_path = recurrent_hgrn_torch if recurrent else chunk_hgrn_torch
+        h, ht = torch_path(x3, g3, h0, output_final_state, cu_seqlens)
     return h.view(x.shape), (ht.view(state_shape) if ht is not None else None)
 
 
-__all__ = ["hgrn_scan", "hgrn_scan_torch", "naive_hgrn"]
+def chunk_hgrn(
+    x: Tensor,
+    g: Tensor,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Elementwise gated scan `h_t = exp(g_t) * h_{t-1} + x_t`, parallel over the sequence. x, g: [B, T, D] (or
+    [B, T, H, D], treated as D' = H * D channels); initial_state / final state: [N, D] (or [N, H, D]) fp32;
+    cu_seqlens: [N + 1] offsets of packed sequences (B = 1). Returns (h in x's dtype, final state or None)."""
+    return _run("chunk_hgrn", x, g, initial_state, output_final_state, cu_seqlens, recurrent=False)
+
+
+def fused_recurrent_hgrn(
+    x: Tensor,
+    g: Tensor,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """`chunk_hgrn` token by token, for decoding and a few tokens; same signature and results (exactly the same at
+    T = 1). On Triton the per-sequence scan kernel (one launch), on the torch path a loop over the tokens."""
+    return _run("fused_recurrent_hgrn", x, g, initial_state, output_final_state, cu_seqlens, recurrent=True)
+
+
+__all__ = ["chunk_hgrn", "fused_recurrent_hgrn", "chunk_hgrn_torch", "naive_hgrn", "recurrent_hgrn_torch"]

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from x_transformers.ops.common.bounds import seq_bounds
 from x_transformers.ops.common.chunk_index import prepare_chunk_indices, prepare_chunk_offsets
-from x_transformers.ops.common.utils import num_seqs
+from x_transformers.ops.common.utils import num_seqs, pow2_block
 
 BT = 64
 
@@ -204,7 +204,7 @@ def hgrn_chunk_bwd_kernel(
 
 def _block_d(D: int, N: int) -> int:
     # fewer channels per program when there are few sequences, to keep the GPU's SMs busy
-    BD = min(32, triton.next_power_of_2(D))
+    BD = pow2_block(D, hi=32)
     while BD > 8 and N * triton.cdiv(D, BD) < 256:
         BD //= 2
     return BD
@@ -226,7 +226,7 @@ def hgrn_fwd(x, g, h0, output_final_state, cu_seqlens, chunked=None):
         return h, ht
     meta = _chunk_meta(B, T, cu_seqlens)
     # chunks give the parallelism here: wider channel blocks for coalesced rows
-    BD = min(32, triton.next_power_of_2(D))
+    BD = pow2_block(D, hi=32)
     sa, sy = (x.new_empty(meta["num_chunks"], D, dtype=torch.float32) for _ in range(2))
     flags = dict(D=D, BT=BT, BD=BD, USE_INITIAL_STATE=h0 is not None, IS_VARLEN=cu_seqlens is not None)
     args = (cu_seqlens, meta["indices"], meta["offsets"], T)
@@ -237,7 +237,7 @@ def hgrn_fwd(x, g, h0, output_final_state, cu_seqlens, chunked=None):
     return h, ht
 
 
-def hgrn_bwd(g, h, h0, do, dht, cu_seqlens):
+def hgrn_bwd(g, h, h0, do, dht, cu_seqlens, chunked=None):
     B, T, D = g.shape
     N = num_seqs(B, cu_seqlens)
     dx, dg = torch.empty_like(h), torch.empty_like(g)
@@ -245,7 +245,7 @@ def hgrn_bwd(g, h, h0, do, dht, cu_seqlens):
     BD = _block_d(D, N)
     if N == 0:
         return dx, dg, dh0
-    if not _chunked(N, T, D, BD):
+    if not (_chunked(N, T, D, BD) if chunked is None else chunked):
         hgrn_bwd_kernel[(triton.cdiv(D, BD), N)](
             g, h, h0, do, dht, dx, dg, dh0, cu_seqlens, T, D=D, BT=BT, BD=BD,
             USE_INITIAL_STATE=h0 is not None, USE_FINAL_STATE_GRADIENT=dht is not None,
@@ -253,7 +253,7 @@ def hgrn_bwd(g, h, h0, do, dht, cu_seqlens):
         )
         return dx, dg, dh0
     meta = _chunk_meta(B, T, cu_seqlens)
-    BD = min(32, triton.next_power_of_2(D))
+    BD = pow2_block(D, hi=32)
     if dh0 is not None:
         # empty sequences own no chunk: their initial-state gradient is the final-state one
         dh0.copy_(dht) if dht is not None else dh0.zero_()
@@ -311,21 +311,26 @@ def _chunk_meta(B, T, cu_seqlens):
 
 class HGRNScanFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, g, initial_state, output_final_state, cu_seqlens):
+    def forward(ctx, x, g, initial_state, output_final_state, cu_seqlens, chunked=None):
         h0 = initial_state.float().contiguous() if initial_state is not None else None
-        h, ht = hgrn_fwd(x, g, h0, output_final_state, cu_seqlens)
+        h, ht = hgrn_fwd(x, g, h0, output_final_state, cu_seqlens, chunked)
         ctx.save_for_backward(g, h, h0, cu_seqlens)
         ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
+        ctx.chunked = chunked
         return h, ht
 
     @staticmethod
     def backward(ctx, do, dht):
         g, h, h0, cu_seqlens = ctx.saved_tensors
         dht = dht.float().contiguous() if dht is not None else None
-        dx, dg, dh0 = hgrn_bwd(g, h, h0, do.contiguous(), dht, cu_seqlens)
-        return dx, dg, dh0.to(ctx.h0_dtype) if dh0 is not None else None, None, None
+        dx, dg, dh0 = hgrn_bwd(g, h, h0, do.contiguous(), dht, cu_seqlens, ctx.chunked)
+        return dx, dg, dh0.to(ctx.h0_dtype) if dh0 is not None else None, None, None, None
 
 
-def hgrn_scan_triton(x, g, initial_state, output_final_state, cu_seqlens):
-    """`hgrn_scan` on the Triton kernels, for inputs it has checked and flattened to [B, T, D] (T > 0)."""
-    return HGRNScanFunction.apply(x.contiguous(), g.contiguous(), initial_state, output_final_state, cu_seqlens)
+def chunk_hgrn_triton(x, g, initial_state, output_final_state, cu_seqlens, chunked=None):
+    """`chunk_hgrn` / `fused_recurrent_hgrn` on the Triton kernels, for inputs they have checked and flattened to
+    [B, T, D] (T > 0). chunked: None picks the chunk-parallel passes for long sequences with few programs, False
+    keeps the one-program-per-sequence walk (token by token), True forces the chunk-parallel passes."""
+    return HGRNScanFunction.apply(
+        x.contiguous(), g.contiguous(), initial_state, output_final_state, cu_seqlens, chunked
+    )

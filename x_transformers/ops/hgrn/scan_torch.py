@@ -18,13 +18,13 @@ def _acc_dtype(*tensors) -> torch.dtype:
     return dtype
 
 
-def hgrn_scan_torch(x: Tensor, g: Tensor, initial_state=None, output_final_state=False, cu_seqlens=None):
+def chunk_hgrn_torch(x: Tensor, g: Tensor, initial_state=None, output_final_state=False, cu_seqlens=None):
     """x, g: [B, T, D] -> (h [B, T, D] in x's dtype, final state [N, D] fp32 or None); [B, T, H, D] inputs are
     scanned as H * D channels and keep their shape (states [N, H, D])."""
     if x.ndim == 4:
         B, T, H, D = x.shape
         h0 = initial_state.reshape(-1, H * D) if initial_state is not None else None
-        h, ht = hgrn_scan_torch(x.reshape(B, T, -1), g.reshape(B, T, -1), h0, output_final_state, cu_seqlens)
+        h, ht = chunk_hgrn_torch(x.reshape(B, T, -1), g.reshape(B, T, -1), h0, output_final_state, cu_seqlens)
         return h.view(x.shape), (ht.view(-1, H, D) if ht is not None else None)
     B, T, D = x.shape
     acc = _acc_dtype(x)
