@@ -69,6 +69,24 @@ class Experts(Module):
         self.dropout = nn.Dropout(dropout)
         for w, fan_in in ((self.w_in, dim), (self.w_out, hidden)):
             nn.init.uniform_(w, -fan_in**-0.5, fan_in**-0.5)
+        # inference copies of the stacked weights in the autocast dtype (the same layout as Attention's fused
+        # weights, which a captured decoding graph keeps alive)
+        self._fused_weights = {}
+
+    def weight(self, name: str, x: Tensor) -> Tensor:
+        """`w_in` / `w_out` in the dtype the matmul with x runs in. Without gradients (decoding) the cast copy is kept
+        until the weight changes: under autocast every call would otherwise cast all experts' weights again."""
+        w = getattr(self, name)
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        if w.dtype == dtype or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return w.to(dtype)
+        key = (w.data_ptr(), w._version, dtype)
+        cached = self._fused_weights.get(name)
+        if cached is None or cached[0] != key:
+            cached = (key, w.detach().to(dtype))
+            self._fused_weights[name] = cached
+        return cached[1]
 
     def hidden(self, h):
         if self.glu:
@@ -88,10 +106,12 @@ class Experts(Module):
 
     def forward_buffers(self, x: Tensor) -> Tensor:
         """x: (E, C, d) fixed-capacity buffers, one per expert -> (E, C, d)."""
-        h = torch.bmm(x, self.w_in.to(x.dtype))
+        w_in = self.weight("w_in", x)
+        h = torch.bmm(x.to(w_in.dtype), w_in)
         if exists(self.b_in):
             h = h + self.b_in[:, None].to(h.dtype)
-        out = torch.bmm(self.hidden(h), self.w_out.to(x.dtype))
+        w_out = self.weight("w_out", h)
+        out = torch.bmm(self.hidden(h).to(w_out.dtype), w_out)
         if exists(self.b_out):
             out = out + self.b_out[:, None].to(out.dtype)
         return out
