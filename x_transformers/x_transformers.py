@@ -1607,12 +1607,13 @@ class TransformerWrapper(Module):
                 raise ValueError("`pos` / `mask` cannot be combined with a static cache; use `seq_start_pos` for left padding")
             if cache.fresh:
                 cache.reset(seq_start_pos)
-            seq_start_pos = cache.start
 
-        # token + absolute positional embedding (a float `pos` is taken as an external positional embedding)
+        # token + absolute positional embedding (a float `pos` is taken as an external positional embedding); with a
+        # static cache the positions are the cache's, counted from each row's start (the layers only need
+        # `seq_start_pos` at prefill, to mask the padding: later tokens are all real)
         external_pos_emb = exists(pos) and pos.dtype != torch.long
-        emb_pos = cache.positions(n) if static else pos
-        pos_emb = pos if external_pos_emb else self.pos_emb(x, pos=emb_pos, seq_start_pos=seq_start_pos)
+        emb_pos, emb_start_pos = (cache.positions(n), cache.start) if static else (pos, seq_start_pos)
+        pos_emb = pos if external_pos_emb else self.pos_emb(x, pos=emb_pos, seq_start_pos=emb_start_pos)
         x = self.token_emb(x, **token_emb_kwargs) + pos_emb
 
         # extra embeddings by name
