@@ -25,6 +25,8 @@ from torch.utils._pytree import tree_flatten
 from x_transformers.attend import Attend, Intermediates
 from x_transformers.cache import KeyValueBuffer
 from x_transformers.norms import MultiheadRMSNorm
+from x_transformers.ops.attention import flash_attention
+from x_transformers.ops.common.utils import use_triton
 from x_transformers.positional import CoPE, DataDependentAlibi, PerRowDataDependentAlibi, RotaryTable
 from x_transformers.token_shift import FoldAxially
 from x_transformers.utils import default, divisible_by, exists, l2norm, log, pad_at_dim, softclamp
@@ -124,9 +126,11 @@ class Attention(Module):
         latent_rope_subheads=None,
         onnxable=False,
         attend_sdp_kwargs: dict = dict(enable_flash=True, enable_math=True, enable_mem_efficient=True),
+        flash_pack_seq=False,  # upstream's flag for packed sequences; here every layer takes them without it
     ):
         super().__init__()
         dim_kv = default(dim_context, dim)
+        self.flash_pack_seq = flash_pack_seq
 
         self.scale = dim_head**-0.5
         self.heads = heads
@@ -516,6 +520,55 @@ class Attention(Module):
         )
         return next((f'`{name}` decodes with the plain cache only' for name, on in flags.items() if on), None)
 
+    def fused_attention_ok(self, q, k, keep_mask, rel_pos, attn_bias, prev_attn, cache, static_kv, pack) -> bool:
+        """Whether this call runs on `ops.flash_attention`: packed documents or forget gates (neither needs an
+        (i, j) tensor there), on Triton, with nothing else acting on the logits or masking them."""
+        dda = self.data_dependent_alibi
+        if not (exists(pack) or exists(dda)) or not use_triton(q):
+            return False
+        plain_dda = not exists(dda) or (self.causal and not isinstance(dda, PerRowDataDependentAlibi))
+        dropout = self.attend.dropout if self.training else 0.0
+        return (
+            plain_dda
+            and self.attend.use_sdpa(prev_attn)
+            and not self.attend.laser
+            and not self.attend.add_zero_kv
+            and dropout == 0.0
+            and not any(exists(t) for t in (keep_mask, rel_pos, attn_bias, cache, static_kv))
+            and self.num_mem_kv == 0
+            and q.shape[-2] == k.shape[-2]
+            and max(q.shape[-1], k.shape[-1]) <= 128
+        )
+
+    def forget_gates(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """Data-dependent alibi's log forget gates (b, h, n); a masked token forgets nothing."""
+        dda = self.data_dependent_alibi
+        gates = dda.to_forget_gates(x) * dda.post_log_scale
+        if exists(mask):
+            gates = gates.masked_fill(~rearrange(mask, 'b n -> b 1 n'), 0.0)
+        return gates
+
+    def fused_attend(self, q, k, v, gates, pack):
+        """Attention of (b, h, n, d) heads through `ops.flash_attention` (layout (b, n, h, d)): packed rows are
+        flattened into one row of documents; forget `gates` (b, h, n) go in as the kernel's log forget gates."""
+        b = q.shape[0]
+        kv_heads = k.shape[1]
+        # our query head h reads kv head h % kv_heads, the kernel's h // (h / kv_heads): regroup the query heads
+        q = rearrange(q, 'b (g h) n d -> b n (h g) d', h=kv_heads)
+        k, v = (rearrange(t, 'b h n d -> b n h d') for t in (k, v))
+        g = rearrange(gates, 'b (g h) n -> b n (h g)', h=kv_heads).float() if exists(gates) else None
+        cu_seqlens = None
+        if exists(pack):
+            q, k, v = (rearrange(t, 'b n h d -> 1 (b n) h d') for t in (q, k, v))
+            g = rearrange(g, 'b n h -> 1 (b n) h') if exists(g) else None
+            cu_seqlens = pack.cu_seqlens
+        out = flash_attention(q, k, v, g, scale=self.attend_scale(q), causal=self.causal, cu_seqlens=cu_seqlens)
+        out = rearrange(out, '1 (b n) h d -> b n h d', b=b) if exists(pack) else out
+        return rearrange(out, 'b n (h g) d -> b (g h) n d', h=kv_heads)
+
+    def attend_scale(self, q) -> float:
+        return default(self.attend.scale, q.shape[-1] ** -0.5)
+
     def data_dependent_alibi_bias(self, x: Tensor, cached: Tensor | None, mask: Tensor | None = None):
         """Forgetting-gate bias for the new queries against every key, and the state that extends it next call.
 
@@ -583,10 +636,18 @@ class Attention(Module):
         cache: Intermediates | None = None,
         value_residual=None,
         static_kv: KeyValueBuffer | None = None,
+        pack=None,
     ):
         """`static_kv`: this layer's entry of a `StaticCache` (x_transformers/cache.py) - the call's keys and values are
-        written there at their positions and, after the prefill, the queries attend over the whole buffer."""
+        written there at their positions and, after the prefill, the queries attend over the whole buffer.
+        `pack`: a `Packing` (x_transformers/packing.py) of x's rows, whose documents attend only within themselves."""
         has_context = exists(context)
+        if exists(pack):
+            clash = dict(context=has_context, mem=exists(mem), cache=exists(cache) or exists(static_kv),
+                         mask=exists(mask), hybrid_module=exists(self.hybrid_module))
+            clash = [name for name, on in clash.items() if on]
+            if clash:
+                raise ValueError(f'packed sequences cannot be combined with {clash} in attention')
         if exists(static_kv) and (has_context or exists(mem) or exists(cache)):
             raise ValueError('a static cache serves self attention without memories or another cache')
         h, num_mem_kv = self.heads, self.num_mem_kv
@@ -858,6 +919,14 @@ class Attention(Module):
             past_mask = pad_at_dim(dist <= self.max_attend_past, (num_mem_kv, 0), value=True)[None, None]
             keep_mask = past_mask if not exists(keep_mask) else (keep_mask & past_mask)
 
+        # packed documents, forget gates - our flash kernel where no (i, j) mask or bias is needed; otherwise the
+        # documents are kept apart by a block-diagonal mask (relative biases restart with it: i - j is the distance
+        # within the document, and cumulative forget gates differ by the gates within it)
+
+        fused = self.fused_attention_ok(q, k, keep_mask, rel_pos, attn_bias, prev_attn, cache, static_kv, pack)
+        if exists(pack) and not fused:
+            keep_mask = pack.doc_mask() if not exists(keep_mask) else (keep_mask & pack.doc_mask())
+
         # relative position bias (t5, dynamic, alibi - or alibi at custom positions)
 
         if exists(rel_pos):
@@ -881,7 +950,7 @@ class Attention(Module):
 
         # data-dependent alibi - forgetting transformer's gates as a bias, continued across cached calls
 
-        if exists(self.data_dependent_alibi):
+        if exists(self.data_dependent_alibi) and not fused:
             attn_bias, dda_state = self.data_dependent_alibi_bias(x, next(cached_extras, None), position_mask)
             attn_bias = pad_at_dim(attn_bias, (num_mem_kv, 0))
 
@@ -900,9 +969,16 @@ class Attention(Module):
                 q, k, v = q.float(), k.float(), v.float()
             v = softclamp(v, self.laser_softclamp_value).exp()
 
-        out, intermediates = self.attend(
-            q, k, v, mask=keep_mask, attn_bias=attn_bias, prev_attn=prev_attn, causal=False if static_buffer else None
-        )
+        if fused:
+            gates = self.forget_gates(x, position_mask) if exists(self.data_dependent_alibi) else None
+            out, intermediates = self.fused_attend(q, k, v, gates, pack), Intermediates()
+            # the cumulative gates continue the bias in later cached calls, as the dense path's state does
+            if exists(gates) and not exists(pack):
+                new_extras.append(rearrange(gates.cumsum(dim=-1), 'b h n -> b h n 1'))
+        else:
+            out, intermediates = self.attend(
+                q, k, v, mask=keep_mask, attn_bias=attn_bias, prev_attn=prev_attn, causal=False if static_buffer else None
+            )
 
         if self.laser:
             out = log(out)

@@ -79,6 +79,7 @@ from x_transformers.positional import (
 )
 from x_transformers.residual import Residual, GRUGating, HyperConnection, Scale, LayerScale, AdaptiveLayerScale
 from x_transformers.token_shift import ShiftTokens, FoldAxially, shift, shift_tail
+from x_transformers.packing import Packing, build_packing, pos_restarts
 
 # b - batch, n - sequence, d - feature dimension, h - heads, s - residual streams
 
@@ -902,10 +903,18 @@ class AttentionLayers(Module):
         in_attn_cond=None,  # arXiv 2105.04090
         layers_execute_order: tuple[int, ...] | None = None,
         recurrent_states: list | None = None,
+        seq_lens=None,
+        cu_seqlens=None,
+        flash_pack_seq_kwargs: dict | None = None,
+        packing: Packing | None = None,
     ):
         """`recurrent_states`: the linear_attn mixers' states to start from, one per mixer call in execution order, as
         a previous call returned them (`[t.recurrent_state for t in intermediates.attn_intermediates if t.layer_type
-        == 'l']`): a long sequence then runs in segments, as Transformer-XL memories do for softmax attention."""
+        == 'l']`): a long sequence then runs in segments, as Transformer-XL memories do for softmax attention.
+
+        Packed sequences (x_transformers/packing.py): `seq_lens`, `cu_seqlens`, `flash_pack_seq_kwargs`, position
+        ids `pos` that restart at 0, or a built `packing`, describe the documents in each row; none of them sees
+        another, and positions restart in each."""
         if not torch.is_tensor(x) or x.ndim != 3 or x.shape[-1] != self.dim:
             shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
             raise ValueError(f"{type(self).__name__} expects input of shape (batch, seq, {self.dim}), got {shape}")
@@ -941,6 +950,26 @@ class AttentionLayers(Module):
 
         _check_bool_mask("mask", mask, (batch, seq_len))
         _check_bool_mask("self_attn_kv_mask", self_attn_kv_mask, (batch, seq_len))
+
+        # packed sequences - one description of the documents (offsets, positions) built here, read by every layer
+        described = dict(seq_lens=seq_lens, cu_seqlens=cu_seqlens, flash_pack_seq_kwargs=flash_pack_seq_kwargs)
+        if exists(packing) and any(exists(value) for value in described.values()):
+            raise ValueError("give either a built `packing` or one description of the packed documents, not both")
+        if not exists(packing):
+            restart_pos = pos if not static and pos_restarts(pos) else None
+            packing = build_packing(batch, seq_len, x.device, pos=restart_pos, **described)
+        if exists(packing):
+            if (packing.batch, packing.seq_len) != (batch, seq_len):
+                raise ValueError(f"the packing describes rows of shape {(packing.batch, packing.seq_len)}, x has {(batch, seq_len)}")
+            given = dict(cache=exists(cache) or static, mask=mask, self_attn_kv_mask=self_attn_kv_mask, mems=mems,
+                         seq_start_pos=seq_start_pos, recurrent_states=recurrent_states, context=context,
+                         rotary_pos_emb=rotary_pos_emb)
+            clash = [name for name, value in given.items() if value is not None and value is not False]
+            if clash:
+                raise ValueError(f"packed sequences cannot be combined with {clash} (decode or pad documents unpacked)")
+            if any(amount > 0 for amount in self.layer_shifts) or self.num_residual_streams > 1:
+                raise ValueError("packed sequences are not supported with shift_tokens or hyper-connections")
+            pos = packing.positions
         if exists(context):
             _check_bool_mask("context_mask", context_mask, context.shape[:2])
 
@@ -1039,6 +1068,7 @@ class AttentionLayers(Module):
         ]
         layer_indices = tuple(layers_execute_order)
         first_mixer_values = None
+        pack_kwargs = dict(pack=packing) if exists(packing) else dict()
 
         # input re-injection (arXiv 1909.01377) or in-attention conditioning (arXiv 2105.04090)
         inp_inject = None
@@ -1139,7 +1169,7 @@ class AttentionLayers(Module):
                     context_mask=self_attn_kv_mask,
                     attn_mask=attn_mask,
                     rel_pos=self.rel_pos,
-                    pos=None if static else pos,
+                    pos=None if static or exists(packing) else pos,
                     rotary_pos_emb=rotary_pos_emb,
                     prev_attn=prev_attn,
                     cache=next(iter_attn_cache, None),
@@ -1149,6 +1179,7 @@ class AttentionLayers(Module):
                     attn_bias=attn_bias,
                     value_residual=self_value_residual,
                     return_intermediates=True,
+                    **pack_kwargs,
                 )
             elif layer_type == "c":
                 out, inter = block(
@@ -1171,7 +1202,9 @@ class AttentionLayers(Module):
                     if not static_cache.fresh:
                         layer_cache = Intermediates(recurrent_state=state_entry.state, layer_type="l")
                 stack_kwargs = self._mixer_stack_kwargs(layer_indices[call_index], first_mixer_values)
-                out, inter = block(x, mask=mixer_mask, cache=layer_cache, return_intermediates=True, **stack_kwargs)
+                out, inter = block(
+                    x, mask=mixer_mask, cache=layer_cache, return_intermediates=True, **stack_kwargs, **pack_kwargs
+                )
                 if "value_first" in stack_kwargs and not exists(first_mixer_values):
                     first_mixer_values = inter.values
                 if static:
@@ -1593,6 +1626,24 @@ class TransformerWrapper(Module):
         b, n, device = x.shape[0], x.shape[1], x.device
         num_mems, has_memory_tokens = self.num_memory_tokens, self.num_memory_tokens > 0
         orig_mask = mask
+
+        # packed sequences (x_transformers/packing.py) - absolute positions restart in every document; the layers
+        # get the same description
+        packing = build_packing(
+            b, n, device,
+            seq_lens=kwargs.pop("seq_lens", None),
+            cu_seqlens=kwargs.pop("cu_seqlens", None),
+            pos=pos if pos_restarts(pos) else None,
+            flash_pack_seq_kwargs=kwargs.pop("flash_pack_seq_kwargs", None),
+        )
+        if exists(packing):
+            given = dict(cache=cache, mask=mask, mems=mems, seq_start_pos=seq_start_pos, prepend_embeds=prepend_embeds,
+                         cls_tokens=self.cls_token, memory_tokens=has_memory_tokens or None)
+            clash = [name for name, value in given.items() if exists(value)]
+            if clash:
+                raise ValueError(f"packed sequences cannot be combined with {clash} (decode or pad documents unpacked)")
+            pos = packing.positions
+            kwargs["packing"] = packing
 
         return_hiddens = return_mems | return_attn | return_intermediates | return_attn_z_loss
         return_embeddings = return_embeddings | (not exists(self.to_logits))

@@ -274,7 +274,11 @@ class Mixer(Module):
             "for mingru give it one with linear_attn_expansion_factor != 1"
         )
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, cache=None, return_intermediates: bool = False, **kwargs):
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, cache=None, return_intermediates: bool = False, pack=None, **kwargs
+    ):
+        """`pack`: a `Packing` (x_transformers/packing.py) of x's rows: its documents never mix, each starts from a
+        zero state, a fresh short-convolution window and token shift."""
         unknown = sorted(set(kwargs) - set(self.stack_inputs))
         if unknown:
             raise TypeError(f"linear_attn='{self.name}' got unexpected inputs {unknown}; it takes {list(self.stack_inputs)}")
@@ -293,7 +297,11 @@ class Mixer(Module):
         if not x.is_floating_point():
             raise TypeError(f"linear_attn='{self.name}' expects a floating point x, got {x.dtype}")
         x = autocast_input(x) if self.cast_input else x
-        if x.shape[0] == 0:
+        if exists(pack):
+            if exists(state) or exists(mask):
+                raise ValueError(f"linear_attn='{self.name}': packed documents take no cache and no mask")
+            result = self.mix_packed(x, pack, **kwargs)
+        elif x.shape[0] == 0:
             result = self.mix_empty_batch(x, mask, state, return_intermediates, **kwargs)
         else:
             result = self.mix(x, mask, state, want_state=return_intermediates, **kwargs)
@@ -304,6 +312,23 @@ class Mixer(Module):
         for name, value in outputs.items():
             setattr(inter, name, value)
         return out, inter
+
+    def mix_packed(self, x: Tensor, pack, **kwargs):
+        """`mix` over packed documents, exactly as if each ran alone: they are scattered into a right-padded batch
+        of one document per row (padding masked) and gathered back. Inputs from the stack laid out like x are
+        scattered too, outputs laid out like the padded batch gathered back. No state comes out: a packed batch
+        does not continue."""
+        b, n = x.shape[:2]
+        like_x = lambda t: torch.is_tensor(t) and t.ndim >= 2 and t.shape[:2] == (b, n)  # noqa: E731
+        padded, keep = pack.to_padded(x)
+        kwargs = {name: pack.to_padded(t)[0] if like_x(t) else t for name, t in kwargs.items()}
+        out, _, *outputs = self.mix(padded, keep, None, False, **kwargs)
+        rows = padded.shape[:2]
+        outputs = {
+            name: pack.from_padded(t) if torch.is_tensor(t) and t.ndim >= 2 and t.shape[:2] == rows else t
+            for name, t in (outputs[0] if outputs else {}).items()
+        }
+        return pack.from_padded(out), None, outputs
 
     def mix_empty_batch(self, x: Tensor, mask: Tensor | None, state: tuple | None, want_state: bool, **kwargs):
         """`mix` of a batch of size 0: one zero row is run and cut off again, so that every kernel sees a real
