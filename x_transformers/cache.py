@@ -38,14 +38,17 @@ class KeyValueBuffer:
     def write(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v (b, kv_heads, n, d) at the positions of this call's tokens; returns the whole buffers."""
         cache = self.cache
-        if self.k is None or self.k.shape[:2] != k.shape[:2] or self.k.dtype != k.dtype:
-            b, h = k.shape[:2]
-            self.k = k.new_zeros(b, h, cache.max_len, k.shape[-1])
-            self.v = v.new_zeros(b, h, cache.max_len, v.shape[-1])
+        fits = exists(self.k) and all(
+            buffer.shape[:2] == t.shape[:2] and buffer.shape[-1] == t.shape[-1] and buffer.dtype == t.dtype
+            for buffer, t in ((self.k, k), (self.v, v))
+        )
+        if not fits:
+            self.k = k.new_zeros(*k.shape[:2], cache.max_len, k.shape[-1])
+            self.v = v.new_zeros(*v.shape[:2], cache.max_len, v.shape[-1])
             cache.buffers_changed()
         positions = cache.positions(k.shape[-2])
         self.k.index_copy_(2, positions, k)
-        self.v.index_copy_(2, positions, v.to(self.v.dtype))
+        self.v.index_copy_(2, positions, v)
         return self.k, self.v
 
 
