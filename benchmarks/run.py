@@ -55,6 +55,7 @@ TRAIN = [
 # ours decodes on the fast path where it covers the model (the default on CUDA)
 DECODE = [
     ("softmax", [], True),
+    ("softmax, batch 1", ["--batch", "1"], True),
     ("softmax, plain cached loop", ["--generate-kwargs", '{"fast_decode": false}'], False),
     ("softmax, ALiBi", ["--config", '{"alibi_pos_bias": true, "rotary_pos_emb": false}'], False),
     ("softmax, shift tokens", ["--config", '{"shift_tokens": 1}'], False),
