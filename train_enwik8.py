@@ -3,6 +3,7 @@
     python train_enwik8.py                                   # classic setup, GPU if present (compiled there)
     python train_enwik8.py --num-batches 60 --batch-size 4 --grad-accum 1 --seq-len 128 --out-dir out
     python train_enwik8.py --out-dir out --resume            # continue from out/checkpoint.pt
+    python train_enwik8.py --pack                            # documents (split on blank lines) never see each other
     python generate.py --checkpoint out/checkpoint.pt --prompt "ROMEO:"   # sample from the checkpoint
     torchrun --nproc_per_node 2 train_enwik8.py [--fsdp]     # multi-GPU (or 2 CPU ranks over gloo)
 
@@ -23,6 +24,7 @@ import argparse
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from loguru import logger
 from tqdm import tqdm
 
@@ -84,6 +86,11 @@ def build_parser():
     p.add_argument("--device", default=None, help="cpu / cuda / cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=sorted(T.DTYPES),
                    help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--pack", action="store_true",
+                   help="packed documents: the corpus is split into documents on --doc-separator, each training row "
+                        "(a fixed-size window) holds several that never attend to, mix with or predict each other")
+    p.add_argument("--doc-separator", default="\n\n", type=lambda s: s.encode().decode("unicode_escape"),
+                   help="with --pack: the text that ends a document (backslash escapes allowed; default a blank line)")
     p.add_argument("--seed", type=T.non_negative_int, default=42, help="seeds weights, data order and samples")
     return p
 
@@ -173,6 +180,10 @@ def main(argv=None):
     logger.info(f"model: {n_params / 1e6:.2f}M parameters, device {device}, autocast {dtype}, "
                 f"world {dist_info.world_size}")
     modes = T.step_modes(args.step_mode, device, dist_info)
+    if args.pack and args.step_mode == "auto" and modes != ["eager"]:
+        # each packed batch has its own documents (offsets read on the host): no fixed graph to compile or capture
+        modes = ["eager"]
+        logger.info("--pack: eager steps (every batch packs different documents)")
     flops_per_token = T.flops_per_token(model, args.seq_len)
     peak = T.peak_flops(device, dtype, args.peak_tflops)
     logger.info(f"training step: {' -> '.join(modes)} (--step-mode {args.step_mode}); "
@@ -202,8 +213,7 @@ def main(argv=None):
     with T.StopOnSignal() as stop:
         for step in bar:
             model.train()
-            batches = [(T.random_crops(train_data, args.batch_size, args.seq_len + 1, data_gen),)
-                       for _ in range(args.grad_accum)]
+            batches = [draw_batch(train_data, args, data_gen) for _ in range(args.grad_accum)]
             loss = train_step(batches)
 
             done = step + 1
@@ -255,8 +265,23 @@ def main(argv=None):
     T.finish(dist_info)
 
 
-def lm_loss(module, x):
-    return module(x)
+def draw_batch(data, args, generator) -> tuple:
+    """One micro-batch of random windows of --seq-len + 1 bytes; with --pack also their in-document positions."""
+    windows = T.random_crops(data, args.batch_size, args.seq_len + 1, generator)
+    if not args.pack:
+        return (windows,)
+    return windows, T.document_positions(windows, args.doc_separator.encode())
+
+
+def lm_loss(module, x, positions=None):
+    if positions is None:
+        return module(x)
+    # packed rows: position ids that restart at 0 describe the documents to the model, and the first token of each
+    # document is not a target (it does not follow from the document before)
+    _, (logits, intermediates) = module(x, return_outputs=True, pos=positions[:, :-1])
+    loss = F.cross_entropy(logits.transpose(1, 2).float(), T.packed_targets(x, positions), ignore_index=-100)
+    aux_loss = getattr(intermediates, "aux_loss", None)
+    return loss + aux_loss if aux_loss is not None else loss
 
 
 def throughput(tokens_per_s, flops_per_token, peak, **postfix) -> dict:
@@ -276,9 +301,9 @@ def validate(model, val_data, val_gen, args, device, dtype, dist_info) -> float:
     # batches of one step's sequences (in micro-batches): a resumed run that trades --batch-size for --grad-accum at
     # the same product validates on the same sequences
     for _ in range(args.val_batches * args.grad_accum):
-        x = T.random_crops(val_data, args.batch_size, args.seq_len + 1, val_gen).to(device)
+        batch = [t.to(device) for t in draw_batch(val_data, args, val_gen)]
         with T.autocast(device, dtype):
-            losses.append(model(x).item())
+            losses.append(lm_loss(model, *batch).item())
     return T.all_reduce_mean(sum(losses) / len(losses), dist_info, device)
 
 

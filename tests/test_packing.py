@@ -193,3 +193,38 @@ def test_forgetting_attention_fused_equals_dense(monkeypatch, packed):
     for a, b in zip(grads_fused, grads_dense):
         if a is not None or b is not None:
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+def test_pack_data_builder():
+    from x_transformers.training import document_positions, packed_targets
+
+    text = b"ab\n\ncde\n\n\n\nf"
+    windows = torch.tensor([list(text), list(text[3:] + text[:3])])
+    pos = document_positions(windows, b"\n\n")
+    # row 0: "ab\n\n" | "cde\n\n" | "\n" | "\n" | "f": a document ends where a separator does (in a run of
+    # newlines, at every one after the first)
+    assert pos[0].tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 4, 0, 0, 0]
+    # row 1 starts inside a separator: the cut first document starts the row
+    assert pos[1].tolist() == [0, 1, 2, 3, 4, 5, 0, 0, 0, 1, 2, 3]
+    targets = packed_targets(windows, pos)
+    # no target is the first token of a document
+    assert (targets[0] == -100).tolist() == [p == 0 for p in pos[0, 1:].tolist()]
+    assert targets[0, 0] == ord("b") and targets[0, 3] == -100
+
+
+def test_train_enwik8_pack_loss_ignores_boundaries():
+    import train_enwik8
+
+    model = make_model()
+    from x_transformers import AutoregressiveWrapper
+
+    wrapper = AutoregressiveWrapper(model)
+    x = torch.randint(0, TOKENS, (2, 9))
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0, 1], list(range(9))])
+    loss = train_enwik8.lm_loss(wrapper, x, pos)
+    # the same loss from the documents one by one, over the targets inside each document
+    logits = torch.cat([model(d[None]) for d in x[0, :-1].split([3, 4, 1])], dim=1)
+    logits = torch.cat((logits, model(x[1:, :-1])))
+    target = x[:, 1:].masked_fill(pos[:, 1:] == 0, -100)
+    expected = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100)
+    torch.testing.assert_close(loss, expected)

@@ -789,6 +789,31 @@ def random_crops(data: torch.Tensor, batch_size: int, length: int, generator: to
     return torch.stack([data[s : s + length] for s in starts.tolist()]).long()
 
 
+def document_positions(windows: torch.Tensor, separator: bytes) -> torch.Tensor:
+    """Packed training rows: each token's position (b, n) within its document, documents ending with `separator`
+    (its last byte is the last token of a document; in a run of separators, every further byte ends one more) and
+    each row starting a document (its first, cut one). Position
+    ids that restart at 0 are what `TransformerWrapper(..., pos=)` takes as a packed batch."""
+    if not separator:
+        raise UsageError("the document separator must not be empty")
+    b, n = windows.shape
+    sep = torch.tensor(list(separator), dtype=windows.dtype, device=windows.device)
+    ends = torch.zeros(b, n, dtype=torch.bool, device=windows.device)
+    if n >= len(sep):
+        matches = windows.unfold(1, len(sep), 1).eq(sep).all(dim=-1)  # (b, n - len + 1), a match starting at t
+        ends[:, len(sep) - 1 :] = matches
+    starts = torch.nn.functional.pad(ends[:, :-1], (1, 0), value=True)
+    index = torch.arange(n, device=windows.device).expand(b, n)
+    last_start = torch.where(starts, index, 0).cummax(dim=1).values
+    return index - last_start
+
+
+def packed_targets(windows: torch.Tensor, positions: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Next-token targets (b, n - 1) of packed rows: the first token of a document is not predicted from the end of
+    the one before it."""
+    return windows[:, 1:].masked_fill(positions[:, 1:] == 0, ignore_index)
+
+
 def printable(text: str) -> str:
     """Control characters other than newline / tab shown as spaces: a byte model's output never drives the
     terminal (escape sequences, carriage returns)."""
