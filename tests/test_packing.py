@@ -168,8 +168,8 @@ def test_flash_pack_seq_flag_accepted():
     torch.testing.assert_close(model(x, seq_lens=[2, 4])[:, :2], model(x[:, :2]))
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_forgetting_attention_fused_equals_dense(monkeypatch, packed):
+@pytest.mark.parametrize("packed, forget", [(False, True), (True, True), (True, False)])
+def test_forgetting_attention_fused_equals_dense(monkeypatch, packed, forget):
     """attn_data_dependent_alibi through ops.flash_attention (forget gates as g) vs today's dense bias, forward and
     backward; grouped kv heads exercise the head regrouping."""
     from x_transformers.attention import Attention
@@ -178,7 +178,7 @@ def test_forgetting_attention_fused_equals_dense(monkeypatch, packed):
     # the Triton kernels on CPU (tests/conftest.py set the interpreter up); `use_triton` reads this at each call
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     torch.manual_seed(0)
-    attn = Attention(dim=16, heads=4, kv_heads=2, dim_head=16, causal=True, data_dependent_alibi=True)
+    attn = Attention(dim=16, heads=4, kv_heads=2, dim_head=16, causal=True, data_dependent_alibi=forget)
     x = torch.randn(2, 9, 16, requires_grad=True)
     packing = build_packing(2, 9, "cpu", seq_lens=[[4, 5], [1, 8]]) if packed else None
     kwargs = dict(pack=packing) if packed else dict()
