@@ -7,13 +7,22 @@ so they never see each other and cost no work for the pairs across documents.
 
   forward:  per query block, the key blocks fully below the diagonal without masks, then the diagonal ones masked;
             stores o and the row log-sum-exp (base 2, fp32).
-  backward: delta_i = do_i . o_i; per key block (and every query head sharing its kv head) dk, dv and the gate
-            gradient of its keys, dc_j = -sum_i ds_ij; per query block dq. The row sums of ds vanish (they are
-            sum_j p_ij dp_ij - delta_i), so dc needs only the column sums; dg is its reverse cumsum in each document.
+  backward: delta_i = do_i . o_i; per key block (and every query head sharing its kv head) dk, dv and the column
+            sums of ds (the gate gradient of its keys); per query block dq and the row sums of ds, which it adds:
+            dc_t = sum_j ds_tj - sum_i ds_it. The row sums vanish in exact arithmetic, but not with delta taken from
+            the rounded output (a bf16 o is off by 2**-9 in every row), and dg, the reverse cumsum of dc over the
+            document, would add those per-row errors up over thousands of rows; with both sums every ds enters dg
+            once with each sign, and the errors stay near their rows.
 
-All softmax arithmetic is fp32 in base 2 (exp2 with log2(e) folded into the scale); products take the inputs'
-dtype with fp32 accumulation. Offsets inside one document are int32 (T * H * max(K, V) < 2**31 per document),
-document starts int64. Query head h reads kv head h // (H // HK), as flash-attn and SDPA's enable_gqa do.
+The gate enters as the bias c_i - c_j only, but c itself grows without bound along a document (-1e4 after 1000 steps
+of -10): rounded to fp32 it would carry an error of ulp(c) / 2 ~ 5e-4 into every bias, 10x the fp32 tolerance. So c
+(times log2(e)) is summed in fp64 and passed as two fp32 parts, hi + lo; the kernels subtract the hi parts first,
+which rounds once relative to the difference itself (not to |c|), then the small lo parts.
+
+All softmax arithmetic is fp32 in base 2 (exp2 with log2(e) folded into the scale and into c); products take the
+inputs' dtype with fp32 accumulation (fp32 inputs exact "ieee" products, not TF32). Offsets inside one document are
+int32 (T * H * max(K, V) < 2**31 per document), document starts int64. Query head h reads kv head h // (H // HK), as
+flash-attn and SDPA's enable_gqa do.
 """
 
 from __future__ import annotations
@@ -21,12 +30,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from x_transformers.ops.common.bounds import chunk_bounds
 from x_transformers.ops.common.chunk_index import prepare_chunk_indices
-from x_transformers.ops.common.cumsum import reverse_cumsum
 from x_transformers.ops.common.tiles import load_tile, store_tile
 from x_transformers.ops.common.utils import interpreting, min_dot_tile
 
@@ -60,8 +69,18 @@ def _grid_block(NBH, H, BM: tl.constexpr, T, cu_seqlens, chunk_indices, IS_VARLE
 
 
 @triton.jit
+def _gate_diff(b_hr, b_lr, ch, cl, o_c, m_c, H: tl.constexpr):
+    """[rows, cols] tile of c_row - c_col (base 2) for rows given as (hi, lo) vectors and the columns at positions o_c:
+    hi minus hi first (exact where the bias matters), then the lo parts. Swapping rows and columns gives exactly the
+    negated tile, so the forward and both backward kernels see bit-identical biases."""
+    b_hc = tl.load(ch + o_c * H, mask=m_c, other=0)
+    b_lc = tl.load(cl + o_c * H, mask=m_c, other=0)
+    return (b_hr[:, None] - b_hc[None, :]) + (b_lr[:, None] - b_lc[None, :])
+
+
+@triton.jit
 def _fwd_step(
-    b_q, b_ci, k, v, c, j0, o_m, T, b_m, b_l, b_acc, qk_scale,
+    b_q, b_chi, b_clo, k, v, ch, cl, j0, o_m, T, b_m, b_l, b_acc, qk_scale,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -72,7 +91,7 @@ def _fwd_step(
     b_kt = load_tile(k, o_d, o_d < K, 1, o_n, m_n, HK * K)
     b_s = tl.dot(b_q, b_kt, input_precision=PREC) * qk_scale
     if USE_G:
-        b_s += b_ci[:, None] - tl.load(c + o_n * H, mask=m_n, other=0) * LOG2E
+        b_s += _gate_diff(b_chi, b_clo, ch, cl, o_n, m_n, H)
     if MASK:
         keep = m_n[None, :]
         if CAUSAL:
@@ -89,7 +108,7 @@ def _fwd_step(
 
 @triton.jit
 def attn_fwd_kernel(
-    q, k, v, c, o, lse, cu_seqlens, chunk_indices, qk_scale, T, NBH,
+    q, k, v, ch, cl, o, lse, cu_seqlens, chunk_indices, qk_scale, T, NBH,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BD: tl.constexpr, CAUSAL: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
@@ -104,10 +123,13 @@ def attn_fwd_kernel(
     k += (bos * HK + i_hk) * K
     v += (bos * HK + i_hk) * V
     b_q = load_tile(q, o_m, m_m, H * K, o_d, o_d < K, 1)
-    b_ci = tl.zeros([BM], dtype=tl.float32)
+    b_chi = tl.zeros([BM], dtype=tl.float32)
+    b_clo = tl.zeros([BM], dtype=tl.float32)
     if USE_G:
-        c += bos * H + i_h
-        b_ci = tl.load(c + o_m * H, mask=m_m, other=0) * LOG2E
+        ch += bos * H + i_h
+        cl += bos * H + i_h
+        b_chi = tl.load(ch + o_m * H, mask=m_m, other=0)
+        b_clo = tl.load(cl + o_m * H, mask=m_m, other=0)
 
     b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BM], dtype=tl.float32)
@@ -118,10 +140,10 @@ def attn_fwd_kernel(
     else:
         full, end = (T // BN) * BN, T
     for j0 in range(0, full, BN):
-        b_m, b_l, b_acc = _fwd_step(b_q, b_ci, k, v, c, j0, o_m, T, b_m, b_l, b_acc, qk_scale,
+        b_m, b_l, b_acc = _fwd_step(b_q, b_chi, b_clo, k, v, ch, cl, j0, o_m, T, b_m, b_l, b_acc, qk_scale,
                                     H, HK, K, V, BN, BD, False, CAUSAL, USE_G, PREC)
     for j0 in range(full, end, BN):
-        b_m, b_l, b_acc = _fwd_step(b_q, b_ci, k, v, c, j0, o_m, T, b_m, b_l, b_acc, qk_scale,
+        b_m, b_l, b_acc = _fwd_step(b_q, b_chi, b_clo, k, v, ch, cl, j0, o_m, T, b_m, b_l, b_acc, qk_scale,
                                     H, HK, K, V, BN, BD, True, CAUSAL, USE_G, PREC)
 
     store_tile(o + (bos * H + i_h) * V, b_acc / b_l[:, None], o_m, m_m, H * V, o_d, o_d < V, 1)
@@ -141,7 +163,7 @@ def attn_bwd_delta_kernel(o, do, delta, R, V: tl.constexpr, BR: tl.constexpr, BD
 
 @triton.jit
 def _dkdv_step(
-    b_k, b_v, b_cj, q, do, c, lse, delta, i0, o_n, T, b_dk, b_dv, b_dc, qk_scale,
+    b_k, b_v, b_chj, b_clj, q, do, ch, cl, lse, delta, i0, o_n, T, b_dk, b_dv, b_dc, qk_scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
     MASK: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -156,7 +178,7 @@ def _dkdv_step(
     b_delta = tl.load(delta + o_m * H, mask=m_m, other=0)
     b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * qk_scale
     if USE_G:
-        b_st += tl.load(c + o_m * H, mask=m_m, other=0)[None, :] * LOG2E - b_cj[:, None]
+        b_st -= _gate_diff(b_chj, b_clj, ch, cl, o_m, m_m, H)
     if MASK:
         # masked before the exponential: future pairs' exponents can overflow under strong gates
         b_st = tl.where(o_m[None, :] >= o_n[:, None], b_st, float("-inf"))
@@ -172,13 +194,13 @@ def _dkdv_step(
 
 @triton.jit
 def attn_bwd_dkdv_kernel(
-    q, k, v, c, lse, delta, do, dk, dv, dc, cu_seqlens, chunk_indices, scale, qk_scale, T, NBH,
+    q, k, v, ch, cl, lse, delta, do, dk, dv, dc, cu_seqlens, chunk_indices, scale, qk_scale, T, NBH,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BD: tl.constexpr, CAUSAL: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """grid (key blocks * B * HK,). dk, dv of one key block of one kv head, summed over the query heads that share
-    it, and dc (one row per query head) of its keys. Causal grids run in order: the first key blocks carry the most
-    work."""
+    it, and dc = -(column sums of ds) (one row per query head) of its keys. Causal grids run in order: the first key
+    blocks carry the most work."""
     i_bhk, i_hk, i_t, bos, T = _grid_block(NBH, HK, BN, T, cu_seqlens, chunk_indices, IS_VARLEN, False)
     j0 = i_t * BN
     o_n = j0 + tl.arange(0, BN)
@@ -196,18 +218,22 @@ def attn_bwd_dkdv_kernel(
     for i_g in range(H // HK):
         i_h = i_hk * (H // HK) + i_g
         row = bos * H + i_h
-        p_c = c
-        b_cj = tl.zeros([BN], dtype=tl.float32)
+        p_ch, p_cl = ch, cl
+        b_chj = tl.zeros([BN], dtype=tl.float32)
+        b_clj = tl.zeros([BN], dtype=tl.float32)
         if USE_G:
-            p_c = c + row
-            b_cj = tl.load(p_c + o_n * H, mask=m_n, other=0) * LOG2E
+            p_ch, p_cl = ch + row, cl + row
+            b_chj = tl.load(p_ch + o_n * H, mask=m_n, other=0)
+            b_clj = tl.load(p_cl + o_n * H, mask=m_n, other=0)
         b_dc = tl.zeros([BN], dtype=tl.float32)
         for i0 in range(start, full, BM):
-            b_dk, b_dv, b_dc = _dkdv_step(b_k, b_v, b_cj, q + row * K, do + row * V, p_c, lse + row, delta + row,
-                                          i0, o_n, T, b_dk, b_dv, b_dc, qk_scale, H, K, V, BM, BD, True, USE_G, PREC)
+            b_dk, b_dv, b_dc = _dkdv_step(b_k, b_v, b_chj, b_clj, q + row * K, do + row * V, p_ch, p_cl, lse + row,
+                                          delta + row, i0, o_n, T, b_dk, b_dv, b_dc, qk_scale, H, K, V, BM, BD, True,
+                                          USE_G, PREC)
         for i0 in range(full, T, BM):
-            b_dk, b_dv, b_dc = _dkdv_step(b_k, b_v, b_cj, q + row * K, do + row * V, p_c, lse + row, delta + row,
-                                          i0, o_n, T, b_dk, b_dv, b_dc, qk_scale, H, K, V, BM, BD, False, USE_G, PREC)
+            b_dk, b_dv, b_dc = _dkdv_step(b_k, b_v, b_chj, b_clj, q + row * K, do + row * V, p_ch, p_cl, lse + row,
+                                          delta + row, i0, o_n, T, b_dk, b_dv, b_dc, qk_scale, H, K, V, BM, BD, False,
+                                          USE_G, PREC)
         if USE_G:
             tl.store(dc + row + o_n * H, b_dc, mask=m_n)
     store_tile(dk + (bos * HK + i_hk) * K, b_dk * scale, o_n, m_n, HK * K, o_d, o_d < K, 1)
@@ -216,7 +242,7 @@ def attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_step(
-    b_q, b_do, b_ci, b_lse, b_delta, k, v, c, j0, o_m, T, b_dq, qk_scale,
+    b_q, b_do, b_chi, b_clo, b_lse, b_delta, k, v, ch, cl, j0, o_m, T, b_dq, b_dc, qk_scale,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -227,7 +253,7 @@ def _dq_step(
     b_vt = load_tile(v, o_d, o_d < V, 1, o_n, m_n, HK * V)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
     if USE_G:
-        b_s += b_ci[:, None] - tl.load(c + o_n * H, mask=m_n, other=0) * LOG2E
+        b_s += _gate_diff(b_chi, b_clo, ch, cl, o_n, m_n, H)
     if MASK:
         keep = m_n[None, :]
         if CAUSAL:
@@ -235,16 +261,19 @@ def _dq_step(
         b_s = tl.where(keep, b_s, float("-inf"))
     b_p = tl.exp2(b_s - b_lse[:, None])
     b_ds = b_p * (tl.dot(b_do, b_vt, input_precision=PREC) - b_delta[:, None])
-    return b_dq + tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+    if USE_G:
+        b_dc += tl.sum(b_ds, 1)
+    return b_dq + tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC), b_dc
 
 
 @triton.jit
 def attn_bwd_dq_kernel(
-    q, k, v, c, lse, delta, do, dq, cu_seqlens, chunk_indices, scale, qk_scale, T, NBH,
+    q, k, v, ch, cl, lse, delta, do, dq, dc, cu_seqlens, chunk_indices, scale, qk_scale, T, NBH,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BD: tl.constexpr, CAUSAL: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """grid (query blocks * B * H,). dq of one query block of one head, walking key blocks as the forward does."""
+    """grid (query blocks * B * H,). dq of one query block of one head, walking key blocks as the forward does; adds
+    the row sums of ds to the dc that the dk / dv kernel left."""
     i_bh, i_h, i_t, bos, T = _grid_block(NBH, H, BM, T, cu_seqlens, chunk_indices, IS_VARLEN, CAUSAL)
     i_hk = i_h // (H // HK)
     i0 = i_t * BM
@@ -256,38 +285,61 @@ def attn_bwd_dq_kernel(
     b_do = load_tile(do + row * V, o_m, m_m, H * V, o_d, o_d < V, 1)
     b_lse = tl.load(lse + row + o_m * H, mask=m_m, other=float("inf"))
     b_delta = tl.load(delta + row + o_m * H, mask=m_m, other=0)
-    b_ci = tl.zeros([BM], dtype=tl.float32)
+    b_chi = tl.zeros([BM], dtype=tl.float32)
+    b_clo = tl.zeros([BM], dtype=tl.float32)
     if USE_G:
-        c += row
-        b_ci = tl.load(c + o_m * H, mask=m_m, other=0) * LOG2E
+        ch += row
+        cl += row
+        b_chi = tl.load(ch + o_m * H, mask=m_m, other=0)
+        b_clo = tl.load(cl + o_m * H, mask=m_m, other=0)
     k += (bos * HK + i_hk) * K
     v += (bos * HK + i_hk) * V
     b_dq = tl.zeros([BM, BD], dtype=tl.float32)
+    b_dc = tl.zeros([BM], dtype=tl.float32)
     if CAUSAL:
         full, end = i0, tl.minimum(i0 + BM, T)
     else:
         full, end = (T // BN) * BN, T
     for j0 in range(0, full, BN):
-        b_dq = _dq_step(b_q, b_do, b_ci, b_lse, b_delta, k, v, c, j0, o_m, T, b_dq, qk_scale,
-                        H, HK, K, V, BN, BD, False, CAUSAL, USE_G, PREC)
+        b_dq, b_dc = _dq_step(b_q, b_do, b_chi, b_clo, b_lse, b_delta, k, v, ch, cl, j0, o_m, T, b_dq, b_dc,
+                              qk_scale, H, HK, K, V, BN, BD, False, CAUSAL, USE_G, PREC)
     for j0 in range(full, end, BN):
-        b_dq = _dq_step(b_q, b_do, b_ci, b_lse, b_delta, k, v, c, j0, o_m, T, b_dq, qk_scale,
-                        H, HK, K, V, BN, BD, True, CAUSAL, USE_G, PREC)
+        b_dq, b_dc = _dq_step(b_q, b_do, b_chi, b_clo, b_lse, b_delta, k, v, ch, cl, j0, o_m, T, b_dq, b_dc,
+                              qk_scale, H, HK, K, V, BN, BD, True, CAUSAL, USE_G, PREC)
     store_tile(dq + row * K, b_dq * scale, o_m, m_m, H * K, o_d, o_d < K, 1)
+    if USE_G:
+        p_dc = dc + row + o_m * H
+        tl.store(p_dc, tl.load(p_dc, mask=m_m, other=0) + b_dc, mask=m_m)
+
+
+def _document_bounds(cu_seqlens: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first token, end) of the packed document of every token."""
+    doc = torch.bucketize(torch.arange(T, device=cu_seqlens.device), cu_seqlens[1:], right=True)
+    return cu_seqlens[doc], cu_seqlens[doc + 1]
 
 
 def forget_cumsum(g: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-    """c = cumsum(g) over time within each document, `[B, T, H]` fp32. Summed in fp64 and rounded once, so that c
-    carries no drift however long the document (its differences c_i - c_j are the attention biases)."""
+    """c * log2(e), c = cumsum(g) over time within each document, as `[2, B, T, H]` fp32: hi = c rounded to fp32,
+    lo = what that rounding lost. Summed in fp64, so that the kernels' c_i - c_j keeps fp64's accuracy however large
+    |c| grows along the document."""
     c = g.double().cumsum(1)
     if cu_seqlens is not None:
-        # restart at every document: subtract the sum of everything before its first token
-        T = g.shape[1]
-        before = torch.cat([c.new_zeros(1, 1, g.shape[2]), c[:, :-1]], 1)
-        pos = torch.arange(T, device=g.device)
-        doc = torch.bucketize(pos, cu_seqlens[1:], right=True)
-        c = c - before[:, cu_seqlens[doc]]
-    return c.float().contiguous()
+        # restart at every document: subtract the sum of everything before its first token (c before 0 is 0)
+        c = c - F.pad(c, (0, 0, 1, 0))[:, _document_bounds(cu_seqlens, g.shape[1])[0]]
+    c = c * math.log2(math.e)
+    hi = c.float()
+    return torch.stack([hi, (c - hi.double()).float()])
+
+
+def forget_cumsum_backward(dc: torch.Tensor, cu_seqlens: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """dg from dc (the gradient of c): its suffix sums within each document, in fp64. Summed from the end, so that a
+    gate after the last token a loss reads gets exactly zero gradient (the zeros after it sum to zero in any order;
+    an in-chunk suffix taken as total minus prefix would leave rounding there)."""
+    r = dc.double().flip(1).cumsum(1).flip(1)
+    if cu_seqlens is not None:
+        # stop at every document's end: subtract the suffix sum from the next document's first token (0 past T)
+        r = r - F.pad(r, (0, 0, 0, 1))[:, _document_bounds(cu_seqlens, dc.shape[1])[1]]
+    return r.to(dtype)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -324,8 +376,9 @@ def flash_attn_fwd(q, k, v, c, scale, causal, cu_seqlens):
     chunk_indices, NB = _grid_blocks(cu_seqlens, B, T, BM)
     o = torch.empty(B, T, H, V, dtype=v.dtype, device=q.device)
     lse = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
+    ch, cl = (None, None) if c is None else c.unbind()
     attn_fwd_kernel[(NB * B * H,)](
-        q, k, v, c, o, lse, cu_seqlens, chunk_indices, scale * LOG2E.value, T, B * H,
+        q, k, v, ch, cl, o, lse, cu_seqlens, chunk_indices, scale * LOG2E.value, T, B * H,
         H=H, HK=HK, K=K, V=V, BM=BM, BN=BN, BD=head_tile(K, V, q.dtype), CAUSAL=causal, USE_G=c is not None,
         PREC=_precision(q.dtype), IS_VARLEN=cu_seqlens is not None, num_warps=FWD_WARPS, num_stages=FWD_STAGES,
     )
@@ -338,6 +391,7 @@ def flash_attn_bwd(q, k, v, c, o, lse, do, scale, causal, cu_seqlens):
     BD = head_tile(K, V, q.dtype)
     common = dict(H=H, HK=HK, K=K, V=V, BD=BD, CAUSAL=causal, USE_G=c is not None, PREC=_precision(q.dtype),
                   IS_VARLEN=cu_seqlens is not None)
+    ch, cl = (None, None) if c is None else c.unbind()
 
     delta = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
     R = B * T * H
@@ -345,11 +399,12 @@ def flash_attn_bwd(q, k, v, c, o, lse, do, scale, causal, cu_seqlens):
     attn_bwd_delta_kernel[(triton.cdiv(R, BR),)](o, do, delta, R, V=V, BR=BR, BD=triton.next_power_of_2(V))
 
     dk, dv = torch.empty_like(k), torch.empty_like(v)
+    # the dk / dv kernel stores minus the column sums of ds, the dq kernel adds the row sums
     dc = torch.empty(B, T, H, dtype=torch.float32, device=q.device) if c is not None else None
     BM, BN = _tiles(q.dtype, DKDV_BM, DKDV_BN)
     chunk_indices, NB = _grid_blocks(cu_seqlens, B, T, BN)
     attn_bwd_dkdv_kernel[(NB * B * HK,)](
-        q, k, v, c, lse, delta, do, dk, dv, dc, cu_seqlens, chunk_indices, scale, scale * LOG2E.value, T, B * HK,
+        q, k, v, ch, cl, lse, delta, do, dk, dv, dc, cu_seqlens, chunk_indices, scale, scale * LOG2E.value, T, B * HK,
         BM=BM, BN=BN, **common, num_warps=DKDV_WARPS, num_stages=DKDV_STAGES,
     )
 
@@ -357,7 +412,7 @@ def flash_attn_bwd(q, k, v, c, o, lse, do, scale, causal, cu_seqlens):
     BM, BN = _tiles(q.dtype, DQ_BM, DQ_BN)
     chunk_indices, NB = _grid_blocks(cu_seqlens, B, T, BM)
     attn_bwd_dq_kernel[(NB * B * H,)](
-        q, k, v, c, lse, delta, do, dq, cu_seqlens, chunk_indices, scale, scale * LOG2E.value, T, B * H,
+        q, k, v, ch, cl, lse, delta, do, dq, dc, cu_seqlens, chunk_indices, scale, scale * LOG2E.value, T, B * H,
         BM=BM, BN=BN, **common, num_warps=DQ_WARPS, num_stages=DQ_STAGES,
     )
     return dq, dk, dv, dc
@@ -378,7 +433,7 @@ class FlashAttentionFunction(torch.autograd.Function):
         q, k, v, c, o, lse, cu_seqlens = ctx.saved_tensors
         dq, dk, dv, dc = flash_attn_bwd(q, k, v, c, o, lse, do.contiguous(), ctx.scale, ctx.causal, cu_seqlens)
         # c = cumsum(g) within documents, so dg is the reverse cumsum of dc within them
-        dg = reverse_cumsum(dc, cu_seqlens, out_dtype=ctx.g_dtype) if ctx.needs_input_grad[3] else None
+        dg = forget_cumsum_backward(dc, cu_seqlens, ctx.g_dtype) if ctx.needs_input_grad[3] else None
         return dq, dk, dv, dg, None, None, None
 
 
