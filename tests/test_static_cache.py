@@ -18,6 +18,7 @@ from x_transformers.cache import StaticCache, static_cache_refusal
 from x_transformers.feedforward import FeedForward
 from x_transformers.mixers import MIXERS, mixer_class
 from x_transformers.moe import MoE
+from x_transformers.tensor_product_attention import TensorProductAttention
 from x_transformers.x_transformers import AttentionLayers
 
 NUM_TOKENS = 32
@@ -122,6 +123,11 @@ FLAGS = dict(
     attn_flash_pack_seq=(dict(attn_flash_pack_seq=True), {}),
     attn_use_latent_q=(dict(attn_use_latent_q=True, attn_dim_latent_q=16), {}),
     attn_use_latent_kv=(dict(attn_use_latent_kv=True, attn_dim_latent_kv=16), {}),
+    attn_tensor_product=(dict(attn_tensor_product=True, attn_dim_head=8, rotary_pos_emb=True), {}),
+    attn_tensor_product_q_rank=(dict(attn_tensor_product=True, attn_tensor_product_q_rank=2), {}),
+    attn_tensor_product_k_rank=(dict(attn_tensor_product=True, attn_tensor_product_k_rank=3), {}),
+    attn_tensor_product_v_rank=(dict(attn_tensor_product=True, attn_tensor_product_v_rank=1), {}),
+    attn_tensor_product_multi_product=(dict(attn_tensor_product=True, attn_tensor_product_multi_product=True), {}),
     attn_latent_rope_subheads=(dict(attn_use_latent_kv=True, attn_dim_latent_kv=16, attn_latent_rope_subheads=2,
                                     rotary_pos_emb=True), {}),
     # feedforward and mixture of experts
@@ -198,7 +204,9 @@ def constructor_flags():
 
     return (
         params(AttentionLayers) | params(Attention, "attn_") | params(FeedForward, "ff_") | params(MoE, "ff_")
-        | params(TransformerWrapper)
+        | params(TransformerWrapper) | {"attn_tensor_product"}
+        | params(TensorProductAttention, "attn_tensor_product_") - {f"attn_tensor_product_{name}" for name in (
+            "dim", "heads", "dim_head", "causal", "flash", "dropout", "zero_init_output")}
     )
 
 

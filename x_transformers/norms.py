@@ -141,3 +141,38 @@ class MultiheadRMSNorm(Module):
 
     def forward(self, x):
         return self.rmsnorm(x) * (self.gamma + 1.0)
+
+
+class DynamicTanh(Module):
+    """Dynamic Tanh (DyT), arXiv 2503.10622: tanh(alpha * x) * gamma + beta, a normalization-free stand-in for the
+    norm. alpha is one learned scalar, gamma and beta learned per feature. With `unit_offset` every parameter is
+    stored as its offset from its init (alpha - init_alpha, gamma - 1), so weight decay pulls towards the init."""
+
+    def __init__(self, dim, init_alpha=1.0, unit_offset=False):
+        super().__init__()
+        self.pre_tanh_scale_offset = float(init_alpha) if unit_offset else 0.0
+        self.gamma_offset = float(unit_offset)
+        self.pre_tanh_scale = nn.Parameter(torch.tensor(float(init_alpha) - self.pre_tanh_scale_offset))
+        self.gamma = nn.Parameter(torch.full((dim,), 1.0 - self.gamma_offset))
+        self.beta = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        alpha = self.pre_tanh_scale + self.pre_tanh_scale_offset
+        return torch.tanh(x * alpha) * (self.gamma + self.gamma_offset) + self.beta
+
+
+class Derf(Module):
+    """Dynamic erf (Derf), arXiv 2512.10938: erf(alpha * x + s) * gamma + beta, with a learned scalar scale alpha and
+    shift s, gamma and beta learned per feature. `unit_offset` stores alpha and gamma as their offsets from one."""
+
+    def __init__(self, dim, init_alpha=0.5, init_bias=0.0, unit_offset=False):
+        super().__init__()
+        self.scale_offset = float(unit_offset)
+        self.alpha = nn.Parameter(torch.tensor(float(init_alpha) - self.scale_offset))
+        self.s = nn.Parameter(torch.tensor(float(init_bias)))
+        self.gamma = nn.Parameter(torch.full((dim,), 1.0 - self.scale_offset))
+        self.beta = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        x = x * (self.alpha + self.scale_offset) + self.s
+        return torch.erf(x) * (self.gamma + self.scale_offset) + self.beta

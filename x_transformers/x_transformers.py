@@ -52,7 +52,8 @@ from x_transformers.utils import (
 from x_transformers.attend import Attend, Intermediates
 from x_transformers.attention import Attention
 from x_transformers.cache import StaticCache, module_refusal, static_cache_refusal
-from x_transformers.feedforward import FeedForward, GLU, ReluSquared
+from x_transformers.tensor_product_attention import TensorProductAttention
+from x_transformers.feedforward import FF_DENSE_ONLY_FLAGS, FeedForward, GLU, ReluSquared, SoLU
 from x_transformers.norms import (
     LayerNorm,
     AdaptiveLayerNorm,
@@ -61,6 +62,8 @@ from x_transformers.norms import (
     AdaptiveRMSNorm,
     SimpleRMSNorm,
     MultiheadRMSNorm,
+    DynamicTanh,
+    Derf,
 )
 from x_transformers.positional import (
     TokenEmbedding,
@@ -264,6 +267,21 @@ def _check_routed_kwargs(module_cls, kwargs: dict, prefix: str, owner: str):
         raise TypeError(f"{owner} got unknown keyword argument(s): {names}")
 
 
+def _mixer_kwargs_for(name: str, mixer_kwargs: dict, names: set) -> dict:
+    """The `linear_attn_` kwargs for mixer `name`. In a stack of one mixer every kwarg is its own (an unknown one is
+    an error naming it); in a mixed stack each mixer takes those it accepts, and a kwarg no mixer takes is an error."""
+    names = {n for n in names if exists(n)}
+    if len(names) <= 1:
+        return mixer_kwargs
+    from x_transformers.mixers import mixer_class
+
+    accepted = {n: set(inspect.signature(mixer_class(n).__init__).parameters) for n in names}
+    unused = sorted(key for key in mixer_kwargs if not any(key in params for params in accepted.values()))
+    if unused:
+        raise ValueError(f"no mixer of {sorted(names)} takes {', '.join('linear_attn_' + k for k in unused)}")
+    return {key: value for key, value in mixer_kwargs.items() if key in accepted[name]}
+
+
 def _check_bool_mask(name, mask, shape):
     if not exists(mask):
         return
@@ -334,6 +352,9 @@ class AttentionLayers(Module):
         only_cross=False,
         use_scalenorm=False,  # arXiv 1910.05895
         use_rmsnorm=False,  # arXiv 1910.07467
+        use_dynamic_tanh=False,  # DyT, arXiv 2503.10622
+        use_derf=False,  # Derf, arXiv 2512.10938
+        dynamic_tanh_init_alpha=1.0,
         use_simple_rmsnorm=False,  # arXiv 2307.14995
         use_adaptive_layernorm=False,  # arXiv 2212.09748 (DiT)
         use_adaptive_rmsnorm=False,
@@ -367,6 +388,7 @@ class AttentionLayers(Module):
         macaron=False,  # arXiv 1906.02762
         pre_norm=True,
         pre_norm_has_final_norm=True,
+        pre_and_post_norm=False,  # a norm before each block and after each residual add, none at the end
         gate_residual=False,  # arXiv 1910.06764
         scale_residual=False,  # arXiv 2110.09456 (normformer)
         scale_residual_constant=1.0,
@@ -389,8 +411,9 @@ class AttentionLayers(Module):
         learned_reinject_input_gate=False,
         add_value_residual=False,  # arXiv 2410.17897
         learned_value_residual_mix=True,
-        linear_attn: str | None = None,  # linear-attention / RNN mixer name, see x_transformers.mixers
+        linear_attn: str | tuple | None = None,  # mixer name (x_transformers.mixers), or one per block (None: softmax)
         hybrid_pattern: str | None = None,  # e.g. 'LLLN' tiled over the self-attention blocks
+        hybrid_legend: dict[str, str] | None = None,  # letters of `hybrid_pattern` naming mixers, e.g. dict(K='kda')
         softmax_attn_layers: tuple[int, ...] | None = None,
         rel_pos_kwargs: dict = dict(),
         residual_fn_kwargs: dict = dict(),
@@ -404,6 +427,25 @@ class AttentionLayers(Module):
         cross_attn_kwargs, kwargs = groupby_prefix_and_trim("cross_attn_", kwargs)
         mixer_kwargs, kwargs = groupby_prefix_and_trim("linear_attn_", kwargs)
         user_attn_kwargs = dict(attn_kwargs)
+
+        # tensor product attention (x_transformers/tensor_product_attention.py) in place of Attention for self attention
+        tensor_product = attn_kwargs.pop("tensor_product", False)
+        tensor_product_kwargs, attn_kwargs = groupby_prefix_and_trim("tensor_product_", attn_kwargs)
+        if tensor_product_kwargs and not tensor_product:
+            raise ValueError(f"{', '.join('attn_tensor_product_' + k for k in tensor_product_kwargs)} need "
+                             "`attn_tensor_product=True`")
+        if tensor_product:
+            _check_routed_kwargs(TensorProductAttention, tensor_product_kwargs, "attn_tensor_product_", type(self).__name__)
+            shared = ("dim_head", "flash", "dropout", "zero_init_output")
+            other = sorted(set(attn_kwargs) - set(shared))
+            if other:
+                raise ValueError(f"tensor product attention does not take {', '.join('attn_' + k for k in other)}")
+            tensor_product_kwargs.update({k: attn_kwargs[k] for k in shared if k in attn_kwargs})
+            stack_flags = dict(add_value_residual=add_value_residual, residual_attn=residual_attn,
+                               qkv_receive_diff_residuals=qkv_receive_diff_residuals)
+            given = [name for name, on in stack_flags.items() if on]
+            if given:
+                raise ValueError(f"tensor product attention does not take {', '.join(given)}")
 
         if len(kwargs) > 0:
             raise TypeError(f"{type(self).__name__} got unknown keyword argument(s): {', '.join(sorted(kwargs))}")
@@ -496,6 +538,12 @@ class AttentionLayers(Module):
         self.resi_dual_scale = resi_dual_scale
 
         assert not (not pre_norm and sandwich_norm), "sandwich norm needs pre-norm"
+        if pre_and_post_norm and not pre_norm:
+            raise ValueError(
+                "`pre_and_post_norm` adds a post-residual norm to pre-norm blocks; it needs `pre_norm=True` "
+                "(and no `resi_dual`)"
+            )
+        self.pre_and_post_norm = pre_and_post_norm
         self.pre_norm = pre_norm
         self.sandwich_norm = sandwich_norm
 
@@ -506,9 +554,15 @@ class AttentionLayers(Module):
         self.cross_attend = cross_attend
 
         # norm choice
-        assert at_most_one_of(use_scalenorm, use_rmsnorm, use_simple_rmsnorm, use_adaptive_layernorm, use_adaptive_rmsnorm), (
-            "choose at most one of scalenorm, rmsnorm, simple rmsnorm, adaptive layernorm, adaptive rmsnorm"
+        assert at_most_one_of(use_scalenorm, use_rmsnorm, use_dynamic_tanh, use_derf, use_simple_rmsnorm,
+                              use_adaptive_layernorm, use_adaptive_rmsnorm), (
+            "choose at most one of scalenorm, rmsnorm, dynamic tanh, derf, simple rmsnorm, adaptive layernorm, "
+            "adaptive rmsnorm"
         )
+        if use_dynamic_tanh and not pre_norm:
+            raise ValueError("`use_dynamic_tanh` is only supported with pre-norm (`pre_norm=True`, no `resi_dual`)")
+        if dynamic_tanh_init_alpha != 1.0 and not use_dynamic_tanh:
+            raise ValueError("`dynamic_tanh_init_alpha` needs `use_dynamic_tanh=True`")
         dim_condition = default(dim_condition, dim)
         dim_condition_mult = adaptive_condition_mlp_expansion if adaptive_condition_mlp else 1
         norm_need_condition = use_adaptive_layernorm or use_adaptive_rmsnorm
@@ -519,6 +573,10 @@ class AttentionLayers(Module):
             norm_class = RMSNorm
         elif use_simple_rmsnorm:
             norm_class = SimpleRMSNorm
+        elif use_dynamic_tanh:
+            norm_class = partial(DynamicTanh, init_alpha=dynamic_tanh_init_alpha)
+        elif use_derf:
+            norm_class = Derf
         elif use_adaptive_layernorm:
             norm_class = partial(AdaptiveLayerNorm, dim_condition=dim_condition * dim_condition_mult)
         elif use_adaptive_rmsnorm:
@@ -605,6 +663,35 @@ class AttentionLayers(Module):
             layer_types = default_block * depth
             len_default_block = len(default_block)
 
+        # mixed stacks - a mixer per self-attention block, tiled: `linear_attn` as a tuple (None: softmax attention), or
+        # a `hybrid_pattern` whose letters the `hybrid_legend` names ('N' softmax, 'L' the `linear_attn` mixer)
+        mixer_pattern = None
+        if isinstance(linear_attn, (tuple, list)):
+            if exists(hybrid_pattern) or exists(softmax_attn_layers) or exists(hybrid_legend):
+                raise ValueError("`linear_attn` as a tuple places the mixers itself: drop `hybrid_pattern` / "
+                                 "`softmax_attn_layers` / `hybrid_legend`")
+            mixer_pattern = tuple(linear_attn)
+        elif exists(hybrid_legend):
+            if not exists(hybrid_pattern):
+                raise ValueError("`hybrid_legend` names the letters of a `hybrid_pattern`, which is missing")
+            legend = dict(hybrid_legend)
+            if "N" in legend or ("L" in legend and exists(linear_attn)):
+                raise ValueError("`hybrid_legend` may not redefine 'N' (softmax) or 'L' (the `linear_attn` mixer)")
+            if exists(linear_attn):
+                legend["L"] = linear_attn
+            unknown = sorted(set(hybrid_pattern) - set(legend) - {"N"})
+            if unknown or len(hybrid_pattern) == 0:
+                raise ValueError(f"`hybrid_pattern={hybrid_pattern!r}` uses letters {unknown} that `hybrid_legend` "
+                                 "does not name")
+            mixer_pattern = tuple(None if letter == "N" else legend[letter] for letter in hybrid_pattern)
+            hybrid_pattern = None
+        if exists(mixer_pattern):
+            if len(mixer_pattern) == 0 or not all(name is None or isinstance(name, str) for name in mixer_pattern):
+                raise ValueError(f"a mixed stack names a mixer (or None for softmax) per block, got {mixer_pattern!r}")
+            if all(name is None for name in mixer_pattern):
+                raise ValueError("a mixed stack with no mixer: every entry is None (softmax attention)")
+            linear_attn = next(name for name in mixer_pattern if exists(name))
+
         # linear mixers - swap some or all self-attention blocks for a linear-attention / RNN mixer (layer type 'l')
         if (exists(hybrid_pattern) or exists(softmax_attn_layers)) and not exists(linear_attn):
             raise ValueError("`hybrid_pattern` / `softmax_attn_layers` need `linear_attn` (the mixer name) to be set")
@@ -637,14 +724,19 @@ class AttentionLayers(Module):
                 )
             if len(set(softmax_attn_layers)) != len(softmax_attn_layers):
                 raise ValueError(f"`softmax_attn_layers` lists a block twice: {softmax_attn_layers}")
-        if exists(hybrid_pattern) and "l" in layer_types:
+        if (exists(hybrid_pattern) or exists(mixer_pattern)) and "l" in layer_types:
             raise ValueError("`hybrid_pattern` places mixers by pattern; with 'l' entries in `custom_layers` they are placed")
         # explicit 'l' entries in `custom_layers` place the mixers themselves; otherwise 'a' blocks are converted
+        layer_mixers = [linear_attn if layer_type == "l" else None for layer_type in layer_types]
         if exists(linear_attn) and "a" in layer_types and "l" not in layer_types:
-            new_types, attn_index = [], 0
+            new_types, attn_index, layer_mixers = [], 0, []
             for layer_type in layer_types:
+                mixer_name = linear_attn
                 if layer_type == "a":
-                    if exists(hybrid_pattern):
+                    if exists(mixer_pattern):
+                        mixer_name = mixer_pattern[attn_index % len(mixer_pattern)]
+                        use_mixer = exists(mixer_name)
+                    elif exists(hybrid_pattern):
                         use_mixer = hybrid_pattern[attn_index % len(hybrid_pattern)] == "L"
                     elif exists(softmax_attn_layers):
                         use_mixer = attn_index not in tuple(softmax_attn_layers)
@@ -653,7 +745,11 @@ class AttentionLayers(Module):
                     layer_type = "l" if use_mixer else "a"
                     attn_index += 1
                 new_types.append(layer_type)
+                layer_mixers.append(mixer_name if layer_type == "l" else None)
             layer_types = tuple(new_types)
+            if exists(mixer_pattern) and "l" not in layer_types:
+                raise ValueError(f"`linear_attn={mixer_pattern!r}` over {num_self_attn_blocks} self-attention "
+                                 "block(s) places no mixer; add depth")
             if exists(hybrid_pattern) and "N" in hybrid_pattern and "a" not in layer_types:
                 raise ValueError(
                     f"`hybrid_pattern={hybrid_pattern!r}` over {num_self_attn_blocks} self-attention block(s) places no "
@@ -721,7 +817,7 @@ class AttentionLayers(Module):
         self.softclamp_output = softclamp_output
         self.softclamp_output_value = softclamp_output_value
 
-        self.final_norm = norm_fn() if (pre_norm or resi_dual) else nn.Identity()
+        self.final_norm = norm_fn() if (pre_norm or resi_dual) and not pre_and_post_norm else nn.Identity()
 
         # u-net skips - the second half of the blocks concatenates the hidden of its mirror block in the first half
         self.unet_skips = unet_skips
@@ -744,6 +840,14 @@ class AttentionLayers(Module):
         moe_cls = None
         if exists(ff_kwargs.get("num_experts")):
             from x_transformers.moe import MoE as moe_cls
+
+            # the routed experts have their own fixed MLP: these FeedForward flags would reach the shared experts only
+            dense_only = [name for name in FF_DENSE_ONLY_FLAGS if name in ff_kwargs]
+            if dense_only:
+                raise ValueError(
+                    f"{', '.join('ff_' + name for name in dense_only)} apply to the dense FeedForward only, not with "
+                    "`ff_num_experts` (MoE experts)"
+                )
         else:
             _check_routed_kwargs(FeedForward, ff_kwargs, "ff_", owner)
 
@@ -758,7 +862,9 @@ class AttentionLayers(Module):
             block_begin = divisible_by(ind, len_default_block)
             block_ind = ind // len_default_block
 
-            if layer_type == "a":
+            if layer_type == "a" and tensor_product:
+                layer = TensorProductAttention(dim, heads=heads, causal=causal, **tensor_product_kwargs)
+            elif layer_type == "a":
                 learned_mix = learned_value_residual_mix and not is_first_self_attn
                 layer = Attention(
                     dim,
@@ -772,10 +878,13 @@ class AttentionLayers(Module):
             elif layer_type == "c":
                 layer = Attention(dim, heads=heads, **{**attn_kwargs, **cross_attn_kwargs})
             elif layer_type == "l":
-                layer = make_mixer(linear_attn, **{"dim": dim, "heads": heads, "causal": causal, **mixer_kwargs})
+                layer = make_mixer(
+                    layer_mixers[ind], **{"dim": dim, "heads": heads, "causal": causal,
+                                          **_mixer_kwargs_for(layer_mixers[ind], mixer_kwargs, set(layer_mixers))}
+                )
                 if zero_init_branch_output:
                     layer.zero_init_output()
-                mixer_stack_inputs[ind] = (tuple(layer.stack_inputs), getattr(layer, "gate_width", None))
+                mixer_stack_inputs[ind] = (tuple(getattr(layer, "stack_inputs", ())), getattr(layer, "gate_width", None))
             elif layer_type == "f":
                 layer = moe_cls(dim, **ff_kwargs) if exists(moe_cls) else FeedForward(dim, **ff_kwargs)
                 layer = Scale(0.5, layer) if macaron else layer
@@ -815,7 +924,7 @@ class AttentionLayers(Module):
             norms = ModuleList([
                 norm_fn() if pre_norm else None,
                 norm_fn() if sandwich_norm else None,
-                norm_fn() if not pre_norm else None,
+                norm_fn() if not pre_norm or pre_and_post_norm else None,
             ])
 
             self.layers.append(ModuleList([norms, layer, residual]))
@@ -875,7 +984,7 @@ class AttentionLayers(Module):
 
     def _mixing_modules(self):
         # wrapped blocks too (token shift, layer scale): their own flags decide
-        from x_transformers.mixers import Mixer
+        from x_transformers.mixers.base import Mixer
 
         for module in self.modules():
             if isinstance(module, (Attention, Mixer)) or type(module).__name__ == "MoE":
