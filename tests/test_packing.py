@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from x_transformers import Decoder, Encoder, TransformerWrapper
-from x_transformers.mixers import MIXERS, make_mixer
+from x_transformers.mixers import MIXERS, Mixer, make_mixer, mixer_class
 from x_transformers.packing import build_packing
 
 DIM, HEADS, TOKENS = 32, 2, 40
@@ -88,6 +88,61 @@ def test_mixer_packed_equals_documents(name):
     # a hybrid stack: mixer, softmax attention, feedforwards - rows of their own documents
     model = make_model(linear_attn=name, hybrid_pattern="LN", rotary_pos_emb=True, rotary_emb_dim=16)
     check_packed_equals_separate(model, [LENS, LENS_ROW2])
+
+
+CU_SEQLENS_MIXERS = sorted(name for name in MIXERS if mixer_class(name).packed_path == "cu_seqlens")
+
+
+def test_packed_paths_declared():
+    # every mixer names its path; the recurrences with a cu_seqlens kernel take it
+    for name in MIXERS:
+        assert mixer_class(name).packed_path in ("cu_seqlens", "padded"), name
+    converted = {"gated_deltanet", "deltanet", "gla", "mamba2", "retnet", "lightning", "linear"}
+    assert converted <= set(CU_SEQLENS_MIXERS)
+
+
+def refuse_padded(monkeypatch):
+    def padded(self, *args, **kwargs):
+        raise AssertionError(f"linear_attn={self.name!r} took the padded path")
+
+    monkeypatch.setattr(Mixer, "mix_padded", padded)
+
+
+@pytest.mark.parametrize("name", CU_SEQLENS_MIXERS)
+def test_cu_seqlens_mixer_skips_padding(monkeypatch, name):
+    # documents of length 1 and below the conv width, across rows: the kernels' own cu_seqlens, no padded batch
+    refuse_padded(monkeypatch)
+    model = make_model(linear_attn=name, hybrid_pattern="LN", rotary_pos_emb=True, rotary_emb_dim=16)
+    check_packed_equals_separate(model, [LENS, LENS_ROW2])
+
+
+@pytest.mark.parametrize(
+    "name, lens",
+    [
+        ("gated_deltanet", [[3, 1, 17], [2, 19]]),
+        ("mamba2", [[3, 1, 17], [2, 19]]),
+        ("retnet", [[3, 1, 17], [2, 19]]),
+        # 12 tokens in all: the token-by-token kernel
+        ("gated_deltaproduct", [[3, 1, 2], [6]]),
+    ],
+)
+def test_cu_seqlens_mixer_triton(monkeypatch, name, lens):
+    # the Triton kernels (interpreted on CPU) with cu_seqlens, the short convolution's included, against the
+    # padded path on the same kernels: outputs and input gradients
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.manual_seed(0)
+    mixer = make_mixer(name, dim=16, heads=2).double()
+    n = sum(lens[0])
+    x = torch.randn(2, n, 16, dtype=torch.float64, requires_grad=True)
+    packing = build_packing(2, n, "cpu", seq_lens=lens)
+    out = mixer(x, pack=packing)
+    (grad,) = torch.autograd.grad(out.square().sum(), x)
+    expected = mixer.mix_padded(x, packing)[0]
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
+    # the kernels keep fp32 states and accumulators whatever the input dtype
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["gla", "rwkv7", "gtu"])

@@ -134,28 +134,42 @@ class ShortConvolution(Module):
         self.activation = activation
         self.conv = nn.Conv1d(dim, dim, size, groups=dim, bias=False)
 
-    def forward(self, x: Tensor, cache: Tensor | None = None, activation: bool | None = None):
-        # x: (b, n, d), cache: (b, size - 1, d) of the inputs before x
+    def forward(self, x: Tensor, cache: Tensor | None = None, activation: bool | None = None, pack=None):
+        # x: (b, n, d), cache: (b, size - 1, d) of the inputs before x; `pack`: x is (1, tokens, d) of packed
+        # documents (`Packing`, flattened), each convolved from a zero window (no cache comes out)
         act = default(activation, self.activation)
+        if exists(pack) and exists(cache):
+            raise ValueError("ShortConvolution: packed documents start from zero windows, no cache")
         if default(self.use_kernel, use_triton(x)):
             # one kernel each way, where the shifted products take ~6 elementwise passes forward and ~20 backward
-            return causal_conv1d(x, self.conv.weight[:, 0], activation="silu" if act else None, cache=cache)
+            out, new_cache = causal_conv1d(
+                x, self.conv.weight[:, 0], activation="silu" if act else None, cache=cache,
+                cu_seqlens=pack.cu_seqlens if exists(pack) else None,
+            )
+            return out, (None if exists(pack) else new_cache)
         n, past = x.shape[1], self.size - 1
         if exists(cache):
             x = torch.cat((cache.to(x.dtype), x), dim=1)
-        out = self.shifted_products(x, n, pad=not exists(cache))
+        positions = pack.positions.reshape(1, -1, 1) if exists(pack) else None
+        out = self.shifted_products(x, n, pad=not exists(cache), positions=positions)
+        if exists(pack):
+            return (F.silu(out) if act else out), None
         new_cache = x[:, x.shape[1] - past :] if x.shape[1] >= past else F.pad(x, (0, 0, past - x.shape[1], 0))
         return (F.silu(out) if act else out), new_cache
 
-    def shifted_products(self, x: Tensor, n: int, pad: bool) -> Tensor:
+    def shifted_products(self, x: Tensor, n: int, pad: bool, positions: Tensor | None = None) -> Tensor:
         # the causal sum over the `size` most recent inputs, one fused multiply-add pass per tap (on CPU this beats a
-        # depthwise conv, whose bf16 backward is ~3x slower)
+        # depthwise conv, whose bf16 backward is ~3x slower). `positions` (1, n, 1), each token's position in its
+        # document: a tap reaching `lag` tokens back reads zero where that lies before the document's start
         if pad:
             x = F.pad(x, (0, 0, self.size - 1, 0))
         weight = rearrange(self.conv.weight, "d 1 k -> k d").to(x.dtype)
-        out = x[:, :n] * weight[0]
-        for i in range(1, self.size):
-            out = torch.addcmul(out, x[:, i : i + n], weight[i])
+        out = None
+        for i in range(self.size):
+            tap, lag = x[:, i : i + n], self.size - 1 - i
+            if exists(positions) and lag > 0:
+                tap = tap.masked_fill(positions < lag, 0.0)
+            out = tap * weight[i] if out is None else torch.addcmul(out, tap, weight[i])
         return out
 
 
@@ -170,13 +184,14 @@ class QKVProjection(Module):
         self.to_qkv = nn.Linear(dim, sum(self.splits), bias=False)
         self.conv = ShortConvolution(sum(self.splits), conv_size) if use_short_conv else None
 
-    def forward(self, x: Tensor, conv_state: Tensor | None = None):
-        """Returns (q, k, v) as (b, n, h, d) (q is None without `with_q`) and the new conv state."""
+    def forward(self, x: Tensor, conv_state: Tensor | None = None, pack=None):
+        """Returns (q, k, v) as (b, n, h, d) (q is None without `with_q`) and the new conv state. `pack`: x holds
+        flattened packed documents (see `Mixer.mix_packed`), whose convolution windows restart at each start."""
         new_conv_state = None
         qkv = self.to_qkv(x)
         if exists(self.conv):
             # one convolution (SiLU fused on CUDA) over all parts
-            qkv, new_conv_state = self.conv(qkv, cache=conv_state)
+            qkv, new_conv_state = self.conv(qkv, cache=conv_state, pack=pack)
         projs = qkv.split(self.splits, dim=-1)
         projs = [rearrange(t, "b n (h d) -> b n h d", h=self.heads) for t in projs]
         if not self.with_q:
@@ -223,6 +238,11 @@ class Mixer(Module):
 
     # keyword inputs this mixer takes from the layer stack, beyond x / mask / cache
     stack_inputs: tuple[str, ...] = ()
+
+    # how packed documents (`pack`) run: "cu_seqlens" - flattened to one row, the kernels and the short convolution
+    # restart at every document start (`mix` takes `pack`); "padded" - scattered into a right-padded batch of one
+    # document per row and gathered back (exact for any `mix`, but documents x longest document of work)
+    packed_path = "padded"
 
     name = "mixer"
     bidirectional = False
@@ -313,7 +333,35 @@ class Mixer(Module):
             setattr(inter, name, value)
         return out, inter
 
+    def packs_by_cu_seqlens(self) -> bool:
+        """Whether packed documents take the "cu_seqlens" path (see `packed_path`)."""
+        if self.packed_path not in ("cu_seqlens", "padded"):
+            raise ValueError(f"linear_attn='{self.name}': packed_path must be 'cu_seqlens' or 'padded', "
+                             f"got {self.packed_path!r}")
+        return self.packed_path == "cu_seqlens"
+
     def mix_packed(self, x: Tensor, pack, **kwargs):
+        """`mix` over packed documents, exactly as if each ran alone, on the mixer's `packed_path`."""
+        if self.packs_by_cu_seqlens():
+            return self.mix_cu_seqlens(x, pack, **kwargs)
+        return self.mix_padded(x, pack, **kwargs)
+
+    def mix_cu_seqlens(self, x: Tensor, pack, **kwargs):
+        """The rows of x flattened into one sequence of b * n tokens, which `pack.cu_seqlens` indexes: `mix` passes
+        `pack` on to the kernels (`run_kernel`) and the short convolution; everything else is per token. Inputs from
+        the stack laid out like x are flattened too, outputs laid out like the flat row unflattened. No state comes
+        out: a packed batch does not continue."""
+        b, n = x.shape[:2]
+        like = lambda t, rows: torch.is_tensor(t) and t.ndim >= 2 and t.shape[:2] == rows  # noqa: E731
+        flat = lambda t: t.reshape(1, b * n, *t.shape[2:]) if like(t, (b, n)) else t  # noqa: E731
+        out, _, *outputs = self.mix(flat(x), None, None, False, pack=pack, **{k: flat(t) for k, t in kwargs.items()})
+        outputs = {
+            name: t.reshape(b, n, *t.shape[2:]) if like(t, (1, b * n)) else t
+            for name, t in (outputs[0] if outputs else {}).items()
+        }
+        return out.reshape(b, n, *out.shape[2:]), None, outputs
+
+    def mix_padded(self, x: Tensor, pack, **kwargs):
         """`mix` over packed documents, exactly as if each ran alone: they are scattered into a right-padded batch
         of one document per row (padding masked) and gathered back. Inputs from the stack laid out like x are
         scattered too, outputs laid out like the padded batch gathered back. No state comes out: a packed batch
@@ -354,8 +402,13 @@ def pick_state(state: tuple | None, index: int):
     return state[index] if exists(state) else None
 
 
-def run_kernel(chunk_fn, recurrent_fn, *args, initial_state=None, want_state=False, **kwargs):
-    """Token-by-token kernel for a few new tokens (decoding), chunked kernel otherwise."""
+def run_kernel(chunk_fn, recurrent_fn, *args, initial_state=None, want_state=False, pack=None, **kwargs):
+    """Token-by-token kernel for a few new tokens (decoding), chunked kernel otherwise. `pack`: the inputs are
+    flattened packed documents (batch 1), each run from a zero state through the kernel's `cu_seqlens`."""
     n = args[0].shape[1]
     fn = recurrent_fn if n <= RECURRENT_MAX_TOKENS else chunk_fn
+    if exists(pack):
+        if exists(initial_state):
+            raise ValueError("packed documents start from zero states: no initial_state")
+        kwargs["cu_seqlens"] = pack.cu_seqlens
     return fn(*args, initial_state=initial_state, output_final_state=want_state, **kwargs)

@@ -43,6 +43,8 @@ def quadratic_feature_map(x):
 class Based(Mixer):
     name = "based"
     bidirectional = True
+    # causal use only: the bidirectional sum over the whole sequence (Encoder) takes the padded path
+    packed_path = "cu_seqlens"
 
     def __init__(self, dim, heads, causal=True, feature_dim=16, feature_map="taylor", expand_v=1.0,
                  use_short_conv=False, conv_size=4, output_norm=False, output_gate=None, eps=1e-6):
@@ -64,9 +66,12 @@ class Based(Mixer):
         t = F.layer_norm(t, norm.normalized_shape, norm.weight.to(t.dtype), norm.bias.to(t.dtype), norm.eps)
         return quadratic_feature_map(t)
 
-    def mix(self, x, mask, state, want_state):
+    def packs_by_cu_seqlens(self):
+        return self.causal and super().packs_by_cu_seqlens()
+
+    def mix(self, x, mask, state, want_state, pack=None):
         x = masked_fill_zero(x, mask)
-        q, k, v, conv_state = self.qkv(x, pick_state(state, 1))
+        q, k, v, conv_state = self.qkv(x, pick_state(state, 1), pack=pack)
         acc = acc_dtype(x.dtype)
         q, k = self.features(q.to(acc), self.q_norm), self.features(k.to(acc), self.k_norm)
         # an all-ones value column gives the normaliser phi(q) z from the same pass
@@ -78,7 +83,7 @@ class Based(Mixer):
         else:
             o, s = run_kernel(
                 chunk_simple_gla, fused_recurrent_simple_gla, q, k, v, None,
-                scale=1.0, initial_state=pick_state(state, 0), want_state=want_state,
+                scale=1.0, initial_state=pick_state(state, 0), want_state=want_state, pack=pack,
             )
             new_state = (s, conv_state) if want_state else None
         o = o[..., :-1] / (o[..., -1:] + self.eps)

@@ -32,6 +32,7 @@ from x_transformers.ops.dplr import chunk_dplr_delta_rule, fused_recurrent_dplr_
 
 class Comba(Mixer):
     name = "comba"
+    packed_path = "cu_seqlens"
 
     def __init__(self, dim, heads, causal=True, expand_k=1.0, expand_v=1.0, use_short_conv=True, conv_size=4,
                  output_norm=True, output_gate="swish", dt_min=1e-3, dt_max=0.1):
@@ -50,7 +51,7 @@ class Comba(Mixer):
         self.D = nn.Parameter(torch.ones(heads))
         self.out = HeadOutput(dim, heads, dv, norm=output_norm, gate=output_gate)
 
-    def recurrence(self, q, k, v, beta, g, scale, initial_state=None, want_state=False):
+    def recurrence(self, q, k, v, beta, g, scale, initial_state=None, want_state=False, pack=None):
         """Comba's recurrence on the DPLR kernel. q, k (b, n, h, dk); v (b, n, h, dv); beta, g (b, n, h)."""
         p = k * self.d.to(k.dtype).sigmoid()
         q = q - self.D.to(q.dtype)[:, None] * p
@@ -58,12 +59,12 @@ class Comba(Mixer):
         gk = g[..., None].expand_as(k)
         return run_kernel(
             chunk_dplr_delta_rule, fused_recurrent_dplr_delta_rule, q, beta_k, v, -p, beta_k, gk,
-            scale=scale, initial_state=initial_state, want_state=want_state,
+            scale=scale, initial_state=initial_state, want_state=want_state, pack=pack,
         )
 
-    def mix(self, x, mask, state, want_state):
+    def mix(self, x, mask, state, want_state, pack=None):
         x = masked_fill_zero(x, mask)
-        q, k, v, conv_state = self.qkv(x, pick_state(state, 1))
+        q, k, v, conv_state = self.qkv(x, pick_state(state, 1), pack=pack)
         if self.qkv.conv is None:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         q, k = l2_normalize(q), l2_normalize(k)
@@ -72,5 +73,5 @@ class Comba(Mixer):
         a = upcast(a)
         g = -self.A_log.to(a.dtype).exp() * F.softplus(a + self.dt_bias.to(a.dtype))
         k, v, beta, g = (masked_fill_zero(t, mask) for t in (k, v, beta, g))
-        o, s = self.recurrence(q, k, v, beta, g, self.dim_k**-0.5, pick_state(state, 0), want_state)
+        o, s = self.recurrence(q, k, v, beta, g, self.dim_k**-0.5, pick_state(state, 0), want_state, pack)
         return self.out(o, x, gate=gate), (s, conv_state) if want_state else None

@@ -25,6 +25,7 @@ from x_transformers.ops import chunk_delta_rule, fused_recurrent_delta_rule
 
 class DeltaNet(Mixer):
     name = "deltanet"
+    packed_path = "cu_seqlens"
 
     def __init__(self, dim, heads, causal=True, expand_k=1.0, expand_v=1.0, use_short_conv=True, conv_size=4,
                  output_norm=True, output_gate=None):
@@ -40,9 +41,9 @@ class DeltaNet(Mixer):
         """Per-head log decay (b, n, h) from the decay logits `a`, or None; the gated variant overrides it."""
         return None
 
-    def mix(self, x, mask, state, want_state):
+    def mix(self, x, mask, state, want_state, pack=None):
         x = masked_fill_zero(x, mask)
-        q, k, v, conv_state = self.qkv(x, pick_state(state, 1))
+        q, k, v, conv_state = self.qkv(x, pick_state(state, 1), pack=pack)
         if self.qkv.conv is None:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         q, k = l2_normalize(q), l2_normalize(k)
@@ -52,6 +53,6 @@ class DeltaNet(Mixer):
         k, v, beta, g = (masked_fill_zero(t, mask) for t in (k, v, beta, g))
         o, s = run_kernel(
             chunk_delta_rule, fused_recurrent_delta_rule, q, k, v, beta,
-            g=g, scale=self.dim_k**-0.5, initial_state=pick_state(state, 0), want_state=want_state,
+            g=g, scale=self.dim_k**-0.5, initial_state=pick_state(state, 0), want_state=want_state, pack=pack,
         )
         return self.out(o, x, gate=gate), (s, conv_state) if want_state else None

@@ -29,10 +29,12 @@ from x_transformers.mixers.base import (
     upcast,
 )
 from x_transformers.ops import chunk_delta_rule, fused_recurrent_delta_rule
+from x_transformers.utils import exists
 
 
 class GatedDeltaProduct(Mixer):
     name = "gated_deltaproduct"
+    packed_path = "cu_seqlens"
 
     def __init__(self, dim, heads, causal=True, num_householder=2, allow_neg_eigval=False, expand_k=1.0,
                  expand_v=1.0, use_short_conv=True, conv_size=4, output_norm=True, output_gate="swish",
@@ -56,11 +58,13 @@ class GatedDeltaProduct(Mixer):
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
         self.out = HeadOutput(dim, heads, dv, norm=output_norm, gate=output_gate)
 
-    def recurrence(self, q, k, v, beta, g, scale, initial_state=None, want_state=False):
+    def recurrence(self, q, k, v, beta, g, scale, initial_state=None, want_state=False, pack=None):
         """The product of n_h gated Householder steps per token on the delta-rule kernel.
 
-        q (b, n, h, dk); k (b, n, j, h, dk); v (b, n, j, h, dv); beta (b, n, j, h); g (b, n, h) log gate."""
+        q (b, n, h, dk); k (b, n, j, h, dk); v (b, n, j, h, dv); beta (b, n, j, h); g (b, n, h) log gate.
+        `pack`: packed documents; interleaved, a document of m tokens spans m * n_h kernel steps."""
         nh = self.num_householder
+        cu_seqlens = dict(cu_seqlens=pack.cu_seqlens * nh) if exists(pack) else {}
         interleave = lambda t: rearrange(t, "b n j ... -> b (n j) ...")  # noqa: E731
         # the query sits on the last step of each token (zeros elsewhere: those outputs are dropped)
         q_steps = F.pad(q[:, :, None], (0, 0, 0, 0, nh - 1, 0))
@@ -68,15 +72,16 @@ class GatedDeltaProduct(Mixer):
         o, s = run_kernel(
             chunk_delta_rule, fused_recurrent_delta_rule, interleave(q_steps), interleave(k), interleave(v),
             interleave(beta), g=interleave(g_steps), scale=scale, initial_state=initial_state, want_state=want_state,
+            **cu_seqlens,
         )
         return o[:, nh - 1 :: nh], s
 
-    def mix(self, x, mask, state, want_state):
+    def mix(self, x, mask, state, want_state, pack=None):
         x = masked_fill_zero(x, mask)
         nh, h = self.num_householder, self.heads
         qkv, conv_state = self.to_qkv(x), None
         if self.conv is not None:
-            qkv, conv_state = self.conv(qkv, cache=pick_state(state, 1))
+            qkv, conv_state = self.conv(qkv, cache=pick_state(state, 1), pack=pack)
         else:
             qkv = F.silu(qkv)
         q, k, v = qkv.split(self.splits, dim=-1)
@@ -90,5 +95,5 @@ class GatedDeltaProduct(Mixer):
         a = upcast(self.to_a(x))
         g = -self.A_log.to(a.dtype).exp() * F.softplus(a + self.dt_bias.to(a.dtype))
         k, v, beta, g = (masked_fill_zero(t, mask) for t in (k, v, beta, g))
-        o, s = self.recurrence(q, k, v, beta, g, self.dim_k**-0.5, pick_state(state, 0), want_state)
+        o, s = self.recurrence(q, k, v, beta, g, self.dim_k**-0.5, pick_state(state, 0), want_state, pack)
         return self.out(o, x), (s, conv_state) if want_state else None

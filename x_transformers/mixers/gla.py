@@ -26,6 +26,7 @@ from x_transformers.ops import chunk_gla, fused_recurrent_gla
 
 class GLA(Mixer):
     name = "gla"
+    packed_path = "cu_seqlens"
 
     def __init__(self, dim, heads, causal=True, expand_k=0.5, expand_v=1.0, gate_low_rank_dim=16,
                  gate_logit_normalizer=16.0, use_short_conv=False, conv_size=4, output_norm=True,
@@ -40,9 +41,9 @@ class GLA(Mixer):
         )
         self.out = HeadOutput(dim, heads, dim_v, norm=output_norm, gate=output_gate)
 
-    def mix(self, x, mask, state, want_state):
+    def mix(self, x, mask, state, want_state, pack=None):
         x = masked_fill_zero(x, mask)
-        q, k, v, conv_state = self.qkv(x, pick_state(state, 1))
+        q, k, v, conv_state = self.qkv(x, pick_state(state, 1), pack=pack)
         # the low-rank decay projection and the output gate read x through one matmul
         low_rank, gate = fused_linear(x, self.to_gate[0], self.out.to_gate)
         g = F.logsigmoid(upcast(self.to_gate[1](low_rank))) / self.gate_logit_normalizer
@@ -50,6 +51,6 @@ class GLA(Mixer):
         k, v, g = (masked_fill_zero(t, mask) for t in (k, v, g))
         o, s = run_kernel(
             chunk_gla, fused_recurrent_gla, q, k, v, g,
-            scale=self.dim_k**-0.5, initial_state=pick_state(state, 0), want_state=want_state,
+            scale=self.dim_k**-0.5, initial_state=pick_state(state, 0), want_state=want_state, pack=pack,
         )
         return self.out(o, x, gate=gate), (s, conv_state) if want_state else None

@@ -49,6 +49,8 @@ class GTU(Mixer):
     bidirectional = True
     # the layer stack reads this (AttentionLayers.can_cache_kv) to generate by re-running the whole sequence
     can_cache_kv = False
+    # an FFT convolution over the whole row has no per-document restart: documents run one per padded row
+    packed_path = "padded"
 
     def __init__(self, dim, heads=1, causal=True, expand_ratio=1.0, rpe_dim=32, rpe_layers=3, decay=0.99,
                  output_norm=True):

@@ -60,6 +60,7 @@ class LayerBoundInput:
 
 class HGRN(LayerBoundInput, Mixer):
     name = "hgrn"
+    packed_path = "cu_seqlens"
 
     def __init__(self, dim, heads=1, causal=True, expand_ratio=1.0, lower_bound=0.0):
         super().__init__(dim, heads, causal)
@@ -76,7 +77,7 @@ class HGRN(LayerBoundInput, Mixer):
         self.norm = nn.RMSNorm(inner, eps=1e-5)
         self.to_out = nn.Linear(inner, dim, bias=False)
 
-    def mix(self, x, mask, state, want_state, lower_bound=None):
+    def mix(self, x, mask, state, want_state, lower_bound=None, pack=None):
         x = masked_fill_zero(x, mask)
         f_logit = upcast(self.to_f(x))
         lb = self.lower_bound
@@ -92,7 +93,8 @@ class HGRN(LayerBoundInput, Mixer):
         inp = one_minus_f * F.silu(self.to_i(x))
         inp, log_f = masked_fill_zero(inp, mask), masked_fill_zero(log_f, mask)
         h, s = run_kernel(
-            chunk_hgrn, fused_recurrent_hgrn, inp, log_f, initial_state=pick_state(state, 0), want_state=want_state
+            chunk_hgrn, fused_recurrent_hgrn, inp, log_f, initial_state=pick_state(state, 0), want_state=want_state,
+            pack=pack,
         )
         o = rms_norm(h.to(x.dtype), self.norm.weight, self.norm.eps) * F.silu(self.to_g(x))
         return self.to_out(o), (s,) if want_state else None

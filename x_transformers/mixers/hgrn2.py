@@ -30,6 +30,7 @@ DECAYS = ("vector", "scalar")
 
 class HGRN2(LayerBoundInput, Mixer):
     name = "hgrn2"
+    packed_path = "cu_seqlens"
 
     def __init__(self, dim, heads, causal=True, expand_k=1.0, lower_bound=0.0, decay="vector", output_norm=True,
                  output_gate="swish"):
@@ -64,7 +65,7 @@ class HGRN2(LayerBoundInput, Mixer):
             return F.logsigmoid(upcast(f_logit)), torch.sigmoid(-f_logit)
         return (lb + (1 - lb) * torch.sigmoid(upcast(f_logit))).log(), (1 - lb) * torch.sigmoid(-f_logit)
 
-    def mix(self, x, mask, state, want_state, lower_bound=None):
+    def mix(self, x, mask, state, want_state, lower_bound=None, pack=None):
         x = masked_fill_zero(x, mask)
         split = lambda t: rearrange(t, "b n (h d) -> b n h d", h=self.heads)  # noqa: E731
         # query, (key,) forget gate and output gate read x through one matmul (the value gets its own: contiguous for
@@ -83,6 +84,6 @@ class HGRN2(LayerBoundInput, Mixer):
         k, v, g = (masked_fill_zero(t, mask) for t in (k, v, g))
         o, s = run_kernel(
             chunk_fn, recurrent_fn, q, k, v, g,
-            scale=scale, initial_state=pick_state(state, 0), want_state=want_state,
+            scale=scale, initial_state=pick_state(state, 0), want_state=want_state, pack=pack,
         )
         return self.out(o, x, gate=gate), (s,) if want_state else None

@@ -36,6 +36,7 @@ from x_transformers.utils import exists
 
 class KDA(Mixer):
     name = "kda"
+    packed_path = "cu_seqlens"
 
     def __init__(self, dim, heads, causal=True, expand_k=1.0, expand_v=1.0, num_v_heads=None, use_short_conv=True,
                  conv_size=4, allow_neg_eigval=False, output_norm=True, output_gate="sigmoid", dt_min=1e-3,
@@ -85,9 +86,9 @@ class KDA(Mixer):
         g = rearrange(g, "b n (h d) -> b n h d", h=self.kernel_heads)
         return -self.A_log.to(f.dtype).exp()[:, None] * g
 
-    def mix(self, x, mask, state, want_state):
+    def mix(self, x, mask, state, want_state, pack=None):
         x = masked_fill_zero(x, mask)
-        q, k, v, conv_state = self.qkv(x, pick_state(state, 1))
+        q, k, v, conv_state = self.qkv(x, pick_state(state, 1), pack=pack)
         if self.qkv.conv is None:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         q, k = (rearrange(t, "b n 1 (h d) -> b n h d", h=self.heads) for t in (q, k))
@@ -107,6 +108,6 @@ class KDA(Mixer):
         k, v, g, beta = (masked_fill_zero(t, mask) for t in (k, v, g, beta))
         o, s = run_kernel(
             chunk_kda, fused_recurrent_kda, q, k, v, g, beta,
-            scale=self.dim_k**-0.5, initial_state=pick_state(state, 0), want_state=want_state,
+            scale=self.dim_k**-0.5, initial_state=pick_state(state, 0), want_state=want_state, pack=pack,
         )
         return self.out(o, x, gate=gate), (s, conv_state) if want_state else None

@@ -18,6 +18,7 @@ from x_transformers.ops import chunk_simple_gla, fused_recurrent_simple_gla
 
 class Lightning(Mixer):
     name = "lightning"
+    packed_path = "cu_seqlens"
 
     def __init__(self, dim, heads, causal=True, expand_k=1.0, expand_v=1.0, decay_ratio=1.0, use_short_conv=False,
                  conv_size=4, output_norm=True, output_gate="sigmoid"):
@@ -32,15 +33,15 @@ class Lightning(Mixer):
         """Per-head log decay, made in the compute dtype on every call (a buffer would follow `model.half()`)."""
         return -8.0 * (torch.arange(self.heads, device=device, dtype=dtype) + 1) / self.heads * self.decay_ratio
 
-    def mix(self, x, mask, state, want_state):
+    def mix(self, x, mask, state, want_state, pack=None):
         x = masked_fill_zero(x, mask)
         b, n = x.shape[:2]
-        q, k, v, conv_state = self.qkv(x, pick_state(state, 1))
+        q, k, v, conv_state = self.qkv(x, pick_state(state, 1), pack=pack)
         q, k = F.silu(q), F.silu(k)
         k, v = masked_fill_zero(k, mask), masked_fill_zero(v, mask)
         g = masked_fill_zero(self.log_decay(x.device, acc_dtype(x.dtype)).expand(b, n, -1), mask)
         o, s = run_kernel(
             chunk_simple_gla, fused_recurrent_simple_gla, q, k, v, g,
-            scale=self.dim_k**-0.5, initial_state=pick_state(state, 0), want_state=want_state,
+            scale=self.dim_k**-0.5, initial_state=pick_state(state, 0), want_state=want_state, pack=pack,
         )
         return self.out(o, x), (s, conv_state) if want_state else None

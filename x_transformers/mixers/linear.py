@@ -50,6 +50,8 @@ def bidirectional_linear_attention(q, k, v, scale):
 
 class LinearAttention(Mixer):
     name = "linear"
+    # causal use only: the bidirectional sum over the whole sequence (Encoder) takes the padded path
+    packed_path = "cu_seqlens"
     bidirectional = True
 
     def __init__(
@@ -72,9 +74,12 @@ class LinearAttention(Mixer):
         self.qkv = QKVProjection(dim, heads, self.dim_k, dim_v, use_short_conv, conv_size)
         self.out = HeadOutput(dim, heads, dim_v, norm=output_norm, gate=output_gate)
 
-    def mix(self, x, mask, state, want_state):
+    def packs_by_cu_seqlens(self):
+        return self.causal and super().packs_by_cu_seqlens()
+
+    def mix(self, x, mask, state, want_state, pack=None):
         x = masked_fill_zero(x, mask)
-        q, k, v, conv_state = self.qkv(x, pick_state(state, 1))
+        q, k, v, conv_state = self.qkv(x, pick_state(state, 1), pack=pack)
         q, k = self.feature_map(q), self.feature_map(k)
         k, v = masked_fill_zero(k, mask), masked_fill_zero(v, mask)
         scale = self.dim_k**-0.5
@@ -84,6 +89,6 @@ class LinearAttention(Mixer):
 
         o, s = run_kernel(
             chunk_simple_gla, fused_recurrent_simple_gla, q, k, v, None,
-            scale=scale, initial_state=pick_state(state, 0), want_state=want_state,
+            scale=scale, initial_state=pick_state(state, 0), want_state=want_state, pack=pack,
         )
         return self.out(o, x), (s, conv_state) if want_state else None

@@ -23,6 +23,7 @@ from x_transformers.ops import chunk_simple_gla, fused_recurrent_simple_gla
 
 class Mamba2(Mixer):
     name = "mamba2"
+    packed_path = "cu_seqlens"
 
     def __init__(self, dim, heads, causal=True, expand=2, d_state=64, conv_size=4, dt_min=1e-3, dt_max=0.1):
         super().__init__(dim, heads, causal)
@@ -39,11 +40,11 @@ class Mamba2(Mixer):
         self.norm = nn.RMSNorm(self.d_inner, eps=1e-5)
         self.out_proj = nn.Linear(self.d_inner, dim, bias=False)
 
-    def mix(self, x_in, mask, state, want_state):
+    def mix(self, x_in, mask, state, want_state, pack=None):
         x_in = masked_fill_zero(x_in, mask)
         b, n = x_in.shape[:2]
         z, xbc, dt = self.in_proj(x_in).split([self.d_inner, self.d_inner + 2 * self.d_state, self.heads], dim=-1)
-        xbc, conv_state = self.conv(xbc, cache=pick_state(state, 1))
+        xbc, conv_state = self.conv(xbc, cache=pick_state(state, 1), pack=pack)
         x, B, C = xbc.split([self.d_inner, self.d_state, self.d_state], dim=-1)
         x = rearrange(x, "b n (h p) -> b n h p", h=self.heads)
         dt = upcast(dt)
@@ -56,7 +57,7 @@ class Mamba2(Mixer):
         k, v, g = (masked_fill_zero(t, mask) for t in (k, v, g))
         y, s = run_kernel(
             chunk_simple_gla, fused_recurrent_simple_gla, q.contiguous(), k.contiguous(), v, g,
-            scale=1.0, initial_state=pick_state(state, 0), want_state=want_state,
+            scale=1.0, initial_state=pick_state(state, 0), want_state=want_state, pack=pack,
         )
         y = torch.addcmul(y, x, self.D[:, None].to(x.dtype))
         y = rearrange(y, "b n h p -> b n (h p)")

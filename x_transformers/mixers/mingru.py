@@ -20,6 +20,7 @@ def positive_activation(x):
 
 class MinGRU(Mixer):
     name = "mingru"
+    packed_path = "cu_seqlens"
     cast_input = False
 
     def __init__(self, dim, heads=1, causal=True, expansion_factor=1.0):
@@ -28,7 +29,7 @@ class MinGRU(Mixer):
         self.to_hidden_and_gate = nn.Linear(dim, self.dim_inner * 2, bias=False)
         self.to_out = nn.Linear(self.dim_inner, dim, bias=False) if expansion_factor != 1.0 else nn.Identity()
 
-    def mix(self, x, mask, state, want_state):
+    def mix(self, x, mask, state, want_state, pack=None):
         x = masked_fill_zero(x, mask)
         hidden, gate = upcast(self.to_hidden_and_gate(x)).chunk(2, dim=-1)
         log_decay = -F.softplus(gate)
@@ -36,6 +37,6 @@ class MinGRU(Mixer):
         inp, log_decay = masked_fill_zero(inp, mask), masked_fill_zero(log_decay, mask)
         h, s = run_kernel(
             chunk_hgrn, fused_recurrent_hgrn, inp, log_decay,
-            initial_state=pick_state(state, 0), want_state=want_state,
+            initial_state=pick_state(state, 0), want_state=want_state, pack=pack,
         )
         return self.to_out(h.to(x.dtype)), (s,) if want_state else None

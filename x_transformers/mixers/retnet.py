@@ -16,11 +16,14 @@ from x_transformers.ops import chunk_simple_gla, fused_recurrent_simple_gla
 from x_transformers.utils import exists
 
 
-def rotations(offset, n, d, device, base=10000.0, dtype=torch.float32):
-    """Unit complex numbers e^(i pos theta_f) (b, n, 1, d / 2) for positions `offset` .. `offset + n - 1`, with real
-    and imaginary parts in `dtype` (fp32 or fp64)."""
+def rotations(offset, n, d, device, base=10000.0, dtype=torch.float32, pos=None):
+    """Unit complex numbers e^(i pos theta_f) (b, n, 1, d / 2) for positions `offset` .. `offset + n - 1` (or the
+    positions `pos` (b, n) given, e.g. within packed documents), with real and imaginary parts in `dtype` (fp32 or
+    fp64)."""
     inv_freq = base ** (-torch.arange(0, d, 2, device=device, dtype=dtype) / d)
-    pos = torch.arange(n, device=device, dtype=dtype) + offset.to(dtype).reshape(-1, 1)
+    if pos is None:
+        pos = torch.arange(n, device=device, dtype=dtype) + offset.to(dtype).reshape(-1, 1)
+    pos = pos.to(dtype)
     angles = rearrange(pos[..., None] * inv_freq, "b n f -> b n 1 f")
     return torch.polar(torch.ones_like(angles), angles)
 
@@ -35,6 +38,7 @@ def rotate_pairs(t, rotation):
 
 class RetNet(Mixer):
     name = "retnet"
+    packed_path = "cu_seqlens"
 
     def __init__(self, dim, heads, causal=True, expand_k=1.0, expand_v=2.0, rotary=True, use_short_conv=False,
                  conv_size=4, output_norm=True, output_gate="swish"):
@@ -52,21 +56,23 @@ class RetNet(Mixer):
         lose the small differences between the decays of the later heads."""
         return torch.log1p(-torch.exp2(-5.0 - torch.arange(self.heads, device=device, dtype=dtype)))
 
-    def mix(self, x, mask, state, want_state):
+    def mix(self, x, mask, state, want_state, pack=None):
         x = masked_fill_zero(x, mask)
         b, n = x.shape[:2]
-        q, k, v, conv_state = self.qkv(x, pick_state(state, 1))
+        q, k, v, conv_state = self.qkv(x, pick_state(state, 1), pack=pack)
         offset = pick_state(state, 2)
         offset = offset if exists(offset) else torch.zeros(b, device=x.device, dtype=torch.long)
         acc = acc_dtype(x.dtype)
         if self.rotary:
-            rotation = rotations(offset, n, self.dim_k, x.device, dtype=acc)
+            # packed documents each rotate from position 0
+            pos = pack.positions.reshape(1, -1) if exists(pack) else None
+            rotation = rotations(offset, n, self.dim_k, x.device, dtype=acc, pos=pos)
             q, k = rotate_pairs(q, rotation), rotate_pairs(k, rotation)
         k, v = masked_fill_zero(k, mask), masked_fill_zero(v, mask)
         g = self.log_decay(x.device, acc).expand(b, n, -1)
         g = masked_fill_zero(g, mask)
         o, s = run_kernel(
             chunk_simple_gla, fused_recurrent_simple_gla, q, k, v, g,
-            scale=self.dim_k**-0.5, initial_state=pick_state(state, 0), want_state=want_state,
+            scale=self.dim_k**-0.5, initial_state=pick_state(state, 0), want_state=want_state, pack=pack,
         )
         return self.out(o, x), (s, conv_state, offset + n) if want_state else None

@@ -22,14 +22,17 @@ from x_transformers.mixers.base import Mixer, acc_dtype, masked_fill_zero, pick_
 from x_transformers.ops import chunk_gla, fused_recurrent_gla
 
 
-def shift_right(t, first=None):
-    """(b, n, ...) -> the sequence one step later, `first` (b, ...) or zeros at the front."""
+def shift_right(t, first=None, pack=None):
+    """(b, n, ...) -> the sequence one step later, `first` (b, ...) or zeros at the front. `pack`: t is flattened
+    packed documents (batch 1), each of which starts from zeros too (no previous token)."""
     first = torch.zeros_like(t[:, :1]) if first is None else first[:, None].to(t.dtype)
-    return torch.cat((first, t[:, :-1]), dim=1)
+    shifted = torch.cat((first, t[:, :-1]), dim=1)
+    return masked_fill_zero(shifted, pack.positions.reshape(1, -1) > 0) if pack is not None else shifted
 
 
 class RWKV6(Mixer):
     name = "rwkv6"
+    packed_path = "cu_seqlens"
     cast_input = False
 
     def __init__(self, dim, heads, causal=True, mix_low_rank_dim=32, decay_low_rank_dim=64):
@@ -53,12 +56,12 @@ class RWKV6(Mixer):
         self.norm = nn.GroupNorm(heads, dim, eps=64e-5)
         self.to_out = nn.Linear(dim, dim, bias=False)
 
-    def mix(self, x, mask, state, want_state):
+    def mix(self, x, mask, state, want_state, pack=None):
         x = masked_fill_zero(x, mask)
         b, n, d = x.shape
         split = lambda t: rearrange(t, "b n (h d) -> b n h d", h=self.heads)  # noqa: E731
 
-        delta = shift_right(x, pick_state(state, 1)) - x
+        delta = shift_right(x, pick_state(state, 1), pack) - x
         xx = x + delta * self.mix_x
         lora = rearrange(torch.tanh(xx @ self.mix_down), "b n (five r) -> five b n r", five=5)
         mixes = self.mix_base[:, None, None] + einsum(lora, self.mix_up, "five b n r, five r d -> five b n d")
@@ -73,8 +76,9 @@ class RWKV6(Mixer):
 
         # the kernel on inputs shifted one step reads S_{t-1}; the current token enters through the bonus u
         o, s = run_kernel(
-            chunk_gla, fused_recurrent_gla, r, shift_right(k), shift_right(v), shift_right(log_w),
-            scale=1.0, initial_state=pick_state(state, 0), want_state=want_state,
+            chunk_gla, fused_recurrent_gla, r, shift_right(k, pack=pack), shift_right(v, pack=pack),
+            shift_right(log_w, pack=pack), scale=1.0, initial_state=pick_state(state, 0), want_state=want_state,
+            pack=pack,
         )
         bonus = einsum(r.to(acc) * self.bonus.to(acc) * k.to(acc), "b n h d -> b n h")
         o = o.to(acc) + bonus[..., None] * v.to(acc)

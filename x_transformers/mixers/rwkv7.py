@@ -50,6 +50,7 @@ class LowRank(nn.Module):
 
 class RWKV7(Mixer):
     name = "rwkv7"
+    packed_path = "cu_seqlens"
     cast_input = False
     stack_inputs = ("value_first",)
 
@@ -78,7 +79,7 @@ class RWKV7(Mixer):
         self.norm = nn.GroupNorm(heads, dim, eps=dh * 1e-5)
         self.to_out = nn.Linear(dim, dim, bias=False)
 
-    def mix(self, x, mask, state, want_state, value_first=None):
+    def mix(self, x, mask, state, want_state, value_first=None, pack=None):
         x = masked_fill_zero(x, mask)
         b, n, d = x.shape
         if value_first is not None and value_first.shape != (b, n, self.heads, self.dim_head):
@@ -89,7 +90,7 @@ class RWKV7(Mixer):
         split = lambda t: rearrange(t, "b n (h d) -> b n h d", h=self.heads)  # noqa: E731
         acc = acc_dtype(x.dtype)
 
-        delta = shift_right(x, pick_state(state, 1)) - x
+        delta = shift_right(x, pick_state(state, 1), pack) - x
         xr, xw, xk, xv, xa, xg = (x + delta * m.to(x.dtype) for m in self.shift_mix)
         r, k, v = split(self.to_r(xr)), split(self.to_k(xk)), split(self.to_v(xv))
         log_w = split(-LOG_DECAY_BOUND * self.decay(xw).to(acc).sigmoid())
@@ -107,7 +108,7 @@ class RWKV7(Mixer):
         k, v, kappa, log_w = (masked_fill_zero(t, mask) for t in (k, v, kappa, log_w))
         o, s = run_kernel(
             chunk_dplr_delta_rule, fused_recurrent_dplr_delta_rule, r, k, v, -kappa, kappa * iclr, log_w,
-            scale=1.0, initial_state=pick_state(state, 0), want_state=want_state,
+            scale=1.0, initial_state=pick_state(state, 0), want_state=want_state, pack=pack,
         )
 
         # per-head group norm in the accumulation dtype (a half-precision model keeps its affine parameters in half
