@@ -6,6 +6,7 @@ checks also run at real shapes: `pytest tests/ops/test_attention_kernel.py -x -q
 """
 
 import importlib
+import math
 import os
 import subprocess
 import sys
@@ -162,6 +163,49 @@ def test_strong_gates(path, check):
     torch.testing.assert_close(out[0], inputs[2], rtol=1e-5, atol=1e-5)
 
 
+def test_gate_cumsum():
+    """The kernels' c (hi + lo parts of c * log2(e), 48 bits) is the cumsum of g within documents, and dg the
+    suffix sums of dc; documents longer than a chunk (256 tokens), empty and of one token."""
+    gate_cumsum = importlib.import_module("x_transformers.ops.attention.gate_cumsum")
+    gen = torch.Generator().manual_seed(0)
+    g = (-10 * torch.rand(1, 600, 3, generator=gen)).to(DEVICE)
+    dc = torch.randn(1, 600, 3, generator=gen).to(DEVICE)
+    for bounds in ([0, 1, 300, 300, 600], [0, 600]):
+        want_c, want_dg = torch.empty_like(g, dtype=torch.float64), torch.empty_like(dc, dtype=torch.float64)
+        for bos, eos in zip(bounds[:-1], bounds[1:]):
+            want_c[:, bos:eos] = g[:, bos:eos].double().cumsum(1) * math.log2(math.e)
+            want_dg[:, bos:eos] = dc[:, bos:eos].double().flip(1).cumsum(1).flip(1)
+        cu = torch.tensor(bounds, device=DEVICE) if len(bounds) > 2 else None
+        c = gate_cumsum.forget_cumsum(g, cu)
+        assert c.dtype == torch.float32 and c.shape == (2, *g.shape)
+        torch.testing.assert_close(c[0].double() + c[1].double(), want_c, rtol=1e-13, atol=1e-12)
+        dg = gate_cumsum.forget_cumsum_backward(dc, cu, torch.float64)
+        torch.testing.assert_close(dg, want_dg, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", ["triton", "torch"])
+def test_large_cumulative_gate(path, check):
+    """Only c_i - c_j matters, but c itself reaches -3e4 here (where 3000 tokens of -10 gates take it): an fp32 c
+    would be off by ulp(3e4) / 2 ~ 1e-3 in every bias, 10x the fp32 tolerance. The first gate shifts every c of its
+    document and nothing else, so the outputs are those without the shift; packed, a later document starts deep."""
+    inputs = make_inputs(1, 100, 2, 16)
+    shifted = [x.clone() for x in inputs]
+    shifted[3][:, 0] -= 3e4
+    out = check(shifted, fn=PATHS[path])
+    torch.testing.assert_close(out[0], run(PATHS[path], inputs, torch.float32)[0], rtol=1e-4, atol=1e-5)
+    cu = torch.tensor(CU, device=DEVICE)
+    inputs = make_inputs(1, CU[-1], 2, 16)
+    inputs[3][:, CU[3]] -= 3e4
+    check(inputs, fn=PATHS[path], cu_seqlens=cu)
+
+
+def test_gate_gradient_long_document(check):
+    """dg is a reverse cumsum of dc over the whole document. delta = do . o comes from the output rounded to bf16
+    (2**-9 per row), so the row sums of ds are not quite zero; taking dc from the column sums alone (the row sums
+    assumed zero) would add those row errors up along the document, to 4.5e-2 of dg here."""
+    check(make_inputs(1, 400, 1, 16, decay=1.0), dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("path", ["triton", "torch"])
 def test_future_gates_do_not_matter(path):
     """The output at i depends on the gates up to i only: changing later gates leaves o[:, :t] as it was, and a loss
@@ -179,6 +223,13 @@ def test_future_gates_do_not_matter(path):
     assert (dg[:, t:] == 0).all()
     assert dg[:, 0].abs().max() < 1e-5
     assert dg[:, 1:t].abs().max() > 1e-3
+    # packed: a loss on the start of the second document reaches none of the gates after it, in any document
+    cu = torch.tensor([0, 20, 45, 60], device=DEVICE)
+    o = fn(q, k, v, g, cu_seqlens=cu)
+    (dg,) = torch.autograd.grad(o[:, 20:t].sum(), g)
+    assert (dg[:, :20] == 0).all() and (dg[:, t:] == 0).all()
+    assert dg[:, 20].abs().max() < 1e-5
+    assert dg[:, 21:t].abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

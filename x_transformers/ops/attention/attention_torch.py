@@ -34,8 +34,12 @@ def attention_torch(q, k, v, g, scale: float, causal: bool, cu_seqlens: Tensor |
         if g is None:
             od = F.scaled_dot_product_attention(qd, kd, vd, is_causal=causal, scale=scale)
         else:
-            c = g[b, bos:eos].to(acc).cumsum(0).transpose(0, 1)  # (h, n)
-            bias = c[:, :, None] - c[:, None, :]
+            # c summed in fp64 and split into hi + lo in the compute dtype: c reaches -1e4 on long documents, where an
+            # fp32 c is off by ulp(c) / 2 ~ 5e-4 in every bias; hi - hi rounds relative to the difference only
+            c = g[b, bos:eos].double().cumsum(0).transpose(0, 1)  # (h, n)
+            hi = c.to(acc)
+            lo = (c - hi).to(acc)
+            bias = (hi[:, :, None] - hi[:, None, :]) + (lo[:, :, None] - lo[:, None, :])
             n = eos - bos
             future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
             bias = bias.masked_fill(future, float("-inf"))

@@ -30,10 +30,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from x_transformers.ops.attention.gate_cumsum import forget_cumsum, forget_cumsum_backward
 from x_transformers.ops.common.bounds import chunk_bounds
 from x_transformers.ops.common.chunk_index import prepare_chunk_indices
 from x_transformers.ops.common.tiles import load_tile, store_tile
@@ -310,36 +310,6 @@ def attn_bwd_dq_kernel(
     if USE_G:
         p_dc = dc + row + o_m * H
         tl.store(p_dc, tl.load(p_dc, mask=m_m, other=0) + b_dc, mask=m_m)
-
-
-def _document_bounds(cu_seqlens: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(first token, end) of the packed document of every token."""
-    doc = torch.bucketize(torch.arange(T, device=cu_seqlens.device), cu_seqlens[1:], right=True)
-    return cu_seqlens[doc], cu_seqlens[doc + 1]
-
-
-def forget_cumsum(g: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-    """c * log2(e), c = cumsum(g) over time within each document, as `[2, B, T, H]` fp32: hi = c rounded to fp32,
-    lo = what that rounding lost. Summed in fp64, so that the kernels' c_i - c_j keeps fp64's accuracy however large
-    |c| grows along the document."""
-    c = g.double().cumsum(1)
-    if cu_seqlens is not None:
-        # restart at every document: subtract the sum of everything before its first token (c before 0 is 0)
-        c = c - F.pad(c, (0, 0, 1, 0))[:, _document_bounds(cu_seqlens, g.shape[1])[0]]
-    c = c * math.log2(math.e)
-    hi = c.float()
-    return torch.stack([hi, (c - hi.double()).float()])
-
-
-def forget_cumsum_backward(dc: torch.Tensor, cu_seqlens: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """dg from dc (the gradient of c): its suffix sums within each document, in fp64. Summed from the end, so that a
-    gate after the last token a loss reads gets exactly zero gradient (the zeros after it sum to zero in any order;
-    an in-chunk suffix taken as total minus prefix would leave rounding there)."""
-    r = dc.double().flip(1).cumsum(1).flip(1)
-    if cu_seqlens is not None:
-        # stop at every document's end: subtract the suffix sum from the next document's first token (0 past T)
-        r = r - F.pad(r, (0, 0, 0, 1))[:, _document_bounds(cu_seqlens, dc.shape[1])[1]]
-    return r.to(dtype)
 
 
 def _precision(dtype: torch.dtype) -> str:
