@@ -45,8 +45,9 @@ LOG2E = tl.constexpr(math.log2(math.e))
 # Block sizes (query rows x key rows) and launch options; module constants so that bench_ops.py --set can try others.
 # The forward and dq kernels walk key blocks of BN under a query block of BM (BM a multiple of BN), the dk / dv kernel
 # query blocks of BM under a key block of BN (BN a multiple of BM). For half inputs at D = 128 these compile for
-# sm_90 without register spills (up to 255 registers per thread in the gated forward and dk / dv kernels; the
-# Hopper compile test in tests/ops/test_attention_kernel.py prints them); not yet tuned on a GPU.
+# sm_90 without register spills in their loops (up to 255 registers per thread in the gated forward and dk / dv
+# kernels, the latter with 8 bytes of stack written before its walk and read after it; the Hopper compile test in
+# tests/ops/test_attention_kernel.py prints them); not yet tuned on a GPU.
 FWD_BM, FWD_BN, FWD_WARPS, FWD_STAGES = 128, 64, 8, 3
 DKDV_BM, DKDV_BN, DKDV_WARPS, DKDV_STAGES = 64, 64, 8, 2
 DQ_BM, DQ_BN, DQ_WARPS, DQ_STAGES = 64, 64, 8, 2
