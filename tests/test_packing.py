@@ -283,3 +283,48 @@ def test_train_enwik8_pack_loss_ignores_boundaries():
     target = x[:, 1:].masked_fill(pos[:, 1:] == 0, -100)
     expected = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100)
     torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("use_kernel", [False, True])
+def test_short_convolution_restarts_per_document(monkeypatch, use_kernel):
+    # the shifted products (positions mask the taps) and the Triton kernel (cu_seqlens): each document convolved
+    # from a zero window, as alone; documents shorter than the window included
+    from x_transformers.mixers.base import ShortConvolution
+
+    if use_kernel:
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.manual_seed(0)
+    conv = ShortConvolution(8, size=4).double()
+    conv.use_kernel = use_kernel
+    lens = [[2, 1, 6], [5, 4]]
+    x = torch.randn(2, 9, 8, dtype=torch.float64)
+    packing = build_packing(2, 9, "cpu", seq_lens=lens)
+    out, cache = conv(x.reshape(1, 18, 8), pack=packing)
+    solo = [conv(doc[None])[0] for doc in x.reshape(18, 8).split([2, 1, 6, 5, 4])]
+    assert cache is None
+    torch.testing.assert_close(out, torch.cat(solo, dim=1))
+    with pytest.raises(ValueError, match="no cache"):
+        conv(x.reshape(1, 18, 8), cache=torch.zeros(1, 3, 8, dtype=torch.float64), pack=packing)
+
+
+def test_encoder_bidirectional_mixers_packed():
+    # non-causal linear / based sum over the whole row: they keep the padded path, still exact
+    for name in ("linear", "based"):
+        assert not make_mixer(name, dim=DIM, heads=HEADS, causal=False).packs_by_cu_seqlens()
+        assert make_mixer(name, dim=DIM, heads=HEADS).packs_by_cu_seqlens()
+        check_packed_equals_separate(make_model(Encoder, linear_attn=name, hybrid_pattern="LN"), [LENS, LENS_ROW2])
+
+
+def test_bad_packed_path_and_initial_state_refused(monkeypatch):
+    from x_transformers.mixers.base import run_kernel
+    from x_transformers.ops import chunk_simple_gla, fused_recurrent_simple_gla
+
+    mixer = make_mixer("gla", dim=DIM, heads=HEADS)
+    monkeypatch.setattr(mixer, "packed_path", "varlen")
+    with pytest.raises(ValueError, match="packed_path must be"):
+        mixer(torch.randn(1, 4, DIM), pack=build_packing(1, 4, "cpu", seq_lens=[1, 3]))
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="no initial_state"):
+        run_kernel(chunk_simple_gla, fused_recurrent_simple_gla, q, q, q, None,
+                   initial_state=torch.zeros(2, 2, 8, 8), pack=build_packing(1, 4, "cpu", seq_lens=[1, 3]))

@@ -298,7 +298,7 @@ class Mixer(Module):
         self, x: Tensor, mask: Tensor | None = None, cache=None, return_intermediates: bool = False, pack=None, **kwargs
     ):
         """`pack`: a `Packing` (x_transformers/packing.py) of x's rows: its documents never mix, each starts from a
-        zero state, a fresh short-convolution window and token shift."""
+        zero state, a fresh short-convolution window and token shift (on the mixer's `packed_path`)."""
         unknown = sorted(set(kwargs) - set(self.stack_inputs))
         if unknown:
             raise TypeError(f"linear_attn='{self.name}' got unexpected inputs {unknown}; it takes {list(self.stack_inputs)}")
