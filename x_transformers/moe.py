@@ -24,8 +24,8 @@ from x_transformers.feedforward import FeedForward
 from x_transformers.utils import exists
 
 
-# up to this many (token, expert) assignments a call runs on dropless fixed-size buffers instead of sorted groups
-DROPLESS_BUFFER_TOKENS = 64
+# up to this many (token, expert) pairs a call runs every expert on every token instead of sorting tokens into groups
+ALL_EXPERTS_ROWS = 256
 
 
 def grouped_mm_supported(x: Tensor, w: Tensor) -> bool:
@@ -165,7 +165,9 @@ class MoE(Module):
             else None
         )
 
-    def forward(self, x: Tensor, mask: Tensor | None = None):
+    def forward(self, x: Tensor, mask: Tensor | None = None, with_aux_loss: bool = True):
+        """x (..., d), mask (...) -> (out, aux_loss); `with_aux_loss=False` (a decoding step, whose routing trains
+        nothing) skips the losses and returns None for them."""
         shape = x.shape
         tokens = rearrange(x, "... d -> (...) d")
         valid = mask.reshape(-1) if exists(mask) else None
@@ -186,14 +188,14 @@ class MoE(Module):
         if exists(valid):
             weights = weights.masked_fill(~valid[:, None], 0.0)
 
-        aux_loss = self.losses(logits, probs, top_ids, valid)
+        aux_loss = self.losses(logits, probs, top_ids, valid) if with_aux_loss else None
 
         if exists(self.capacity_factor):
             out = self.dispatch_with_capacity(tokens, top_ids, weights, valid)
-        elif num_tokens * k <= DROPLESS_BUFFER_TOKENS:
-            # a few tokens (a decoding step): buffers big enough that no token drops - the same result, one batched
-            # matmul and no host sync, so the step can be captured in a CUDA graph
-            out = self.dispatch_with_capacity(tokens, top_ids, weights, valid, capacity=num_tokens * k)
+        elif num_tokens * num_experts <= ALL_EXPERTS_ROWS:
+            # a few tokens (a decoding step): every expert on every token, then each token's chosen ones - the same
+            # result in a handful of kernels and no host sync, so the step can be captured in a CUDA graph
+            out = self.dispatch_all_experts(tokens, top_ids, weights)
         else:
             out = self.dispatch_sorted(tokens, top_ids, weights)
 
@@ -205,6 +207,11 @@ class MoE(Module):
         if not self.can_cache_kv:
             return "`ff_capacity_factor`: with a capacity, dropping a token depends on the other tokens of the call"
         return None
+
+    def dispatch_all_experts(self, tokens, top_ids, weights):
+        every = self.experts.forward_buffers(tokens.expand(self.num_experts, *tokens.shape))  # (E, T, d)
+        chosen = every[top_ids, torch.arange(tokens.shape[0], device=tokens.device)[:, None]]  # (T, k, d)
+        return torch.einsum("t k d, t k -> t d", chosen, weights.to(chosen.dtype)).to(tokens.dtype)
 
     def dispatch_sorted(self, tokens, top_ids, weights):
         k = self.top_k
@@ -218,10 +225,9 @@ class MoE(Module):
         expert_out = expert_out * weights.reshape(-1)[order, None].to(expert_out.dtype)
         return torch.zeros_like(tokens).index_add_(0, token_of, expert_out.to(tokens.dtype))
 
-    def dispatch_with_capacity(self, tokens, top_ids, weights, valid=None, capacity=None):
+    def dispatch_with_capacity(self, tokens, top_ids, weights, valid=None):
         num_tokens, k, num_experts = tokens.shape[0], self.top_k, self.num_experts
-        if capacity is None:
-            capacity = max(1, math.ceil(self.capacity_factor * num_tokens * k / num_experts))
+        capacity = max(1, math.ceil(self.capacity_factor * num_tokens * k / num_experts))
         # slot of each (token, choice) inside its expert, first choices first; masked tokens take no slot
         flat_ids = top_ids.t().reshape(-1)  # (k * T), choice-major
         # a comparison, not F.one_hot (which reads the largest id, a value torch.func.vmap cannot read)

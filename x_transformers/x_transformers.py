@@ -1319,8 +1319,10 @@ class AttentionLayers(Module):
                 if static:
                     state_entry.store(inter.recurrent_state)
             elif self.has_moe:
-                out, aux_loss = block(x, mask=mask)
-                aux_losses.append(aux_loss)
+                # decoding with a static cache trains no router: no aux loss
+                out, aux_loss = block(x, mask=mask, with_aux_loss=not static)
+                if exists(aux_loss):
+                    aux_losses.append(aux_loss)
             else:
                 out = block(x)
 
