@@ -1320,7 +1320,7 @@ class AttentionLayers(Module):
                     state_entry.store(inter.recurrent_state)
             elif self.has_moe:
                 # decoding with a static cache trains no router: no aux loss
-                out, aux_loss = block(x, mask=mask, with_aux_loss=not static)
+                out, aux_loss = block(x, mask=mask, **(dict(with_aux_loss=False) if static else dict()))
                 if exists(aux_loss):
                     aux_losses.append(aux_loss)
             else:
