@@ -49,6 +49,34 @@ def first_leaf_and_state(outputs):
     return out, state
 
 
+class LowRankLinear(Module):
+    """down (no bias), optional activation, up (no bias, zero-initialized)."""
+
+    def __init__(self, dim_in, dim_out, rank, activation=None):
+        super().__init__()
+        if not (rank < dim_in or rank < dim_out):
+            raise ValueError(f'rank ({rank}) must be less than the input ({dim_in}) or output ({dim_out}) dimension')
+        self.down = LinearNoBias(dim_in, rank)
+        self.up = LinearNoBias(rank, dim_out)
+        init_zero_(self.up)
+        self.activation = activation
+
+    def forward(self, x):
+        hidden = self.down(x)
+        if exists(self.activation):
+            hidden = self.activation(hidden)
+        return self.up(hidden)
+
+
+def gate_projection(dim_in, dim_out, rank=None, activation=None) -> Module:
+    """Gate logits: a zero-initialized bias-free linear, or a low-rank one when a rank is given."""
+    if exists(rank):
+        return LowRankLinear(dim_in, dim_out, rank, activation)
+    linear = LinearNoBias(dim_in, dim_out)
+    init_zero_(linear)
+    return linear
+
+
 class Attention(Module):
     """Multi-head attention. `forward(x, ...)` returns `out`, or `(out, Intermediates)` with return_intermediates.
 
@@ -79,17 +107,28 @@ class Attention(Module):
         sparse_topk_straight_through=False,
         num_mem_kv=0,  # 1907.01470
         dropout=0.0,
+        sublayer_dropout=0.0,
         on_attn=False,  # attention on attention, 1908.06954
         gate_value_heads=False,  # 2306.12929
         swiglu_values=False,
         gate_values=False,  # alphafold2 style value gating
+        gate_values_rank=None,  # low-rank value gate (from the layer input); None = one linear
+        gate_values_headwise=False,  # one value-gate logit per head instead of per feature
+        output_gate=False,  # gate computed from the attention output itself (hybrid gated attention, HyGA)
+        output_gate_rank=None,
+        output_gate_headwise=False,
+        low_rank_silu_gates=True,  # silu between the down and up projections of the low-rank gates
         zero_init_output=False,
+        output_proj_depth=None,  # depth-scaled init of the output projection (olmo)
         hard=False,
         max_attend_past=None,
         qk_norm=False,  # 2010.04245
         qk_norm_groups=1,
         qk_norm_scale=10,
         qk_norm_dim_scale=False,  # 2302.05442
+        qk_rmsnorm=False,
+        k_rmsnorm=False,
+        value_rmsnorm=False,  # alphagenome, GR3
         l2_distance=False,  # 2006.04710
         sigmoid=False,  # 2409.04431
         selective=False,  # 2410.02703
@@ -102,6 +141,7 @@ class Attention(Module):
         value_dim_head=None,
         dim_out=None,
         add_zero_kv=False,  # same as add_zero_attn in pytorch
+        head_learned_sink=False,  # a learned per-head logit every query can put weight on, reading nothing
         rotate_num_heads=None,
         data_dependent_alibi=False,  # forgetting transformer, openreview q2Lnyegkr8
         data_dependent_alibi_per_row=False,
@@ -209,12 +249,32 @@ class Attention(Module):
 
         # value gating - a sigmoid (or silu) gate per output feature, initialized open (alphafold2)
 
+        if gate_values_headwise and exists(gate_values_rank):
+            raise ValueError('gate_values_rank cannot be set with gate_values_headwise (that gate projects to heads)')
+        if output_gate_headwise and exists(output_gate_rank):
+            raise ValueError('output_gate_rank cannot be set with output_gate_headwise (that gate projects to heads)')
+
         self.to_v_gate = None
-        if gate_values:
+        self.to_v_gate_activation = F.silu if swiglu_values else F.sigmoid
+        self.gate_values_headwise = gate_values_headwise
+        gate_activation = F.silu if low_rank_silu_gates else None
+
+        if gate_values and (exists(gate_values_rank) or gate_values_headwise):
+            # the later upstream form: bias-free, zero-initialized (a half-open gate)
+            self.to_v_gate = gate_projection(dim, heads if gate_values_headwise else out_dim, gate_values_rank,
+                                             gate_activation)
+        elif gate_values:
             self.to_v_gate = nn.Linear(dim, out_dim)
-            self.to_v_gate_activation = F.silu if swiglu_values else F.sigmoid
             nn.init.zeros_(self.to_v_gate.weight)
             nn.init.constant_(self.to_v_gate.bias, 10.0)
+
+        # output gate - gate logits from the merged attention output, added to the value gate's (HyGA)
+
+        self.output_gate_headwise = output_gate_headwise
+        self.to_output_gate = None
+        if output_gate:
+            self.to_output_gate = gate_projection(out_dim, heads if output_gate_headwise else out_dim,
+                                                  output_gate_rank, gate_activation)
 
         # per-head value gating - lets a head output nothing (2306.12929)
 
@@ -240,6 +300,18 @@ class Attention(Module):
             raise ValueError(f'dim_head ({dim_head}) must be divisible by qk_norm_groups ({qk_norm_groups})')
         if qk_norm and (dim_head // qk_norm_groups) <= 2:
             raise ValueError('qk norm group dimension (dim_head // qk_norm_groups) must be greater than 2')
+
+        # rmsnorm with learned per-head gains on queries and keys (or keys only), and on values
+
+        if qk_rmsnorm and k_rmsnorm:
+            raise ValueError('give either qk_rmsnorm or k_rmsnorm, not both')
+        if value_rmsnorm and (kv_heads != heads or value_dim_head != dim_head):
+            # its gains are (heads, 1, dim_head), as upstream keeps them, so values must have that shape
+            raise ValueError('value_rmsnorm needs kv_heads == heads and value_dim_head == dim_head')
+
+        self.q_rmsnorm = MultiheadRMSNorm(dim_head, heads=heads) if qk_rmsnorm else None
+        self.k_rmsnorm = MultiheadRMSNorm(dim_head, heads=kv_heads) if (qk_rmsnorm or k_rmsnorm) else None
+        self.value_rmsnorm = MultiheadRMSNorm(dim_head, heads=heads) if value_rmsnorm else None
 
         # contextual positional encoding (2405.18719)
 
@@ -293,6 +365,19 @@ class Attention(Module):
             onnxable=onnxable,
             sdp_kwargs=attend_sdp_kwargs,
         )
+
+        # learned attention sink: one zero key / zero value slot per head whose logit is a learned bias, so a
+        # query can put weight on nothing. Kept on the core as `attend.head_attn_sink` (upstream's name)
+
+        self.head_learned_sink = head_learned_sink
+        if head_learned_sink:
+            clash = dict(l2_distance=l2_distance, softclamp_logits=softclamp_logits, laser=laser, use_cope=use_cope,
+                         selective=selective)
+            clash = [name for name, on in clash.items() if on]
+            if clash:
+                # these change a zero key's logit, clamp the sink's bias or turn its zero value into a nonzero one
+                raise ValueError(f'head_learned_sink cannot be combined with {clash}')
+            self.attend.head_attn_sink = nn.Parameter(torch.zeros(heads))
 
         # normformer head scale (2110.09456)
 
@@ -364,8 +449,14 @@ class Attention(Module):
         # selective attention rewrites logits of past rows from future ones, so cached decoding cannot be exact
         self.can_cache_kv = not selective
 
+        self.sublayer_dropout = nn.Dropout(sublayer_dropout) if sublayer_dropout > 0.0 else None
+
+        out_proj = self.to_out[0] if on_attn else self.to_out
         if zero_init_output:
-            init_zero_(self.to_out[0] if on_attn else self.to_out)
+            init_zero_(out_proj)
+        elif exists(output_proj_depth):
+            # std 1 / sqrt(2 * fan_in * depth)
+            nn.init.normal_(out_proj.weight, std=(2 * out_proj.in_features * output_proj_depth) ** -0.5)
 
     # projections
 
@@ -536,6 +627,7 @@ class Attention(Module):
             and dropout == 0.0
             and not any(exists(t) for t in (keep_mask, rel_pos, attn_bias, cache, static_kv))
             and self.num_mem_kv == 0
+            and not self.head_learned_sink
             and q.shape[-2] == k.shape[-2]
             and max(q.shape[-1], k.shape[-1]) <= 128
         )
@@ -565,6 +657,12 @@ class Attention(Module):
         out = flash_attention(q, k, v, g, scale=self.attend_scale(q), causal=self.causal, cu_seqlens=cu_seqlens)
         out = rearrange(out, '1 (b n) h d -> b n h d', b=b) if exists(pack) else out
         return rearrange(out, 'b n (h g) d -> b (g h) n d', h=kv_heads)
+
+    def head_space(self, gate: Tensor, headwise: bool) -> Tensor:
+        """Gate logits (b, n, h) or (b, n, h * d) as (b, h, n, 1) or (b, h, n, d)."""
+        if headwise:
+            return rearrange(gate, 'b n h -> b h n 1')
+        return rearrange(gate, 'b n (h d) -> b h n d', h=self.heads)
 
     def attend_scale(self, q) -> float:
         return default(self.attend.scale, q.shape[-1] ** -0.5)
@@ -699,6 +797,7 @@ class Attention(Module):
             joint_rotary = (
                 is_self_qkv
                 and not (self.use_latent_q or self.use_latent_kv or self.qk_norm or exists(cache) or exists(static_kv))
+                and not (exists(self.q_rmsnorm) or exists(self.k_rmsnorm))
                 and self.rotate_num_heads == h
                 and not isinstance(rotary_pos_emb.xpos_scale, Tensor)
             )
@@ -802,6 +901,13 @@ class Attention(Module):
             q = l2norm(q, groups=self.qk_norm_groups) * self.qk_norm_q_scale
             k = l2norm(k, groups=self.qk_norm_groups) * self.qk_norm_k_scale
 
+        if exists(self.q_rmsnorm):
+            q = self.q_rmsnorm(q)
+        if exists(self.k_rmsnorm):
+            k = self.k_rmsnorm(k)
+        if exists(self.value_rmsnorm):
+            v = self.value_rmsnorm(v)
+
         # static cache - keys are rotated once, at their own positions, and written in place; the prefill attends over
         # its own keys like a forward without cache, later calls over the whole buffer under a position mask
 
@@ -880,6 +986,14 @@ class Attention(Module):
             if exists(input_mask):
                 input_mask = pad_at_dim(input_mask, (num_mem_kv, 0), value=True)
 
+        # attention sink - a zero key and value in front; every mask and bias below pads it like a memory slot
+
+        if self.head_learned_sink:
+            k, v = (pad_at_dim(t, (1, 0), dim=-2) for t in (k, v))
+            if exists(input_mask):
+                input_mask = pad_at_dim(input_mask, (1, 0), value=True)
+            num_mem_kv += 1
+
         # masked keys and values are zeroed, not only given zero weight: a zero weight times inf or NaN at a masked
         # position is NaN, which the weighted sum would carry to every query
 
@@ -957,6 +1071,12 @@ class Attention(Module):
             if exists(dda_state):
                 new_extras.append(dda_state)
 
+        if self.head_learned_sink:
+            # the zero key's logit is 0: the sink's logit is all bias
+            sink = pad_at_dim(rearrange(self.attend.head_attn_sink, 'h -> h 1 1'), (0, k.shape[-2] - 1))
+            sink = sink.to(q.dtype)
+            attn_bias = sink if not exists(attn_bias) else attn_bias + sink
+
         # laser - attention over exponentiated (soft-clamped) values
 
         # exp of values near the soft-clamp (e^15 by default) overflows fp16, and their spread (up to e^30) underflows
@@ -1025,12 +1145,22 @@ class Attention(Module):
 
         out = rearrange(out, 'b h n d -> b n (h d)')
 
-        # value gating (alphafold2)
+        # value gating (alphafold2) from the layer input, plus the output gate from the attention output: their
+        # logits add, per head (headwise) or per feature
 
-        if exists(self.to_v_gate):
-            out = out * self.to_v_gate_activation(self.to_v_gate(x))
+        if exists(self.to_v_gate) or exists(self.to_output_gate):
+            gate = 0.0
+            if exists(self.to_v_gate):
+                gate = gate + self.head_space(self.to_v_gate(x), self.gate_values_headwise)
+            if exists(self.to_output_gate):
+                gate = gate + self.head_space(self.to_output_gate(out), self.output_gate_headwise)
+            out = rearrange(out, 'b n (h d) -> b h n d', h=h) * self.to_v_gate_activation(gate)
+            out = rearrange(out, 'b h n d -> b n (h d)')
 
         out = self.to_out(out)
+
+        if exists(self.sublayer_dropout):
+            out = self.sublayer_dropout(out)
 
         if exists(mask):
             out = out.masked_fill(~mask[:, -n:, None], 0.0)
