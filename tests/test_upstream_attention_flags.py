@@ -13,6 +13,7 @@ import torch
 
 from x_transformers import AutoregressiveWrapper, Decoder, TransformerWrapper
 from x_transformers.attention import Attention
+from x_transformers.packing import build_packing
 
 FIXTURE = torch.load(Path(__file__).parent / "fixtures" / "upstream" / "attention_flags.pt", weights_only=True)
 
@@ -92,6 +93,18 @@ def test_token_by_token_cache_equals_parallel(flags):
     torch.testing.assert_close(torch.cat(outs, dim=1), expected)
 
 
+@pytest.mark.parametrize("flags", [dict(head_learned_sink=True), dict(head_learned_sink=True, num_mem_kv=2)],
+                         ids=["sink", "sink_mem_kv"])
+def test_packed_documents_equal_separate_rows(flags):
+    # the sink (and memory slots) in front of the keys belong to every packed document
+    attn = _perturbed_attention(**flags)
+    x = torch.randn(1, 6, 8, dtype=torch.float64)
+    with torch.no_grad():
+        out = attn(x, pack=build_packing(1, 6, "cpu", seq_lens=[2, 4]))
+        expected = torch.cat((attn(x[:, :2]), attn(x[:, 2:])), dim=1)
+    torch.testing.assert_close(out, expected)
+
+
 def test_sink_takes_weight_and_reads_nothing():
     attn = _perturbed_attention(head_learned_sink=True)
     x = torch.randn(1, 4, 8, dtype=torch.float64)
@@ -106,9 +119,10 @@ def test_sink_takes_weight_and_reads_nothing():
     dict(attn_head_learned_sink=True, alibi_pos_bias=True),
     dict(attn_head_learned_sink=True, attn_max_attend_past=2, rotary_pos_emb=True),
     dict(attn_head_learned_sink=True, attn_flash=True, attn_kv_heads=2),
+    dict(attn_head_learned_sink=True, residual_attn=True, attn_sparse_topk=3),
     dict(attn_qk_rmsnorm=True, attn_value_rmsnorm=True, attn_flash=True, rotary_pos_emb=True),
     dict(attn_output_gate=True, attn_output_gate_rank=4, attn_gate_values=True, attn_gate_values_headwise=True),
-], ids=["sink_alibi", "sink_attend_past", "sink_flash_gqa", "rmsnorm_flash", "gates"])
+], ids=["sink_alibi", "sink_attend_past", "sink_flash_gqa", "sink_residual_attn_topk", "rmsnorm_flash", "gates"])
 def test_static_and_plain_cache_decode_like_no_cache(layer_kwargs):
     torch.manual_seed(0)
     net = TransformerWrapper(num_tokens=32, max_seq_len=32,

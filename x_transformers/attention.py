@@ -1039,7 +1039,9 @@ class Attention(Module):
 
         fused = self.fused_attention_ok(q, k, keep_mask, rel_pos, attn_bias, prev_attn, cache, static_kv, pack)
         if exists(pack) and not fused:
-            keep_mask = pack.doc_mask() if not exists(keep_mask) else (keep_mask & pack.doc_mask())
+            # memory slots and the attention sink in front belong to every document
+            doc_mask = pad_at_dim(pack.doc_mask(), (num_mem_kv, 0), value=True)
+            keep_mask = doc_mask if not exists(keep_mask) else (keep_mask & doc_mask)
 
         # relative position bias (t5, dynamic, alibi - or alibi at custom positions)
 
