@@ -6,7 +6,6 @@ order, and keeps there what its next call needs:
 
 - softmax attention: keys (rotated) and values, `(b, kv_heads, max_len, d)`, written at the tokens' positions;
   queries attend over the whole buffer under a position mask, so every decoding step has the same shapes;
-- cross attention: the context's keys and values, projected once at prefill;
 - linear-attention / RNN mixers: their recurrent and short-convolution states, copied in place;
 - token shift: the last inputs that the next token shifts in.
 
@@ -52,26 +51,6 @@ class KeyValueBuffer:
         return self.k, self.v
 
 
-class ContextBuffer:
-    """Keys and values of one cross-attention call site, projected from the context once, at prefill."""
-
-    def __init__(self, cache: StaticCache):
-        self.cache = cache
-        self.kv: tuple[Tensor, Tensor] | None = None
-
-    @property
-    def filled(self) -> bool:
-        return exists(self.kv)
-
-    def set(self, k: Tensor, v: Tensor):
-        if exists(self.kv) and self.kv[0].shape == k.shape and self.kv[0].dtype == k.dtype:
-            self.kv[0].copy_(k)
-            self.kv[1].copy_(v)
-            return
-        self.kv = (k.clone(), v.clone())
-        self.cache.buffers_changed()
-
-
 class StateBuffer:
     """A tree of state tensors (a mixer's recurrent / convolution states, a token-shift tail), updated in place."""
 
@@ -101,7 +80,7 @@ class StateBuffer:
                 buffer.copy_(t)
 
 
-ENTRY_KINDS = dict(kv=KeyValueBuffer, context=ContextBuffer, state=StateBuffer, shift=StateBuffer)
+ENTRY_KINDS = dict(kv=KeyValueBuffer, state=StateBuffer, shift=StateBuffer)
 
 
 class StaticCache:
@@ -141,8 +120,8 @@ class StaticCache:
         self.version += 1
 
     def entry(self, index: int, kind: str):
-        """The entry of the `index`-th layer call (execution order) of kind "kv" (self attention), "context" (cross
-        attention), "state" (a mixer) or "shift" (a token-shift tail)."""
+        """The entry of the `index`-th layer call (execution order) of kind "kv" (self attention), "state" (a mixer)
+        or "shift" (a token-shift tail). Cross attention keeps nothing: it reads the context at every call."""
         key = (index, kind)
         if key not in self.entries:
             self.entries[key] = ENTRY_KINDS[kind](self)
@@ -158,8 +137,8 @@ class StaticCache:
         return self._per_call(("positions", n), lambda: self.pos + torch.arange(n, device=self.pos.device))
 
     def check_room(self, n: int):
-        """Before a call of n tokens: the cache must be on the tokens' device and (when it can be read without a host
-        sync, i.e. at prefill) have room for them."""
+        """Before a call of n tokens: at prefill (where the position is known without a host sync) the tokens must
+        fit the buffers."""
         if self.fresh and n > self.max_len:
             raise ValueError(f"{n} tokens do not fit a static cache of length {self.max_len}")
 
@@ -190,11 +169,8 @@ def static_cache_refusal(net) -> str | None:
 
 
 def module_refusal(module, where: str) -> str | None:
-    """The refusal of one block of a layer stack: an allow list - a module that does not declare support refuses."""
-    refusal = getattr(module, "static_decode_refusal", None)
-    if not callable(refusal):
-        return f"{where}: {type(module).__name__} does not declare static-cache decoding"
-    reason = refusal()
+    """The refusal of one block of a layer stack, prefixed with where it sits."""
+    reason = static_cache_refusal(module)
     return f"{where}: {reason}" if exists(reason) else None
 
 

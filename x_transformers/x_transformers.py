@@ -1041,7 +1041,8 @@ class AttentionLayers(Module):
         static_positions = None
         if static:
             static_cache, cache = cache, None
-            refusal = self.static_decode_refusal()
+            # checked at prefill: the network does not change between the steps of one decode
+            refusal = self.static_decode_refusal() if static_cache.fresh else None
             if exists(refusal):
                 raise ValueError(f"this network cannot decode with a static cache: {refusal}")
             given = dict(mask=mask, attn_mask=attn_mask, mems=mems, recurrent_states=recurrent_states, pos=pos,
@@ -1762,7 +1763,8 @@ class TransformerWrapper(Module):
         # static cache - the new tokens sit at the cache's positions, rows starting where the prefill said
         static = isinstance(cache, StaticCache)
         if static:
-            refusal = self.static_decode_refusal()
+            # checked at prefill: the network does not change between the steps of one decode
+            refusal = self.static_decode_refusal() if cache.fresh else None
             if exists(refusal):
                 raise ValueError(f"this network cannot decode with a static cache: {refusal}")
             if exists(pos) or exists(mask):
